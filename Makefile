@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine with Python >= 3.10 (3.11 recommended):
+#   make run    set up .venv and run the main job (a default `sgn-lab measure`)
+#   make test   set up .venv and run the fast test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The constraints file pins torch to the CPU build (and everything else), so a fresh machine
+# never pulls several GB of CUDA wheels. GPU users: see README, "Using a GPU".
+CONSTRAINTS ?= constraints.txt
+
+.PHONY: setup run test test-all lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/sgn-lab measure
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""The `sgn-lab` command line (installed as the module ``sgn_lab.cli``)."""
