@@ -1,3 +1,42 @@
-"""sgn-lab: measure stochastic gradient noise (SGN) in PyTorch models."""
+"""sgn-lab: measure stochastic gradient noise (SGN) in PyTorch models.
+
+The public API (stable names)::
+
+    g = sgn_lab.per_sample_grads(model, loss_fn, inputs, targets, chunk_size=None)
+    G = sgn_lab.flatten_grads(g)          # (n, d)
+    r = sgn_lab.noise_stats(G)            # or noise_stats(g) for a per-layer breakdown
+    c = sgn_lab.curvature_stats(model, loss_fn, inputs, targets, G)
+"""
+
+from sgn_lab.curvature import (
+    CurvatureStats,
+    curvature_stats,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    hessian_vector_product,
+    trace_hs,
+)
+from sgn_lab.grads import batchnorm_to_groupnorm, flatten_grads, per_sample_grads
+from sgn_lab.noise import NoiseStats, isotropic_spectrum, minibatch_factor, noise_stats
+from sgn_lab.tails import ShapeStats, shape_stats, tail_index
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CurvatureStats",
+    "NoiseStats",
+    "ShapeStats",
+    "batchnorm_to_groupnorm",
+    "curvature_stats",
+    "flatten_grads",
+    "hessian_top_eigenvalue",
+    "hessian_trace",
+    "hessian_vector_product",
+    "isotropic_spectrum",
+    "minibatch_factor",
+    "noise_stats",
+    "per_sample_grads",
+    "shape_stats",
+    "tail_index",
+    "trace_hs",
+]

@@ -1,0 +1,246 @@
+"""Per-sample gradients through ``torch.func``.
+
+For a model with parameters θ, a data set of n samples and the usual mean-reduced loss, the
+per-sample gradient of sample i is ``g_i = ∇θ ℓ(f(x_i), y_i)``. They are computed by vectorising
+``grad`` of a single-sample loss over the batch with ``vmap``; ``functional_call`` runs the
+model with the parameters as explicit inputs. Module hooks are never used here: hooks break
+``torch.func`` transforms (the hook-based Gram fast path lives elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Inputs = Tensor | Sequence[Tensor]
+
+BATCHNORM_POLICIES = ("error", "eval")
+
+
+def per_sample_grads(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Tensor,
+    chunk_size: int | None = None,
+    *,
+    batchnorm: str = "error",
+    seed: int | None = None,
+) -> dict[str, Tensor]:
+    """Gradient of each sample's loss with respect to every trainable parameter.
+
+    Parameters
+    ----------
+    model
+        Any module with a functional forward (Linear, Conv, norms, attention, embeddings,
+        dropout, residual blocks, ...). Only parameters with ``requires_grad`` are
+        differentiated; frozen ones and buffers are passed through unchanged.
+    loss_fn
+        ``loss_fn(outputs, targets)`` -> scalar, the usual mean-reduced loss. It is called on
+        one sample at a time (a batch of one), so ``g[name][i]`` is the gradient of the loss of
+        sample i alone.
+    inputs
+        Tensor of shape (n, ...) or a sequence of such tensors (passed to the model as
+        positional arguments). Moved to the model's device.
+    targets
+        Tensor of shape (n, ...).
+    chunk_size
+        Number of samples vectorised at once; bounds the working memory to about
+        ``chunk_size`` × (activations + d). ``None``: all n at once. The result does not depend
+        on it, except for random layers: each chunk draws its own dropout masks, so a seeded
+        result is reproducible for a given ``chunk_size``.
+    batchnorm
+        What to do with BatchNorm layers in train mode, whose batch statistics couple the
+        samples so that no per-sample gradient exists: ``"error"`` (default) refuses;
+        ``"eval"`` uses their running statistics for this computation (their train/eval flag
+        is restored afterwards). Replacing them by GroupNorm is the other choice; see
+        :func:`batchnorm_to_groupnorm`.
+    seed
+        Seed for random layers such as dropout, which draw independent randomness for each
+        sample. ``None`` uses (and advances) torch's global generator; an integer makes the
+        draws reproducible without touching the global generator.
+
+    Returns
+    -------
+    dict
+        name -> Tensor of shape (n, *param.shape), in ``model.named_parameters()`` order, with
+        the parameters' dtype and device.
+    """
+    xs = _as_tuple(inputs)
+    n = _num_samples(xs, targets)
+    if chunk_size is None:
+        chunk_size = n
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    chunk_size = int(chunk_size)
+
+    trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError("the model has no parameter with requires_grad=True")
+    fixed = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
+    fixed.update({k: b.detach() for k, b in model.named_buffers()})
+    device = next(iter(trainable.values())).device
+    xs = tuple(x.to(device) for x in xs)
+    targets = targets.to(device)
+
+    def sample_loss(params: dict[str, Tensor], *args: Tensor) -> Tensor:
+        *sample_inputs, target = args
+        outputs = functional_call(
+            model, (params, fixed), tuple(x.unsqueeze(0) for x in sample_inputs)
+        )
+        loss = loss_fn(outputs, target.unsqueeze(0))
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar (a mean-reduced loss); for one sample it "
+                f"returned shape {shape}"
+            )
+        return loss
+
+    in_dims = (None,) + (0,) * (len(xs) + 1)
+    compute = vmap(grad_and_value(sample_loss), in_dims=in_dims, randomness="different")
+    out = {k: p.new_empty((n, *p.shape)) for k, p in trainable.items()}
+    with _batchnorm_policy(model, batchnorm), _seeded(seed, device):
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            grads, losses = compute(trainable, *(x[start:stop] for x in xs), targets[start:stop])
+            check_finite(losses, grads, offset=start)
+            for k, g in grads.items():
+                out[k][start:stop] = g
+    return out
+
+
+def flatten_grads(grads: dict[str, Tensor]) -> Tensor:
+    """Concatenate per-sample gradients into one (n, d) matrix, in the dict's order."""
+    if not grads:
+        raise ValueError("flatten_grads got an empty dict of gradients")
+    sizes = {k: g.shape[0] for k, g in grads.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"per-sample gradients disagree on the number of samples: {sizes}")
+    return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+
+
+def check_finite(losses: Tensor, grads: dict[str, Tensor], *, offset: int = 0) -> None:
+    """Raise a ValueError naming the first sample (and parameter) with a NaN or inf."""
+    bad = ~torch.isfinite(losses)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"non-finite loss {losses[i].item()} for sample {offset + i}")
+    for name, g in grads.items():
+        bad = ~torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"non-finite gradient for sample {offset + i} in parameter '{name}'")
+
+
+def trainable_dim(model: nn.Module) -> int:
+    """Number of scalar parameters with requires_grad: the d of the (n, d) gradient matrix."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The BatchNorm layers of ``model`` (any dimension, SyncBatchNorm included)."""
+    batchnorm = nn.modules.batchnorm._BatchNorm
+    return [(k, m) for k, m in model.named_modules() if isinstance(m, batchnorm)]
+
+
+def batchnorm_to_groupnorm(model: nn.Module, num_groups: int = 32) -> nn.Module:
+    """A copy of ``model`` with every BatchNorm layer replaced by GroupNorm.
+
+    GroupNorm normalises within each sample, so per-sample gradients exist. A layer with C
+    channels gets the largest number of groups that divides C, is at most ``num_groups`` and
+    leaves at least two channels in each group (a group of one channel normalises a flat
+    BatchNorm1d input to a constant); affine weights are copied with their dtype and device.
+    This changes the model (its function and its training dynamics): it is an explicit
+    choice, never applied silently. The input model is left untouched.
+    """
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    new = copy.deepcopy(model)
+    for name, bn in batchnorm_modules(new):
+        channels = bn.num_features
+        groups = max(
+            g for g in range(1, min(num_groups, channels) + 1)
+            if channels % g == 0 and (channels // g >= 2 or g == 1)
+        )
+        gn = nn.GroupNorm(groups, channels, eps=bn.eps, affine=bn.affine)
+        if bn.affine:
+            gn.to(device=bn.weight.device, dtype=bn.weight.dtype)
+            with torch.no_grad():
+                gn.weight.copy_(bn.weight)
+                gn.bias.copy_(bn.bias)
+        parent_name, _, child = name.rpartition(".")
+        parent = new.get_submodule(parent_name) if parent_name else new
+        setattr(parent, child, gn)
+    return new
+
+
+@contextlib.contextmanager
+def _batchnorm_policy(model: nn.Module, policy: str) -> Iterator[None]:
+    if policy not in BATCHNORM_POLICIES:
+        raise ValueError(f"unknown batchnorm policy {policy!r}; choose one of {BATCHNORM_POLICIES}")
+    coupled = [(k, m) for k, m in batchnorm_modules(model) if m.training or m.running_mean is None]
+    for k, m in coupled:
+        if m.running_mean is None:
+            raise ValueError(
+                f"BatchNorm layer '{k}' keeps no running statistics (track_running_stats=False), "
+                "so it always normalises with batch statistics, which couple the samples; "
+                "replace it with sgn_lab.batchnorm_to_groupnorm(model)"
+            )
+        if policy == "error":
+            raise ValueError(
+                f"BatchNorm layer '{k}' is in train mode: its batch statistics couple the samples, "
+                "so per-sample gradients do not exist. Choose batchnorm='eval' (use its running "
+                "statistics), sgn_lab.batchnorm_to_groupnorm(model) (replace it by GroupNorm), "
+                "or put it in eval mode yourself."
+            )
+    try:
+        for _, m in coupled:
+            m.eval()
+        yield
+    finally:
+        for _, m in coupled:
+            m.train()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _as_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
+    xs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+    if not xs or not all(isinstance(x, Tensor) for x in xs):
+        raise TypeError("inputs must be a Tensor or a non-empty sequence of Tensors")
+    return xs
+
+
+def _num_samples(xs: tuple[Tensor, ...], targets: Tensor) -> int:
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a Tensor, got {type(targets).__name__}")
+    lengths = [x.shape[0] if x.dim() > 0 else None for x in xs]
+    n = targets.shape[0] if targets.dim() > 0 else None
+    if n is None or any(m != n for m in lengths):
+        raise ValueError(
+            f"inputs and targets must have the same number of samples along dim 0; got inputs "
+            f"{[tuple(x.shape) for x in xs]} and targets {tuple(targets.shape)}"
+        )
+    if n == 0:
+        raise ValueError("got 0 samples")
+    return n
+

@@ -1,0 +1,408 @@
+"""Stochastic gradient noise (SGN) statistics from per-sample gradients.
+
+Notation: per-sample gradients g_1..g_n (rows of an (n, d) matrix G), their mean ḡ, the
+centred rows c_i = g_i - ḡ, and the unbiased per-sample covariance
+
+    S = 1/(n-1) Σ_i c_i c_iᵀ.
+
+Everything is accumulated in float64 whatever the dtype of G. The spectrum of S has at most
+n-1 non-zero eigenvalues; it comes exactly from whichever is smaller of the n×n centred Gram
+matrix K_ij = c_i·c_j (eig(S) = eig(K)/(n-1) on the non-zero part) and the d×d covariance, so a
+d×d matrix is formed only when d <= n.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from sgn_lab.tails import shape_stats
+
+TOP_ENERGY_KS = (1, 5, 10)
+_BLOCK_ELEMENTS = 2**24  # float64 working block for streaming over columns (128 MiB)
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """Least-squares fit of log λ_k = intercept - exponent·log k over k in [k_min, k_max]."""
+
+    exponent: float
+    intercept: float
+    k_min: int
+    k_max: int
+    r2: float
+
+
+@dataclass(frozen=True)
+class NoiseStats:
+    """SGN statistics of n per-sample gradients in d dimensions.
+
+    Scalars (every field except the tensors and the per-layer table) are what :meth:`to_dict`
+    returns, under their attribute names, as one row of a results table.
+
+    Magnitude
+        ``trace`` = tr(S) (unbiased); ``diag_variance`` (d,) = diag(S); ``mean`` (d,) = ḡ;
+        ``mean_sq_norm`` = |ḡ|²; ``grad_sq_norm`` = |ḡ|² - tr(S)/n, the unbiased estimate of
+        the squared norm |G|² of the full-data gradient; ``noise_scale`` = tr(S)/|G|², the
+        simple noise scale B_simple of McCandlish et al. (2018). The last two are noisy when
+        |G|² is small next to tr(S)/n, and can come out negative: averaging ``trace`` and
+        ``grad_sq_norm`` over several measurements before dividing is the remedy.
+    Minibatch noise (when ``batch_size`` is given)
+        ``minibatch_trace`` = tr Cov[g_B] = tr(S)·(1/B - 1/N) without replacement, or
+        tr(S)·(1 - 1/N)/B with replacement (N = ``dataset_size``; 1/N -> 0 when it is not
+        given); ``noise_to_signal`` = minibatch_trace/|G|².
+    Anisotropy
+        ``eigenvalues``: the non-zero eigenvalues of S, descending (float64, CPU);
+        ``effective_rank`` = exp(entropy(λ/Σλ)); ``participation_ratio`` = (Σλ)²/Σλ²;
+        ``stable_rank`` = Σλ/λ_1; ``top{k}_energy`` = fraction of tr(S) in the top k
+        eigenvalues; ``powerlaw_*``: the fit λ_k ∝ k^-s (exponent s, window, R²).
+        ``isotropic_*``: the same numbers for isotropic Gaussian noise of equal trace,
+        N(0, tr(S)/d · I_d), measured with the same n samples (so finite-sample effects are
+        shared): the reference an anisotropic spectrum is compared with.
+    Shape
+        ``tail_index``, ``normality_pvalue``, ``normality_reject_fraction``, ``kurtosis``:
+        see :func:`sgn_lab.tails.shape_stats`.
+    Per layer (when the input was a dict)
+        ``layers``: a table with one row per parameter tensor and per module (columns name,
+        kind, dim, trace, trace_fraction, effective_rank, participation_ratio, stable_rank,
+        top1_energy, powerlaw_exponent) and ``layer_eigenvalues``: name -> eigenvalues.
+    """
+
+    n: int
+    dim: int
+    trace: float
+    mean_sq_norm: float
+    grad_sq_norm: float
+    noise_scale: float
+    batch_size: float
+    dataset_size: float
+    minibatch_trace: float
+    noise_to_signal: float
+    effective_rank: float
+    participation_ratio: float
+    stable_rank: float
+    top1_energy: float
+    top5_energy: float
+    top10_energy: float
+    powerlaw_exponent: float
+    powerlaw_r2: float
+    powerlaw_kmin: int
+    powerlaw_kmax: int
+    isotropic_effective_rank: float
+    isotropic_participation_ratio: float
+    isotropic_stable_rank: float
+    isotropic_top1_energy: float
+    isotropic_powerlaw_exponent: float
+    tail_index: float
+    normality_pvalue: float
+    normality_reject_fraction: float
+    kurtosis: float
+    mean: Tensor = field(repr=False)
+    diag_variance: Tensor = field(repr=False)
+    eigenvalues: Tensor = field(repr=False)
+    isotropic_eigenvalues: Tensor = field(repr=False)
+    layers: pd.DataFrame | None = field(default=None, repr=False)
+    layer_eigenvalues: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, float]:
+        """The scalar statistics, keyed by attribute name (one row of a table)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), int | float)
+        }
+
+
+def noise_stats(
+    grads: Tensor | dict[str, Tensor],
+    *,
+    batch_size: int | None = None,
+    dataset_size: int | None = None,
+    replacement: bool = False,
+    powerlaw_window: tuple[int, int] | None = None,
+    shape: bool = True,
+    seed: int = 0,
+) -> NoiseStats:
+    """SGN statistics of per-sample gradients.
+
+    Parameters
+    ----------
+    grads
+        (n, d) matrix of per-sample gradients (see :func:`sgn_lab.flatten_grads`), or the
+        dict returned by :func:`sgn_lab.per_sample_grads` for an additional per-parameter and
+        per-module breakdown in ``layers``.
+    batch_size, dataset_size, replacement
+        Minibatch size B, data-set size N and sampling scheme for ``minibatch_trace`` and
+        ``noise_to_signal`` (see :func:`minibatch_factor`).
+    powerlaw_window
+        (k_min, k_max), 1-based and inclusive, for the power-law fit; default
+        :func:`default_powerlaw_window`.
+    shape
+        Compute the tail index and Gaussianity figures (costs a pass over n·d values).
+    seed
+        Seeds the isotropic reference and the random projections.
+    """
+    per_param = grads if isinstance(grads, dict) else None
+    G = _as_matrix(grads)
+    n, d = G.shape
+    if n < 2:
+        raise ValueError(f"need at least 2 per-sample gradients for a covariance, got n={n}")
+    if not torch.isfinite(G).all():
+        row = int((~torch.isfinite(G)).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"non-finite value in the per-sample gradient of sample {row}")
+
+    mean, diag_variance, gram_or_cov = centred_moments(G)
+    eigenvalues = _nonzero_descending(torch.linalg.eigvalsh(gram_or_cov) / (n - 1), n, d)
+    trace = float(diag_variance.sum())
+    mean_sq_norm = float(mean @ mean)
+    grad_sq_norm = mean_sq_norm - trace / n
+
+    if batch_size is not None:
+        factor = minibatch_factor(batch_size, dataset_size=dataset_size, replacement=replacement)
+        minibatch_trace = trace * factor
+    else:
+        minibatch_trace = math.nan
+    iso_eigenvalues = isotropic_spectrum(trace, d, n, seed=seed)
+    spectrum = spectrum_summary(eigenvalues, window=powerlaw_window)
+    iso = spectrum_summary(iso_eigenvalues, window=powerlaw_window)
+    if shape and n >= 8 and trace > 0:
+        tails = shape_stats(G.to(torch.float64) - mean, seed=seed).to_dict()
+    else:
+        tails = dict.fromkeys(
+            ("tail_index", "normality_pvalue", "normality_reject_fraction", "kurtosis"), math.nan
+        )
+    layers, layer_eigenvalues = (None, {}) if per_param is None else _layer_table(per_param)
+
+    return NoiseStats(
+        n=n,
+        dim=d,
+        trace=trace,
+        mean_sq_norm=mean_sq_norm,
+        grad_sq_norm=grad_sq_norm,
+        noise_scale=_ratio(trace, grad_sq_norm),
+        batch_size=math.nan if batch_size is None else batch_size,
+        dataset_size=math.nan if dataset_size is None else dataset_size,
+        minibatch_trace=minibatch_trace,
+        noise_to_signal=_ratio(minibatch_trace, grad_sq_norm),
+        **spectrum,
+        **{f"isotropic_{k}": iso[k] for k in _ISOTROPIC_FIELDS},
+        **tails,
+        mean=mean.cpu(),
+        diag_variance=diag_variance.cpu(),
+        eigenvalues=eigenvalues,
+        isotropic_eigenvalues=iso_eigenvalues,
+        layers=layers,
+        layer_eigenvalues=layer_eigenvalues,
+    )
+
+
+_ISOTROPIC_FIELDS = (
+    "effective_rank",
+    "participation_ratio",
+    "stable_rank",
+    "top1_energy",
+    "powerlaw_exponent",
+)
+
+
+def centred_moments(G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, per-coordinate variance and the smaller second-moment matrix of the centred rows.
+
+    Returns ``(mean (d,), diag(S) (d,), M)`` in float64 where M is the n×n centred Gram
+    matrix K = C Cᵀ when d > n, else the d×d scatter matrix Cᵀ C (C = G - ḡ). Either
+    way eig(M)/(n-1) holds the non-zero eigenvalues of S. Columns are streamed in blocks so
+    that no float64 copy of the whole (n, d) matrix is made.
+    """
+    n, d = G.shape
+    mean = G.sum(dim=0, dtype=torch.float64) / n
+    if d <= n:
+        C = G.to(torch.float64) - mean
+        return mean, (C * C).sum(dim=0) / (n - 1), C.T @ C
+    K = torch.zeros((n, n), dtype=torch.float64, device=G.device)
+    diag_variance = torch.empty(d, dtype=torch.float64, device=G.device)
+    step = max(1, _BLOCK_ELEMENTS // n)
+    for start in range(0, d, step):
+        block = G[:, start : start + step].to(torch.float64) - mean[start : start + step]
+        K += block @ block.T
+        diag_variance[start : start + step] = (block * block).sum(dim=0) / (n - 1)
+    return mean, diag_variance, K
+
+
+def minibatch_factor(
+    batch_size: int, *, dataset_size: int | None = None, replacement: bool = False
+) -> float:
+    """Factor c with Cov[g_B] = c·S for the mean gradient of a minibatch of B samples.
+
+    Without replacement from N samples c = 1/B - 1/N; with replacement c = (1 - 1/N)/B (the
+    population covariance (N-1)/N·S over B). When N is not given the data set is taken as
+    infinite and both are 1/B.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if dataset_size is None:
+        return 1.0 / batch_size
+    if dataset_size < 1:
+        raise ValueError(f"dataset_size must be a positive integer, got {dataset_size!r}")
+    if replacement:
+        return (1.0 - 1.0 / dataset_size) / batch_size
+    if batch_size > dataset_size:
+        raise ValueError(
+            f"batch_size={batch_size} exceeds dataset_size={dataset_size} without replacement"
+        )
+    return 1.0 / batch_size - 1.0 / dataset_size
+
+
+def spectrum_summary(
+    eigenvalues: Tensor, *, window: tuple[int, int] | None = None
+) -> dict[str, float]:
+    """Rank, energy and power-law figures of a descending spectrum (zeros excluded)."""
+    lam = eigenvalues.to(torch.float64).cpu()
+    total = float(lam.sum())
+    if lam.numel() == 0 or total <= 0:
+        nan = math.nan
+        empty = {"effective_rank": nan, "participation_ratio": nan, "stable_rank": nan}
+        empty.update({f"top{k}_energy": nan for k in TOP_ENERGY_KS})
+        empty.update(powerlaw_exponent=nan, powerlaw_r2=nan, powerlaw_kmin=0, powerlaw_kmax=0)
+        return empty
+    p = lam / total
+    out = {
+        "effective_rank": float(torch.exp(-(p * torch.log(p)).sum())),
+        "participation_ratio": total**2 / float((lam * lam).sum()),
+        "stable_rank": total / float(lam[0]),
+    }
+    cumulative = torch.cumsum(p, dim=0)
+    for k in TOP_ENERGY_KS:
+        out[f"top{k}_energy"] = float(cumulative[min(k, lam.numel()) - 1])
+    fit = powerlaw_fit(lam, window=window)
+    out.update(
+        powerlaw_exponent=fit.exponent,
+        powerlaw_r2=fit.r2,
+        powerlaw_kmin=fit.k_min,
+        powerlaw_kmax=fit.k_max,
+    )
+    return out
+
+
+def default_powerlaw_window(num_eigenvalues: int) -> tuple[int, int]:
+    """Fit window for the power law: k from 1 to a tenth of the non-zero eigenvalues.
+
+    Only the top of a sample spectrum follows the population one. With n samples of a
+    d-dimensional noise (d > n), the eigenvalue mass beyond rank n spreads over the sample
+    eigenvalues as a floor of about Σ_{j>n} λ_j / n, which flattens the lower part of the
+    spectrum. The top tenth keeps that bias small for exponents above 1 (for λ_k ∝ k^-1.5,
+    d = 20 n, the fitted exponent is about 1.47); for flatter spectra (s <= 1) the fit is
+    biased low at any window, which is why the isotropic reference is reported alongside.
+    """
+    return 1, max(2, num_eigenvalues // 10)
+
+
+def powerlaw_fit(eigenvalues: Tensor, *, window: tuple[int, int] | None = None) -> PowerLawFit:
+    """Fit λ_k ∝ k^-s by least squares on log λ_k against log k, k in [k_min, k_max].
+
+    ``eigenvalues`` must be descending and positive (k is 1-based). Returns the exponent s,
+    the intercept, the window and the R² of the fit in log–log space.
+    """
+    lam = eigenvalues.to(torch.float64).cpu().numpy()
+    k_min, k_max = window if window is not None else default_powerlaw_window(lam.size)
+    k_max = min(k_max, lam.size)
+    if k_min < 1 or k_max - k_min < 1:
+        if window is not None:
+            raise ValueError(
+                f"powerlaw window {window} must satisfy 1 <= k_min < k_max with at least two "
+                f"eigenvalues inside; the spectrum has {lam.size}"
+            )
+        return PowerLawFit(math.nan, math.nan, k_min, k_max, math.nan)
+    k = np.arange(k_min, k_max + 1, dtype=np.float64)
+    x, y = np.log(k), np.log(lam[k_min - 1 : k_max])
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (intercept + slope * x)
+    total = ((y - y.mean()) ** 2).sum()
+    r2 = 1.0 - float((residual**2).sum() / total) if total > 0 else math.nan
+    return PowerLawFit(float(-slope), float(intercept), int(k_min), int(k_max), r2)
+
+
+def isotropic_spectrum(trace: float, dim: int, n: int, *, seed: int = 0) -> Tensor:
+    """Sample spectrum of n draws of isotropic Gaussian noise N(0, trace/dim · I_dim).
+
+    Descending non-zero eigenvalues of the unbiased sample covariance, as :func:`noise_stats`
+    would measure them for isotropic noise with the same trace, dimension and number of
+    samples. When dim >= n the n×n Gram matrix Z Zᵀ is Wishart(dim, I_n) and is drawn through
+    its Bartlett decomposition, so the cost is O(n³) whatever dim (10M parameters included).
+    """
+    rng = np.random.default_rng(seed)
+    if dim < n:
+        Z = rng.standard_normal((n, dim))
+        C = Z - Z.mean(axis=0)
+        M = C.T @ C
+    else:
+        # Bartlett: Z Zᵀ = A Aᵀ with A lower triangular, A_ii² ~ χ²(dim - i), A_ij ~ N(0, 1).
+        A = np.tril(rng.standard_normal((n, n)), -1)
+        A[np.diag_indices(n)] = np.sqrt(rng.chisquare(np.arange(dim, dim - n, -1)))
+        W = A @ A.T
+        centring = np.eye(n) - 1.0 / n
+        M = centring @ W @ centring
+    eigenvalues = torch.from_numpy(np.linalg.eigvalsh(M)) * (trace / dim / (n - 1))
+    return _nonzero_descending(eigenvalues, n, dim)
+
+
+def _nonzero_descending(eigenvalues: Tensor, n: int, d: int) -> Tensor:
+    lam = eigenvalues.to(torch.float64).cpu().flip(0)
+    if lam.numel() == 0 or lam[0] <= 0:
+        return lam[:0]
+    # Same cut-off as numpy.linalg.matrix_rank: anything below is rounding error.
+    tol = float(lam[0]) * max(n, d) * torch.finfo(torch.float64).eps
+    return lam[lam > tol]
+
+
+def _as_matrix(grads: Tensor | dict[str, Tensor]) -> Tensor:
+    if isinstance(grads, dict):
+        from sgn_lab.grads import flatten_grads
+
+        return flatten_grads(grads)
+    if not isinstance(grads, Tensor) or grads.dim() != 2:
+        got = tuple(grads.shape) if isinstance(grads, Tensor) else type(grads).__name__
+        raise ValueError(f"expected an (n, d) tensor of per-sample gradients or a dict, got {got}")
+    return grads
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b != 0 and not math.isnan(a) else math.nan
+
+
+def _layer_table(grads: dict[str, Tensor]) -> tuple[pd.DataFrame, dict[str, Tensor]]:
+    groups: dict[str, list[str]] = {}
+    for name in grads:
+        groups.setdefault(name.rpartition(".")[0], []).append(name)
+    items = [(name, "parameter", [name]) for name in grads]
+    items += [(module or "<root>", "module", names) for module, names in groups.items()]
+    rows, eigenvalues = [], {}
+    for name, kind, names in items:
+        G = torch.cat([grads[k].reshape(grads[k].shape[0], -1) for k in names], dim=1)
+        n, d = G.shape
+        _, var, M = centred_moments(G)
+        lam = _nonzero_descending(torch.linalg.eigvalsh(M) / (n - 1), n, d)
+        summary = spectrum_summary(lam)
+        trace = float(var.sum())
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "dim": d,
+                "trace": trace,
+                "effective_rank": summary["effective_rank"],
+                "participation_ratio": summary["participation_ratio"],
+                "stable_rank": summary["stable_rank"],
+                "top1_energy": summary["top1_energy"],
+                "powerlaw_exponent": summary["powerlaw_exponent"],
+            }
+        )
+        eigenvalues[name] = lam
+    table = pd.DataFrame(rows)
+    total = table.loc[table["kind"] == "parameter", "trace"].sum()
+    table.insert(4, "trace_fraction", table["trace"] / total if total > 0 else math.nan)
+    return table, eigenvalues

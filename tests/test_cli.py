@@ -1,0 +1,58 @@
+"""The `sgn-lab` command: a short real run, and bad input ending in one line and exit 2."""
+
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from sgn_lab.cli.app import app, main
+
+runner = CliRunner()
+
+
+def run_main(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["sgn-lab", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_help_lists_measure():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "measure" in result.output
+
+
+def test_short_measure_run_prints_real_numbers(monkeypatch, capsys):
+    code, out, _ = run_main(
+        monkeypatch, capsys, "measure", "--task", "gaussian-mixture", "--steps", "4",
+        "--measure-every", "2", "--samples", "32", "--width", "16", "--device", "cpu",
+    )
+    assert code == 0
+    assert "SGN over training" in out
+    for step in ("step 0:", "step 2:", "step 4:"):
+        assert step in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["measure", "--task", "nope"], "unknown task 'nope'"),
+        (["measure", "--batch-size", "-3"], "batch_size must be positive, got -3"),
+        (["measure", "--device", "tpu"], "unknown device 'tpu'"),
+        (["measure", "--model", "resnet9000"], "unknown model 'resnet9000'"),
+    ],
+)
+def test_bad_arguments_end_with_one_line_and_exit_2(monkeypatch, capsys, args, message):
+    code, out, err = run_main(monkeypatch, capsys, *args, "--steps", "1", "--samples", "8")
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err + out
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unknown_option_is_a_usage_error(monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "measure", "--bogus")
+    assert code == 2
+    assert "--bogus" in err
