@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine with Python >= 3.10 (3.11 recommended):
-#   make run    set up .venv and run the main job (a default `sgn-lab measure`)
+#   make run    set up .venv and run the main job (a default `sgn-lab measure`, then its plots)
 #   make test   set up .venv and run the fast test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
+# The main job: a default measurement run (MLP on MNIST-1D with PNM), then its figures.
+# --resume: a second `make run` continues an interrupted run, or leaves a complete one as it is.
+RUN_DIR ?= runs/quickstart
 run: setup
-	$(BIN)/sgn-lab measure
+	$(BIN)/sgn-lab measure --out $(RUN_DIR) --resume
+	$(BIN)/sgn-lab plot $(RUN_DIR)
 
 test: setup
 	$(BIN)/ruff check .

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich import box
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 app = typer.Typer(
@@ -17,25 +19,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: an error stays one line however long, so scripts can grep it.
+err_console = Console(stderr=True, soft_wrap=True)
 
-DEVICES = ("auto", "cpu", "cuda")
-
-# Columns of the printed report: (row key, header, format). rank/iso: effective rank of the
-# SGN and of isotropic noise of equal trace; s: power-law exponent; α: tail index; λmax: top
-# Hessian eigenvalue; align: Zhu et al.'s d·tr(HS)/(tr H·tr S).
-REPORT_COLUMNS = (
-    ("step", "step", "{:d}"),
-    ("test_accuracy", "acc", "{:.3f}"),
+# Summary columns: (metrics column, header, format). rank/iso: effective rank of the SGN and
+# of isotropic noise of equal trace; s: power-law exponent; α: tail index; update tr:
+# tr Cov[Δθ], the per-step update noise of the optimizer.
+SUMMARY_COLUMNS = (
+    ("step", "step", "{:.0f}"),
+    ("test_accuracy", "test acc", "{:.3f}"),
     ("trace", "tr S", "{:.3g}"),
     ("noise_scale", "B_simple", "{:.3g}"),
     ("effective_rank", "rank", "{:.1f}"),
     ("isotropic_effective_rank", "iso", "{:.0f}"),
     ("powerlaw_exponent", "s", "{:.2f}"),
     ("tail_index", "α", "{:.2f}"),
-    ("hessian_top_eigenvalue", "λmax", "{:.3g}"),
-    ("curvature_alignment", "align", "{:.0f}"),
+    ("update_trace", "update tr", "{:.3g}"),
 )
+
+Opt = typer.Option
 
 
 @app.callback()
@@ -43,75 +45,245 @@ def _root() -> None:
     """Measure stochastic gradient noise (SGN) in PyTorch models."""
 
 
-def resolve_device(device: str) -> str:
-    """'auto' picks CUDA when present; an unavailable 'cuda' is an error."""
-    import torch
+def _config_from(config_file: Path | None, flags: dict[str, Any]):
+    """Defaults ← TOML config file ← flags given on the command line (None: not given)."""
+    from sgn_lab.train import RunConfig, read_config_file
 
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
-    return device
+    data = read_config_file(config_file) if config_file is not None else {}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    config = RunConfig.from_dict(data)
+    config.validate()
+    return config
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, transient=False,
+    )
+
+
+def _run_with_progress(config, out: Path, resume: bool, progress: Progress) -> Path:
+    from sgn_lab.train import run_measurement
+
+    task = progress.add_task(config.run_name, total=None)
+
+    def advance(step: int, total: int) -> None:
+        progress.update(task, completed=step, total=total)
+
+    path = run_measurement(config, out, resume=resume, progress=advance)
+    progress.update(task, completed=progress.tasks[task].total or 0)
+    return path
+
+
+def _summary_table(metrics, title: str) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+    present = [c for c in SUMMARY_COLUMNS if c[0] in metrics.columns]
+    if "run" in metrics.columns:
+        table.add_column("run", no_wrap=True)
+    for _, header, _ in present:
+        table.add_column(header, justify="right", no_wrap=True)
+    for _, row in metrics.iterrows():
+        cells = [str(row["run"])] if "run" in metrics.columns else []
+        for key, _, fmt in present:
+            value = row[key]
+            cells.append(fmt.format(value) if value == value else "–")
+        table.add_row(*cells)
+    return table
+
+
+# Options shared by `measure` and `compare` (every default is RunConfig's).
+TaskOpt = Annotated[str | None, Opt(help="Task: mnist1d, digits, gaussian-mixture, linreg, "
+                                    "teacher-student, npz:FILE, cifar10:DIR. (default: mnist1d)")]
+NTrainOpt = Annotated[int | None, Opt(help="Subsample the training set to this many points.")]
+ModelOpt = Annotated[str | None, Opt(help="Model: linear, mlp, cnn, resnet. (default: mlp)")]
+WidthOpt = Annotated[int | None, Opt(help="Hidden width (channels for CNNs). (default: 128)")]
+DepthOpt = Annotated[int | None, Opt(help="Hidden layers / blocks. (default: 2)")]
+LrOpt = Annotated[float | None, Opt(help="Learning rate η. (default: 0.1)")]
+BatchOpt = Annotated[int | None, Opt(help="Minibatch size B. (default: 64)")]
+StepsOpt = Annotated[int | None, Opt(help="Training steps. (default: 1000)")]
+EpochsOpt = Annotated[float | None, Opt(help="Training epochs (overrides --steps).")]
+EveryOpt = Annotated[int | None, Opt(help="Measure every k steps. (default: 100)")]
+SamplesOpt = Annotated[int | None, Opt(help="Per-sample gradients per measurement, n. "
+                                       "(default: 512)")]
+FreshOpt = Annotated[bool | None, Opt("--fresh-probe/--fixed-probe",
+                                      help="New probe samples at each measurement. "
+                                      "(default: fixed)")]
+RepeatsOpt = Annotated[int | None, Opt(help="Per-step update noise over R minibatch draws "
+                                       "(0: off). (default: 32)")]
+CurvOpt = Annotated[bool | None, Opt("--curvature/--no-curvature",
+                                     help="Measure λ_max(H), tr H, tr(HS). (default: off)")]
+ChunkOpt = Annotated[int | None, Opt(help="Per-sample gradients vectorised at once.")]
+DeviceOpt = Annotated[str | None, Opt(help="auto, cpu or cuda. (default: auto)")]
+MomentumOpt = Annotated[float | None, Opt(help="Heavy-ball momentum (momentum, gaussian, "
+                                          "covariance, symmetric).")]
+Beta0Opt = Annotated[float | None, Opt(help="PNM/AdaPNM β0 >= 0 (positive-negative "
+                                       "weight). (default: 1.0)")]
+Beta1Opt = Annotated[float | None, Opt(help="β1 of PNM/AdaPNM/Adam. (default: 0.9)")]
+Beta2Opt = Annotated[float | None, Opt(help="β2 of AdaPNM/Adam. (default: 0.999)")]
+SigmaOpt = Annotated[float | None, Opt(help="Gaussian injection σ.")]
+SmallBatchOpt = Annotated[int | None, Opt(help="Covariance noise: emulated small batch B_S "
+                                          "(the training batch is B_L). (default: B/8)")]
+VariantOpt = Annotated[str | None, Opt(help="Covariance noise: full or diagonal. (default: full)")]
+NoiseOpt = Annotated[float | None, Opt(help="S-SGD weight-noise scale. (default: 0.01)")]
+BetaMaxOpt = Annotated[float | None, Opt(help="Adaptive heavy ball: largest β. (default: 0.99)")]
+WdOpt = Annotated[float | None, Opt(help="Weight decay.")]
+ConfigOpt = Annotated[Path | None, Opt(help="TOML config file; flags given override it.")]
+ResumeOpt = Annotated[bool, Opt(help="Continue an interrupted run in --out (a complete run "
+                                "is left as it is).")]
 
 
 @app.command()
 def measure(
-    task: Annotated[str, typer.Option(help="Built-in task: digits, gaussian-mixture, linreg.")] = (
-        "digits"
-    ),
-    model: Annotated[str, typer.Option(help="Built-in model: linear, mlp.")] = "mlp",
-    width: Annotated[int, typer.Option(help="Hidden width of the MLP.")] = 128,
-    depth: Annotated[int, typer.Option(help="Hidden layers of the MLP.")] = 2,
-    steps: Annotated[int, typer.Option(help="SGD steps.")] = 300,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.1,
-    batch_size: Annotated[int, typer.Option(help="Minibatch size B.")] = 32,
-    measure_every: Annotated[int, typer.Option(help="Measure every k steps.")] = 100,
-    samples: Annotated[int, typer.Option(help="Per-sample gradients per measurement (n).")] = 512,
-    curvature: Annotated[bool, typer.Option(help="Also measure Hessian figures.")] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed for data, model and measurements.")] = 0,
+    out: Annotated[Path | None, Opt(help="Run directory. (default: runs/METHOD-sSEED)")] = None,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
+    task: TaskOpt = None,
+    n_train: NTrainOpt = None,
+    model: ModelOpt = None,
+    width: WidthOpt = None,
+    depth: DepthOpt = None,
+    method: Annotated[str | None, Opt(help="Method: sgd, momentum, adam, gaussian, covariance, "
+                                      "symmetric, pnm, adapnm, adaptive-hb. "
+                                      "(default: pnm)")] = None,
+    lr: LrOpt = None,
+    batch_size: BatchOpt = None,
+    steps: StepsOpt = None,
+    epochs: EpochsOpt = None,
+    measure_every: EveryOpt = None,
+    probe_samples: SamplesOpt = None,
+    fresh_probe: FreshOpt = None,
+    update_repeats: RepeatsOpt = None,
+    curvature: CurvOpt = None,
+    chunk_size: ChunkOpt = None,
+    device: DeviceOpt = None,
+    seed: Annotated[int | None, Opt(help="Seed of data split, model, order and draws. "
+                                    "(default: 0)")] = None,
+    momentum: MomentumOpt = None,
+    beta0: Beta0Opt = None,
+    beta1: Beta1Opt = None,
+    beta2: Beta2Opt = None,
+    sigma: SigmaOpt = None,
+    small_batch: SmallBatchOpt = None,
+    variant: VariantOpt = None,
+    noise: NoiseOpt = None,
+    beta_max: BetaMaxOpt = None,
+    weight_decay: WdOpt = None,
 ) -> None:
-    """Train a built-in model with SGD and report its SGN as training goes."""
-    import torch
+    """Train a model on a task with one method and measure its SGN as training goes."""
+    # First statement: locals() holds exactly the command's parameters here.
+    flags = {k: v for k, v in locals().items() if k not in ("out", "config", "resume")}
+    from sgn_lab.results import load_run
 
-    from sgn_lab.data import load_task
-    from sgn_lab.models import build_model, loss_for
-    from sgn_lab.train import train_and_measure
-
-    dev = resolve_device(device)
-    data = load_task(task, seed=seed)
-    torch.manual_seed(seed)
-    net = build_model(model, data.input_shape, data.num_classes or 1, width=width, depth=depth)
-    net = net.to(dev)
-    d = sum(p.numel() for p in net.parameters())
+    run_config = _config_from(config, flags)
+    out = out or Path("runs") / run_config.run_name
     console.print(
-        f"[bold]sgn-lab measure[/bold]: {model} ({d:,} parameters) on {task} "
-        f"({len(data.x_train)} train / {len(data.x_test)} test), SGD lr={lr} B={batch_size}, "
-        f"n={min(samples, len(data.x_train))} per-sample gradients per measurement, device={dev}"
+        f"[bold]sgn-lab measure[/bold] {run_config.run_name}: {run_config.model} on "
+        f"{run_config.task}, {run_config.method} lr={run_config.lr} B={run_config.batch_size}, "
+        f"n={run_config.probe_samples} per measurement -> {out}"
     )
-    table = Table(title="SGN over training", box=box.SIMPLE_HEAD, padding=(0, 1))
-    for _, header, _ in REPORT_COLUMNS:
+    with _progress() as progress:
+        _run_with_progress(run_config, out, resume, progress)
+    run = load_run(out)
+    console.print(_summary_table(run.metrics.drop(columns="run"), "SGN over training"))
+    console.print(f"wrote {out}/ (config.json, metrics.csv, spectra.csv, checkpoint.pt)")
+
+
+@app.command()
+def compare(
+    methods: Annotated[str, Opt(help="Comma-separated methods, e.g. sgd,momentum,pnm.")] = (
+        "sgd,momentum,pnm"
+    ),
+    seeds: Annotated[str, Opt(help="Comma-separated seeds, e.g. 0,1,2.")] = "0",
+    out: Annotated[Path, Opt(help="Directory; one run directory per method and seed.")] = Path(
+        "runs/compare"
+    ),
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
+    task: TaskOpt = None,
+    n_train: NTrainOpt = None,
+    model: ModelOpt = None,
+    width: WidthOpt = None,
+    depth: DepthOpt = None,
+    lr: LrOpt = None,
+    batch_size: BatchOpt = None,
+    steps: StepsOpt = None,
+    epochs: EpochsOpt = None,
+    measure_every: EveryOpt = None,
+    probe_samples: SamplesOpt = None,
+    fresh_probe: FreshOpt = None,
+    update_repeats: RepeatsOpt = None,
+    curvature: CurvOpt = None,
+    chunk_size: ChunkOpt = None,
+    device: DeviceOpt = None,
+    weight_decay: WdOpt = None,
+) -> None:
+    """Run several methods (and seeds) on one task into one directory; print a summary."""
+    # First statement: locals() holds exactly the command's parameters here.
+    flags = {k: v for k, v in locals().items()
+             if k not in ("methods", "seeds", "out", "config", "resume")}
+    from sgn_lab.results import load_runs
+
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    seed_list = _parse_ints("seeds", seeds)
+    configs = [
+        _config_from(config, {**flags, "method": m, "seed": s})
+        for m in method_list
+        for s in seed_list
+    ]
+    with _progress() as progress:
+        for run_config in configs:
+            _run_with_progress(run_config, out / run_config.run_name, resume, progress)
+    metrics, _ = load_runs(out)
+    final = metrics.sort_values("step").groupby("run").tail(1)
+    summary = (
+        final.groupby("method", sort=False)[[c for c, _, _ in SUMMARY_COLUMNS if c in final]]
+        .agg(["mean", "std"])
+    )
+    table = Table(title=f"final measurement, mean ± sd over seeds {seeds}", box=box.SIMPLE_HEAD)
+    table.add_column("method")
+    shown = [c for c in SUMMARY_COLUMNS if c[0] in final and c[0] != "step"]
+    for _, header, _ in shown:
         table.add_column(header, justify="right", no_wrap=True)
-
-    def add_row(m) -> None:
-        row = m.to_dict()
-        cells = []
-        for key, _, fmt in REPORT_COLUMNS:
-            value = row.get(key, float("nan"))
-            cells.append(fmt.format(value) if value == value else "–")
+    for method_name, row in summary.iterrows():
+        cells = [str(method_name)]
+        for key, _, fmt in shown:
+            mean, sd = row[(key, "mean")], row[(key, "std")]
+            text = fmt.format(mean) if mean == mean else "–"
+            cells.append(text + (f" ± {fmt.format(sd)}" if sd == sd else ""))
         table.add_row(*cells)
-        console.print(
-            f"  step {m.step}: tr S = {m.noise.trace:.4g}, test acc = {m.test_accuracy:.3f}"
-        )
-
-    train_and_measure(
-        net, loss_for(data.num_classes), data, steps=steps, lr=lr, batch_size=batch_size,
-        measure_every=measure_every, samples=samples, curvature=curvature, seed=seed,
-        on_measurement=add_row,
-    )
     console.print(table)
+    console.print(f"wrote {len(configs)} runs under {out}/")
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (or folders of runs).")],
+    out: Annotated[Path | None, Opt(help="Folder for the figures. "
+                                    "(default: first RUN/figures)")] = None,
+    steps: Annotated[str | None, Opt(help="Comma-separated steps for the spectra.")] = None,
+) -> None:
+    """Figures of runs: trace, noise scale, effective rank, accuracy; spectra (PNG and PDF)."""
+    from sgn_lab.plots import plot_run
+    from sgn_lab.results import load_runs
+
+    metrics, spectra = load_runs(*runs)
+    if metrics.empty:
+        raise ValueError(f"no measurements in {', '.join(map(str, runs))}")
+    out = out or runs[0] / "figures"
+    step_list = _parse_ints("steps", steps) if steps else None
+    for path in plot_run(metrics, spectra, out, steps=step_list):
+        console.print(f"wrote {path}")
+
+
+def _parse_ints(name: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"--{name} is empty")
+    return values
 
 
 def main() -> None:
@@ -121,10 +293,10 @@ def main() -> None:
     except typer.TyperException as exc:  # usage errors: unknown option, bad type, ...
         exc.show()
         sys.exit(exc.exit_code)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         sys.exit(2)
-    except typer.Abort:
-        err_console.print("aborted")
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("interrupted: finished measurements are saved; rerun with --resume")
         sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)

@@ -6,7 +6,10 @@ The public API (stable names)::
     G = sgn_lab.flatten_grads(g)          # (n, d)
     r = sgn_lab.noise_stats(G)            # or noise_stats(g) for a per-layer breakdown
     c = sgn_lab.curvature_stats(model, loss_fn, inputs, targets, G)
+    run = sgn_lab.load_run("runs/demo")   # .config (dict), .metrics, .spectra (pandas)
 """
+
+__version__ = "0.1.0"  # before the imports: sgn_lab.train records it in each run
 
 from sgn_lab.curvature import (
     CurvatureStats,
@@ -18,13 +21,18 @@ from sgn_lab.curvature import (
 )
 from sgn_lab.grads import batchnorm_to_groupnorm, flatten_grads, per_sample_grads
 from sgn_lab.noise import NoiseStats, isotropic_spectrum, minibatch_factor, noise_stats
+from sgn_lab.probe import NoiseProbe, ProbeResult
+from sgn_lab.results import Run, load_run, load_runs
 from sgn_lab.tails import ShapeStats, shape_stats, tail_index
-
-__version__ = "0.1.0"
+from sgn_lab.train import RunConfig, run_measurement
 
 __all__ = [
     "CurvatureStats",
+    "NoiseProbe",
     "NoiseStats",
+    "ProbeResult",
+    "Run",
+    "RunConfig",
     "ShapeStats",
     "batchnorm_to_groupnorm",
     "curvature_stats",
@@ -33,9 +41,12 @@ __all__ = [
     "hessian_trace",
     "hessian_vector_product",
     "isotropic_spectrum",
+    "load_run",
+    "load_runs",
     "minibatch_factor",
     "noise_stats",
     "per_sample_grads",
+    "run_measurement",
     "shape_stats",
     "tail_index",
     "trace_hs",

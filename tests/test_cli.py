@@ -24,28 +24,29 @@ def test_help_lists_measure():
     assert "measure" in result.output
 
 
-def test_short_measure_run_prints_real_numbers(monkeypatch, capsys):
+def test_short_measure_run_prints_real_numbers(tmp_path, monkeypatch, capsys):
     code, out, _ = run_main(
         monkeypatch, capsys, "measure", "--task", "gaussian-mixture", "--steps", "4",
-        "--measure-every", "2", "--samples", "32", "--width", "16", "--device", "cpu",
+        "--measure-every", "2", "--probe-samples", "32", "--width", "16", "--device", "cpu",
+        "--out", str(tmp_path / "run"),
     )
     assert code == 0
     assert "SGN over training" in out
-    for step in ("step 0:", "step 2:", "step 4:"):
-        assert step in out
+    assert (tmp_path / "run" / "metrics.csv").is_file()
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["measure", "--task", "nope"], "unknown task 'nope'"),
-        (["measure", "--batch-size", "-3"], "batch_size must be positive, got -3"),
+        (["measure", "--batch-size", "-3"], "batch_size must be a positive integer, got -3"),
         (["measure", "--device", "tpu"], "unknown device 'tpu'"),
         (["measure", "--model", "resnet9000"], "unknown model 'resnet9000'"),
     ],
 )
-def test_bad_arguments_end_with_one_line_and_exit_2(monkeypatch, capsys, args, message):
-    code, out, err = run_main(monkeypatch, capsys, *args, "--steps", "1", "--samples", "8")
+def test_bad_arguments_end_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    code, out, err = run_main(monkeypatch, capsys, *args, "--steps", "1", "--probe-samples", "8",
+                              "--out", str(tmp_path / "r"))
     assert code == 2
     assert message in err
     assert "Traceback" not in err + out

@@ -69,3 +69,27 @@ def test_every_method_trains_a_model_through_train_step(name):
         loss = train_step(name, opt, model, loss_fn, x[idx], y[idx])
         assert loss == loss  # finite, returned as a float
     assert float(loss_fn(model(x), y).detach()) < 0.5 * first
+
+
+def test_seeded_optimizer_survives_deepcopy_and_pickle():
+    import copy
+    import pickle
+
+    from sgn_lab.optim import GaussianNoiseSGD
+
+    model = nn.Linear(3, 2)
+    opt = GaussianNoiseSGD(model.parameters(), lr=0.1, sigma=1.0, seed=4)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.param_groups[0]["params"][0] is model2.weight
+    opt3 = pickle.loads(pickle.dumps(opt))
+    for o in (opt2, opt3):
+        assert o.generator is not opt.generator
+        assert torch.equal(o.generator.get_state(), opt.generator.get_state())
+    for p in model2.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt2.step()
+    assert torch.equal(model.weight, model2.weight)  # same state, same draws

@@ -38,3 +38,20 @@ class SeededOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         if generator_state is not None:
             self.generator.set_state(generator_state.cpu())
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer.__getstate__ keeps only defaults, state and groups: without this a deep copy
+        # or a pickle would lose the generator.
+        state = super().__getstate__()
+        state["generator_state"] = self.generator.get_state()
+        state["generator_device"] = str(self.generator.device)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Optimizer.load_state_dict also calls this, with state and groups only: the
+        # generator is then left as it is (load_state_dict restores it itself).
+        state = dict(state)
+        if "generator_state" in state:
+            self.generator = torch.Generator(device=state.pop("generator_device"))
+            self.generator.set_state(state.pop("generator_state"))
+        super().__setstate__(state)
