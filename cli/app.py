@@ -276,6 +276,46 @@ def plot(
         console.print(f"wrote {path}")
 
 
+@app.command()
+def scaling(
+    sweep: Annotated[str, Opt(help="batch (noise trace vs B), beta0 (PNM), sigma (Gaussian "
+                              "injection) or large-batch (covariance noise).")],
+    out: Annotated[Path, Opt(help="Folder for the table (CSV) and figure (PNG, PDF).")] = Path(
+        "runs/scaling"
+    ),
+    quick: Annotated[bool, Opt(help="Fewer points and draws (a smoke test, not a result).")] = (
+        False
+    ),
+    seed: Annotated[int, Opt(help="Seed of every draw.")] = 0,
+) -> None:
+    """Theory against measurement: a sweep with confidence intervals, as a table and figure."""
+    from sgn_lab.scaling import SWEEPS, run_sweep
+
+    if sweep not in SWEEPS:
+        raise ValueError(f"unknown sweep {sweep!r}; choose one of {', '.join(SWEEPS)}")
+    with _progress() as progress:
+        task = progress.add_task(f"sweep {sweep}", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        table = run_sweep(sweep, out=out, quick=quick, seed=seed, progress=advance)
+    shown = Table(title=f"{sweep} sweep: measured ± 95% CI half-width against theory",
+                  box=box.SIMPLE_HEAD, padding=(0, 1))
+    for column in ("quantity", "x", "measured", "theory", "rel. error"):
+        shown.add_column(column, justify="left" if column == "quantity" else "right",
+                         no_wrap=True)
+    for _, row in table.iterrows():
+        half_width = (row["ci_high"] - row["ci_low"]) / 2
+        rel = row["rel_error"]
+        shown.add_row(
+            str(row["quantity"]), f"{row['x']:.4g}", f"{row['measured']:.4g} ± {half_width:.2g}",
+            f"{row['theory']:.4g}", f"{rel:+.1%}" if rel == rel else "–",
+        )
+    console.print(shown)
+    console.print(f"wrote {out}/scaling_{sweep}.csv, .png and .pdf")
+
+
 def _parse_ints(name: str, text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]

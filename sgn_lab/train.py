@@ -152,10 +152,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot parse config file {path}: {exc}") from exc
-    # A run's config.json also records its status; those keys are not configuration.
-    for key in ("complete", "run", "sgn_lab_version"):
-        data.pop(key, None)
-    return data
+    return without_status(data)
+
+
+# Keys a run's config.json records besides the configuration: its status.
+STATUS_KEYS = ("complete", "run", "sgn_lab_version")
+
+
+def without_status(data: dict[str, Any]) -> dict[str, Any]:
+    """The configuration part of a run's config.json (or of any config dict)."""
+    return {k: v for k, v in data.items() if k not in STATUS_KEYS}
 
 
 def method_kwargs(config: RunConfig) -> dict[str, Any]:
@@ -226,9 +232,7 @@ def run_measurement(
         saved = read_config(out)
         if saved.get("complete"):
             return out
-        config = RunConfig.from_dict(
-            {k: v for k, v in saved.items() if k not in ("complete", "run", "sgn_lab_version")}
-        )
+        config = RunConfig.from_dict(without_status(saved))
     elif (out / CONFIG_FILE).is_file():
         raise ValueError(
             f"{out} already holds a run; pass --resume to continue it, or choose another --out"

@@ -57,3 +57,18 @@ def test_unknown_option_is_a_usage_error(monkeypatch, capsys):
     code, _, err = run_main(monkeypatch, capsys, "measure", "--bogus")
     assert code == 2
     assert "--bogus" in err
+
+
+def test_scaling_quick_sweep_writes_table_and_figure(tmp_path, monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "scaling", "--sweep", "sigma", "--quick",
+                            "--out", str(tmp_path))
+    assert code == 0
+    assert "measured ± 95% CI half-width against theory" in out
+    for name in ("scaling_sigma.csv", "scaling_sigma.png", "scaling_sigma.pdf"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_scaling_unknown_sweep_is_named(tmp_path, monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "scaling", "--sweep", "gamma",
+                            "--out", str(tmp_path))
+    assert code == 2 and "unknown sweep 'gamma'" in err
