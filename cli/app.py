@@ -114,6 +114,8 @@ RepeatsOpt = Annotated[int | None, Opt(help="Per-step update noise over R miniba
 CurvOpt = Annotated[bool | None, Opt("--curvature/--no-curvature",
                                      help="Measure λ_max(H), tr H, tr(HS). (default: off)")]
 ChunkOpt = Annotated[int | None, Opt(help="Per-sample gradients vectorised at once.")]
+GradsOpt = Annotated[str | None, Opt(help="Per-sample gradients: auto, vmap (materialised) or "
+                                     "gram (fast Gram from activations). (default: auto)")]
 DeviceOpt = Annotated[str | None, Opt(help="auto, cpu or cuda. (default: auto)")]
 MomentumOpt = Annotated[float | None, Opt(help="Heavy-ball momentum (momentum, gaussian, "
                                           "covariance, symmetric).")]
@@ -122,6 +124,8 @@ Beta0Opt = Annotated[float | None, Opt(help="PNM/AdaPNM β0 >= 0 (positive-negat
 Beta1Opt = Annotated[float | None, Opt(help="β1 of PNM/AdaPNM/Adam. (default: 0.9)")]
 Beta2Opt = Annotated[float | None, Opt(help="β2 of AdaPNM/Adam. (default: 0.999)")]
 SigmaOpt = Annotated[float | None, Opt(help="Gaussian injection σ.")]
+SigmaTraceOpt = Annotated[float | None, Opt(help="Gaussian injection matched to the SGN: "
+                                            "σ² = c·tr(S)/d, re-set at every measurement.")]
 SmallBatchOpt = Annotated[int | None, Opt(help="Covariance noise: emulated small batch B_S "
                                           "(the training batch is B_L). (default: B/8)")]
 VariantOpt = Annotated[str | None, Opt(help="Covariance noise: full or diagonal. (default: full)")]
@@ -155,6 +159,7 @@ def measure(
     fresh_probe: FreshOpt = None,
     update_repeats: RepeatsOpt = None,
     curvature: CurvOpt = None,
+    grads: GradsOpt = None,
     chunk_size: ChunkOpt = None,
     device: DeviceOpt = None,
     seed: Annotated[int | None, Opt(help="Seed of data split, model, order and draws. "
@@ -164,6 +169,7 @@ def measure(
     beta1: Beta1Opt = None,
     beta2: Beta2Opt = None,
     sigma: SigmaOpt = None,
+    sigma_trace_factor: SigmaTraceOpt = None,
     small_batch: SmallBatchOpt = None,
     variant: VariantOpt = None,
     noise: NoiseOpt = None,
@@ -214,6 +220,7 @@ def compare(
     fresh_probe: FreshOpt = None,
     update_repeats: RepeatsOpt = None,
     curvature: CurvOpt = None,
+    grads: GradsOpt = None,
     chunk_size: ChunkOpt = None,
     device: DeviceOpt = None,
     weight_decay: WdOpt = None,
@@ -314,6 +321,33 @@ def scaling(
         )
     console.print(shown)
     console.print(f"wrote {out}/scaling_{sweep}.csv, .png and .pdf")
+
+
+@app.command()
+def figures(
+    out: Annotated[Path, Opt(help="Folder for the figures (PDF, PNG) and their tables (CSV).")] = (
+        Path("runs/figures")
+    ),
+    quick: Annotated[bool, Opt(help="Smaller models and fewer steps, same code.")] = False,
+    only: Annotated[str | None, Opt(help="Comma-separated figure names (default: all).")] = None,
+    experiments: Annotated[Path, Opt(help="Folder of the figure configs.")] = Path("experiments"),
+) -> None:
+    """Regenerate the paper figures from the configs in experiments/."""
+    from sgn_lab.figures import FIGURES, make_figure
+
+    names = [n.strip() for n in only.split(",") if n.strip()] if only else list(FIGURES)
+    unknown = [n for n in names if n not in FIGURES]
+    if unknown:
+        raise ValueError(f"unknown figure {unknown[0]!r}; choose from {', '.join(FIGURES)}")
+    with _progress() as progress:
+        for name in names:
+            task = progress.add_task(f"figure {name}", total=None)
+
+            def advance(done: int, total: int, task=task) -> None:
+                progress.update(task, completed=done, total=total)
+
+            csv = make_figure(name, out, experiments=experiments, quick=quick, progress=advance)
+            progress.update(task, description=f"figure {name}: {csv.with_suffix('.pdf')}")
 
 
 def _parse_ints(name: str, text: str) -> list[int]:

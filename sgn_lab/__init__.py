@@ -4,6 +4,7 @@ The public API (stable names)::
 
     g = sgn_lab.per_sample_grads(model, loss_fn, inputs, targets, chunk_size=None)
     G = sgn_lab.flatten_grads(g)          # (n, d)
+    K = sgn_lab.per_sample_gram(model, loss_fn, inputs, targets)   # (n, n), no n×d matrix
     r = sgn_lab.noise_stats(G)            # or noise_stats(g) for a per-layer breakdown
     c = sgn_lab.curvature_stats(model, loss_fn, inputs, targets, G)
     run = sgn_lab.load_run("runs/demo")   # .config (dict), .metrics, .spectra (pandas)
@@ -20,14 +21,17 @@ from sgn_lab.curvature import (
     trace_hs,
 )
 from sgn_lab.grads import batchnorm_to_groupnorm, flatten_grads, per_sample_grads
+from sgn_lab.gram import gram_and_mean_gradient, per_sample_gram
 from sgn_lab.noise import NoiseStats, isotropic_spectrum, minibatch_factor, noise_stats
 from sgn_lab.probe import NoiseProbe, ProbeResult
 from sgn_lab.results import Run, load_run, load_runs
+from sgn_lab.streaming import Moments, streaming_moments, streaming_noise_stats
 from sgn_lab.tails import ShapeStats, shape_stats, tail_index
 from sgn_lab.train import RunConfig, run_measurement
 
 __all__ = [
     "CurvatureStats",
+    "Moments",
     "NoiseProbe",
     "NoiseStats",
     "ProbeResult",
@@ -37,6 +41,7 @@ __all__ = [
     "batchnorm_to_groupnorm",
     "curvature_stats",
     "flatten_grads",
+    "gram_and_mean_gradient",
     "hessian_top_eigenvalue",
     "hessian_trace",
     "hessian_vector_product",
@@ -46,8 +51,11 @@ __all__ = [
     "minibatch_factor",
     "noise_stats",
     "per_sample_grads",
+    "per_sample_gram",
     "run_measurement",
     "shape_stats",
+    "streaming_moments",
+    "streaming_noise_stats",
     "tail_index",
     "trace_hs",
 ]

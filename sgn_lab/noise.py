@@ -119,8 +119,12 @@ class NoiseStats:
 
 
 def noise_stats(
-    grads: Tensor | dict[str, Tensor],
+    grads: Tensor | dict[str, Tensor] | None = None,
     *,
+    gram: Tensor | None = None,
+    dim: int | None = None,
+    mean: Tensor | None = None,
+    diag_variance: Tensor | None = None,
     batch_size: int | None = None,
     dataset_size: int | None = None,
     replacement: bool = False,
@@ -136,6 +140,13 @@ def noise_stats(
         (n, d) matrix of per-sample gradients (see :func:`sgn_lab.flatten_grads`), or the
         dict returned by :func:`sgn_lab.per_sample_grads` for an additional per-parameter and
         per-module breakdown in ``layers``.
+    gram, dim, mean, diag_variance
+        Instead of ``grads``: the (n, n) Gram matrix K_ij = g_i·g_j of the per-sample gradients
+        (see :func:`sgn_lab.per_sample_gram`) and the dimension d. The centred Gram C K C
+        (C = I − 11ᵀ/n) gives tr S, the spectrum and everything derived from them exactly,
+        and |ḡ|² = 1ᵀK1/n². Per-coordinate figures need more than inner products: ``mean``
+        (d,) and ``diag_variance`` (d,) are reported when given (else empty tensors), and the
+        shape figures (tail index, normality, kurtosis) are NaN.
     batch_size, dataset_size, replacement
         Minibatch size B, data-set size N and sampling scheme for ``minibatch_trace`` and
         ``noise_to_signal`` (see :func:`minibatch_factor`).
@@ -147,19 +158,34 @@ def noise_stats(
     seed
         Seeds the isotropic reference and the random projections.
     """
-    per_param = grads if isinstance(grads, dict) else None
-    G = _as_matrix(grads)
-    n, d = G.shape
-    if n < 2:
-        raise ValueError(f"need at least 2 per-sample gradients for a covariance, got n={n}")
-    if not torch.isfinite(G).all():
-        row = int((~torch.isfinite(G)).any(dim=1).nonzero()[0, 0])
-        raise ValueError(f"non-finite value in the per-sample gradient of sample {row}")
-
-    mean, diag_variance, gram_or_cov = centred_moments(G)
-    eigenvalues = _nonzero_descending(torch.linalg.eigvalsh(gram_or_cov) / (n - 1), n, d)
-    trace = float(diag_variance.sum())
-    mean_sq_norm = float(mean @ mean)
+    nan_tails = dict.fromkeys(
+        ("tail_index", "normality_pvalue", "normality_reject_fraction", "kurtosis"), math.nan
+    )
+    if (grads is None) == (gram is None):
+        raise ValueError("give either per-sample gradients or gram= (a Gram matrix), not both")
+    layers, layer_eigenvalues = None, {}
+    if gram is not None:
+        n, d, mean, diag_variance, trace, mean_sq_norm, eigenvalues = _gram_moments(
+            gram, dim, mean, diag_variance
+        )
+        tails = nan_tails
+    else:
+        G = _as_matrix(grads)
+        n, d = G.shape
+        _check_samples(n)
+        if not torch.isfinite(G).all():
+            row = int((~torch.isfinite(G)).any(dim=1).nonzero()[0, 0])
+            raise ValueError(f"non-finite value in the per-sample gradient of sample {row}")
+        mean, diag_variance, gram_or_cov = centred_moments(G)
+        eigenvalues = _nonzero_descending(torch.linalg.eigvalsh(gram_or_cov) / (n - 1), n, d)
+        trace = float(diag_variance.sum())
+        mean_sq_norm = float(mean @ mean)
+        if shape and n >= 8 and trace > 0:
+            tails = shape_stats(G.to(torch.float64) - mean, seed=seed).to_dict()
+        else:
+            tails = nan_tails
+        if isinstance(grads, dict):
+            layers, layer_eigenvalues = _layer_table(grads)
     grad_sq_norm = mean_sq_norm - trace / n
 
     if batch_size is not None:
@@ -170,13 +196,6 @@ def noise_stats(
     iso_eigenvalues = isotropic_spectrum(trace, d, n, seed=seed)
     spectrum = spectrum_summary(eigenvalues, window=powerlaw_window)
     iso = spectrum_summary(iso_eigenvalues, window=powerlaw_window)
-    if shape and n >= 8 and trace > 0:
-        tails = shape_stats(G.to(torch.float64) - mean, seed=seed).to_dict()
-    else:
-        tails = dict.fromkeys(
-            ("tail_index", "normality_pvalue", "normality_reject_fraction", "kurtosis"), math.nan
-        )
-    layers, layer_eigenvalues = (None, {}) if per_param is None else _layer_table(per_param)
 
     return NoiseStats(
         n=n,
@@ -199,6 +218,41 @@ def noise_stats(
         layers=layers,
         layer_eigenvalues=layer_eigenvalues,
     )
+
+
+def _check_samples(n: int) -> None:
+    if n < 2:
+        raise ValueError(f"need at least 2 per-sample gradients for a covariance, got n={n}")
+
+
+def _gram_moments(
+    gram: Tensor, dim: int | None, mean: Tensor | None, diag_variance: Tensor | None
+) -> tuple[int, int, Tensor, Tensor, float, float, Tensor]:
+    """n, d, mean, diag(S), tr S, |ḡ|² and the spectrum from an uncentred Gram matrix."""
+    if not isinstance(gram, Tensor) or gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        got = tuple(gram.shape) if isinstance(gram, Tensor) else type(gram).__name__
+        raise ValueError(f"gram must be a square (n, n) tensor, got {got}")
+    n = gram.shape[0]
+    _check_samples(n)
+    if dim is None or dim < 1:
+        raise ValueError(f"gram= needs dim, the number of parameters d >= 1; got dim={dim!r}")
+    K = gram.to(torch.float64)
+    if not torch.isfinite(K).all():
+        row = int((~torch.isfinite(K)).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"non-finite value in row {row} of the Gram matrix")
+    centred = K - K.mean(dim=0, keepdim=True)
+    centred = centred - centred.mean(dim=1, keepdim=True)  # C K C
+    centred = (centred + centred.T) / 2  # exact symmetry for eigvalsh
+    trace = float(torch.diagonal(centred).sum()) / (n - 1)
+    eigenvalues = _nonzero_descending(torch.linalg.eigvalsh(centred) / (n - 1), n, dim)
+    empty = torch.empty(0, dtype=torch.float64)
+    for name, value in (("mean", mean), ("diag_variance", diag_variance)):
+        if value is not None and value.numel() != dim:
+            raise ValueError(f"{name} has {value.numel()} entries, expected dim={dim}")
+    mean = empty if mean is None else mean.to(torch.float64).cpu()
+    diag_variance = empty if diag_variance is None else diag_variance.to(torch.float64).cpu()
+    mean_sq_norm = float(mean @ mean) if mean.numel() else float(K.sum()) / n**2
+    return n, dim, mean, diag_variance, trace, mean_sq_norm, eigenvalues
 
 
 _ISOTROPIC_FIELDS = (
@@ -346,7 +400,8 @@ def isotropic_spectrum(trace: float, dim: int, n: int, *, seed: int = 0) -> Tens
         W = A @ A.T
         centring = np.eye(n) - 1.0 / n
         M = centring @ W @ centring
-    eigenvalues = torch.from_numpy(np.linalg.eigvalsh(M)) * (trace / dim / (n - 1))
+    # torch's eigvalsh: numpy's threads thrash on a loaded machine (7 s against 0.1 s at n=1024).
+    eigenvalues = torch.linalg.eigvalsh(torch.from_numpy(M)) * (trace / dim / (n - 1))
     return _nonzero_descending(eigenvalues, n, dim)
 
 

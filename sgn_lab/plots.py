@@ -125,6 +125,7 @@ METRIC_LABELS: dict[str, str] = {
     # hyperparameters
     "lr": "learning rate η",
     "batch_size": "batch size B",
+    "generalization_gap": "generalisation gap (train − test accuracy)",
     "beta0": "PNM β0",
     "beta1": "momentum β1",
     "momentum": "momentum β",
@@ -662,6 +663,9 @@ def plot_run(
         ]
         columns = (*DEFAULT_COLUMNS, *extra)
     figures = [("metrics", plot_metrics(metrics, columns=columns))]
+    if spectra is not None and "kind" in spectra.columns:
+        # The update-noise spectra (kind "update") have a figure of their own.
+        spectra = spectra[spectra["kind"].isin(_SPECTRUM_KINDS)]
     if spectra is not None and len(spectra) > 0:
         figures.append(("spectra", plot_spectra(spectra, steps=steps)))
     out = Path(out_dir)

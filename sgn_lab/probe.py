@@ -14,8 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from sgn_lab.curvature import curvature_stats
-from sgn_lab.grads import flatten_grads, per_sample_grads
+from sgn_lab.grads import _seeded, flatten_grads, per_sample_grads
+from sgn_lab.gram import gram_and_mean_gradient, per_sample_gram_coverage
 from sgn_lab.noise import NoiseStats, noise_stats
+from sgn_lab.tails import shape_stats
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -30,6 +32,7 @@ def derived_seed(seed: int, *keys: int) -> int:
 
 
 _PROBE, _GRADS, _STATS, _CURVATURE, _UPDATES = range(5)
+GRADS_PATHS = ("auto", "vmap", "gram")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,17 @@ class NoiseProbe:
         ``update_effective_rank`` and ``update_mean_sq_norm`` (|mean Δθ|²). Each copy draws
         its own injected noise, so this covers methods whose noise is not in the gradient
         (PNM, S-SGD, noise injection).
+    grads
+        How per-sample gradients enter: ``"vmap"`` materialises them (n × d) with
+        :func:`sgn_lab.per_sample_grads`; ``"gram"`` gets the n×n Gram from activations and
+        backpropagated signals with :func:`sgn_lab.per_sample_gram` (about the cost of one
+        backward pass, no n × d matrix) and the exact mean gradient from the same pass, while
+        the shape figures (tail index, normality, kurtosis) come from the per-sample gradients
+        of the first ``shape_samples`` probe samples and ``diag_variance`` is not measured;
+        ``"auto"`` takes ``"gram"`` when every trainable parameter has a fast Gram and no
+        curvature is asked for, else ``"vmap"``.
+    shape_samples
+        Samples for the shape figures in Gram mode (0: skip them).
     chunk_size, batchnorm
         Passed to :func:`sgn_lab.per_sample_grads`.
     eval_batch
@@ -101,6 +115,8 @@ class NoiseProbe:
         update_repeats: int = 0,
         optimizer: torch.optim.Optimizer | None = None,
         method: str = "sgd",
+        grads: str = "auto",
+        shape_samples: int = 256,
         chunk_size: int | None = None,
         batchnorm: str = "error",
         eval_batch: int = 1024,
@@ -119,6 +135,13 @@ class NoiseProbe:
             raise ValueError(f"update_repeats must be 0 (off) or >= 2, got {update_repeats}")
         if update_repeats and (optimizer is None or batch_size is None):
             raise ValueError("update_repeats needs the optimizer and the batch_size")
+        if grads not in GRADS_PATHS:
+            raise ValueError(f"unknown grads {grads!r}; choose one of {', '.join(GRADS_PATHS)}")
+        if grads == "gram" and curvature:
+            raise ValueError("curvature needs per-sample gradients: use grads='vmap' or 'auto'")
+        if grads == "auto":
+            grads = "gram" if not curvature and not per_sample_gram_coverage(model)[1] else "vmap"
+        self.grads, self.shape_samples = grads, shape_samples
         self.model, self.loss_fn = model, loss_fn
         self.x_train, self.y_train = x_train, y_train
         self.x_test, self.y_test = x_test, y_test
@@ -142,19 +165,30 @@ class NoiseProbe:
         device = next(self.model.parameters()).device
         idx = self._draw_probe(step) if self.fresh else self._fixed
         x, y = self.x_train[idx].to(device), self.y_train[idx].to(device)
-        grads = per_sample_grads(
-            self.model, self.loss_fn, x, y, chunk_size=self.chunk_size, batchnorm=self.batchnorm,
-            seed=derived_seed(self.seed, step, _GRADS),
-        )
-        stats = noise_stats(
-            grads, batch_size=self.batch_size, dataset_size=len(self.x_train),
-            seed=derived_seed(self.seed, step, _STATS),
-        )
-        row: dict[str, float] = {"step": step, "epoch": epoch}
+        grads_seed = derived_seed(self.seed, step, _GRADS)
+        minibatch = {"batch_size": self.batch_size, "dataset_size": len(self.x_train),
+                     "seed": derived_seed(self.seed, step, _STATS)}
+        if self.grads == "gram":
+            with _seeded(grads_seed, device):
+                gram, mean = gram_and_mean_gradient(
+                    self.model, self.loss_fn, x, y, batchnorm=self.batchnorm,
+                    chunk_size=self.chunk_size,
+                )
+            stats = noise_stats(gram=gram, dim=mean.numel(), mean=mean, **minibatch)
+            tails = self._shape_from_subset(x, y, grads_seed)
+        else:
+            grads = per_sample_grads(
+                self.model, self.loss_fn, x, y, chunk_size=self.chunk_size,
+                batchnorm=self.batchnorm, seed=grads_seed,
+            )
+            stats = noise_stats(grads, **minibatch)
+            tails = {}
+        row: dict[str, float] = {"step": step, "epoch": epoch, "grads": self.grads}
         row["train_loss"], row["train_accuracy"] = self.evaluate(self.x_train, self.y_train)
         if self.x_test is not None and self.y_test is not None:
             row["test_loss"], row["test_accuracy"] = self.evaluate(self.x_test, self.y_test)
         row.update(stats.to_dict())
+        row.update(tails)
         if self.curvature:
             curvature = curvature_stats(
                 self.model, self.loss_fn, x, y, flatten_grads(grads),
@@ -168,11 +202,30 @@ class NoiseProbe:
                 seed=derived_seed(self.seed, step, _UPDATES),
             )
             update_stats = noise_stats(updates, shape=False)
+            update_spectrum = update_stats.eigenvalues
             row["update_trace"] = update_stats.trace
             row["update_effective_rank"] = update_stats.effective_rank
             row["update_mean_sq_norm"] = update_stats.mean_sq_norm
         row["measure_seconds"] = time.perf_counter() - started
-        return ProbeResult(step, row, spectra_table(stats, step), stats)
+        spectra = spectra_table(stats, step)
+        if self.update_repeats:
+            spectra = pd.concat([spectra, _tidy(step, "update", update_spectrum)],
+                                ignore_index=True)
+        return ProbeResult(step, row, spectra, stats)
+
+    def _shape_from_subset(self, x: Tensor, y: Tensor, seed: int) -> dict[str, float]:
+        m = min(len(x), self.shape_samples)
+        if m < 8:
+            return {}
+        grads = per_sample_grads(
+            self.model, self.loss_fn, x[:m], y[:m], chunk_size=self.chunk_size,
+            batchnorm=self.batchnorm, seed=seed,
+        )
+        G = flatten_grads(grads).to(torch.float64)
+        centred = G - G.mean(dim=0)
+        if not bool(centred.abs().max() > 0):
+            return {}
+        return shape_stats(centred, seed=seed).to_dict()
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor) -> tuple[float, float]:
@@ -200,16 +253,21 @@ class NoiseProbe:
 
 
 def spectra_table(stats: NoiseStats, step: int) -> pd.DataFrame:
-    """Tidy spectra of one measurement: step, kind ("sgn" / "isotropic"), k, eigenvalue."""
-    parts = []
-    for kind, lam in (("sgn", stats.eigenvalues), ("isotropic", stats.isotropic_eigenvalues)):
-        parts.append(
-            pd.DataFrame(
-                {"step": step, "kind": kind, "k": np.arange(1, lam.numel() + 1),
-                 "eigenvalue": lam.numpy()}
-            )
-        )
-    return pd.concat(parts, ignore_index=True)
+    """Tidy spectra of one measurement: step, kind ("sgn" / "isotropic"), k, eigenvalue.
+
+    The probe adds kind "update" (the spectrum of Cov[Δθ] over the update draws) when it
+    measures the update noise.
+    """
+    return pd.concat(
+        [_tidy(step, "sgn", stats.eigenvalues),
+         _tidy(step, "isotropic", stats.isotropic_eigenvalues)],
+        ignore_index=True,
+    )
+
+
+def _tidy(step: int, kind: str, eigenvalues: Tensor) -> pd.DataFrame:
+    return pd.DataFrame({"step": step, "kind": kind, "k": np.arange(1, eigenvalues.numel() + 1),
+                         "eigenvalue": eigenvalues.numpy()})
 
 
 def update_noise(

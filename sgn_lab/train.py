@@ -28,7 +28,7 @@ from sgn_lab import __version__
 from sgn_lab.data import load_task
 from sgn_lab.models import MODELS, build_model, loss_for
 from sgn_lab.optim import METHODS, build_optimizer, train_step
-from sgn_lab.probe import NoiseProbe, derived_seed
+from sgn_lab.probe import GRADS_PATHS, NoiseProbe, derived_seed
 from sgn_lab.results import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -52,6 +52,7 @@ HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
     "beta1": ("pnm", "adapnm", "adam"),
     "beta2": ("adapnm", "adam"),
     "sigma": ("gaussian",),
+    "sigma_trace_factor": ("gaussian",),
     "small_batch": ("covariance",),
     "variant": ("covariance",),
     "noise": ("symmetric",),
@@ -79,6 +80,7 @@ class RunConfig:
     fresh_probe: bool = False
     update_repeats: int = 32
     curvature: bool = False
+    grads: str = "auto"
     chunk_size: int | None = None
     device: str = "auto"
     seed: int = 0
@@ -88,6 +90,7 @@ class RunConfig:
     beta1: float | None = None
     beta2: float | None = None
     sigma: float | None = None
+    sigma_trace_factor: float | None = None
     small_batch: int | None = None
     variant: str | None = None
     noise: float | None = None
@@ -105,6 +108,10 @@ class RunConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.grads not in GRADS_PATHS:
+            raise ValueError(
+                f"unknown grads {self.grads!r}; choose one of {', '.join(GRADS_PATHS)}"
+            )
         if self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         for name in ("batch_size", "measure_every", "width"):
@@ -258,7 +265,7 @@ def run_measurement(
         every=config.measure_every, samples=config.probe_samples, fresh=config.fresh_probe,
         batch_size=config.batch_size, curvature=config.curvature,
         update_repeats=config.update_repeats, optimizer=optimizer, method=config.method,
-        chunk_size=config.chunk_size, seed=config.seed,
+        grads=config.grads, chunk_size=config.chunk_size, seed=config.seed,
     )
     data_gen = torch.Generator().manual_seed(derived_seed(config.seed, 0, 8))
     order, position, start = torch.randperm(n_train, generator=data_gen), 0, 0
@@ -288,6 +295,10 @@ def run_measurement(
     for step in range(start, total + 1):
         if (probe.due(step) or step == total) and step != resumed_at:
             result = probe.measure(step, epoch=step / steps_per_epoch)
+            if config.sigma_trace_factor is not None:
+                # Isotropic noise of the SGN's magnitude: σ² = c·tr(S)/d, re-matched at every
+                # measurement (σ lives in the optimizer state, so a resume keeps it).
+                optimizer.set_sigma_from_trace(config.sigma_trace_factor * result.noise.trace)
             row = pd.DataFrame([{**identity, **result.row}])
             metrics = row if metrics.empty else pd.concat([metrics, row], ignore_index=True)
             tidy = result.spectra.assign(**{k: identity[k] for k in ("run", "method", "seed")})

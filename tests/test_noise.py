@@ -299,3 +299,26 @@ def test_cuda_matches_cpu():
     assert b.mean.device.type == "cpu"
     np.testing.assert_allclose(a.eigenvalues.numpy(), b.eigenvalues.numpy(), rtol=1e-6)
     assert a.trace == pytest.approx(b.trace, rel=1e-9)
+
+
+def test_noise_stats_from_a_gram_matrix_equals_from_gradients():
+    rng = np.random.default_rng(11)
+    G = torch.from_numpy(rng.standard_normal((30, 200)) + 0.5)
+    full = noise_stats(G, batch_size=5, dataset_size=100)
+    fast = noise_stats(gram=G @ G.T, dim=200, batch_size=5, dataset_size=100)
+    for key, value in full.to_dict().items():
+        if key in ("tail_index", "normality_pvalue", "normality_reject_fraction", "kurtosis"):
+            assert math.isnan(getattr(fast, key))  # per-coordinate figures need gradients
+        else:
+            assert getattr(fast, key) == pytest.approx(value, rel=1e-9, nan_ok=True), key
+    np.testing.assert_allclose(fast.eigenvalues.numpy(), full.eigenvalues.numpy(), rtol=1e-9)
+    assert fast.mean.numel() == 0 and fast.diag_variance.numel() == 0
+    given = noise_stats(gram=G @ G.T, dim=200, mean=G.mean(0), diag_variance=G.var(0))
+    assert torch.allclose(given.mean, full.mean) and given.mean_sq_norm == pytest.approx(
+        full.mean_sq_norm, rel=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        noise_stats(G, gram=G @ G.T, dim=200)
+    with pytest.raises(ValueError, match="dim=None"):
+        noise_stats(gram=G @ G.T)
+    with pytest.raises(ValueError, match=r"square .*\(30, 200\)"):
+        noise_stats(gram=G, dim=200)

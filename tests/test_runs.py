@@ -63,7 +63,10 @@ def test_measure_end_to_end_writes_documented_files_and_columns(tmp_path):
     assert (metrics["trace"] > 0).all() and (metrics["update_trace"] > 0).all()
     spectra = run.spectra
     assert {"run", "method", "seed", "step", "kind", "k", "eigenvalue"} <= set(spectra.columns)
-    assert set(spectra["kind"]) == {"sgn", "isotropic"}
+    assert set(spectra["kind"]) == {"sgn", "isotropic", "update"}
+    update = spectra[(spectra["step"] == 10) & (spectra["kind"] == "update")]
+    update10 = metrics.loc[metrics["step"] == 10, "update_trace"].item()
+    assert len(update) <= 3 and update["eigenvalue"].sum() == pytest.approx(update10, rel=1e-9)
     sgn = spectra[(spectra["step"] == 10) & (spectra["kind"] == "sgn")]
     assert list(sgn["k"]) == list(range(1, len(sgn) + 1)) and len(sgn) <= 23
     assert np.all(np.diff(sgn["eigenvalue"].to_numpy()) <= 0)
@@ -254,3 +257,42 @@ def test_update_noise_has_the_covariance_of_the_minibatch_gradient(method):
         torch.equal(v, torch.zeros_like(v)) for s in opt.state.values() for v in s.values()
         if isinstance(v, torch.Tensor)
     )
+
+
+def test_probe_gram_path_measures_what_the_vmap_path_measures():
+    torch.manual_seed(0)
+    x, y = torch.randn(300, 6, dtype=torch.float64), torch.randint(0, 3, (300,))
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    common = dict(every=1, samples=64, batch_size=16, seed=2)
+    fast = NoiseProbe(model, nn.functional.cross_entropy, x, y, grads="auto", **common)
+    slow = NoiseProbe(model, nn.functional.cross_entropy, x, y, grads="vmap", **common)
+    assert fast.grads == "gram" and slow.grads == "vmap"
+    a, b = fast.measure(3), slow.measure(3)
+    assert a.row["grads"] == "gram" and b.row["grads"] == "vmap"
+    for key in ("trace", "mean_sq_norm", "noise_scale", "effective_rank", "powerlaw_exponent",
+                "minibatch_trace", "isotropic_effective_rank"):
+        assert a.row[key] == pytest.approx(b.row[key], rel=1e-9), key
+    assert torch.allclose(a.noise.eigenvalues, b.noise.eigenvalues, rtol=1e-8)
+    assert torch.allclose(a.noise.mean, b.noise.mean, rtol=1e-10, atol=1e-14)
+    assert math.isfinite(a.row["tail_index"])  # from the shape subset
+    # Curvature needs per-sample gradients: auto falls back to vmap, gram refuses.
+    curv = NoiseProbe(model, nn.functional.cross_entropy, x, y, curvature=True, **common)
+    assert curv.grads == "vmap"
+    with pytest.raises(ValueError, match="curvature needs per-sample gradients"):
+        NoiseProbe(model, nn.functional.cross_entropy, x, y, curvature=True, grads="gram",
+                   **common)
+    with pytest.raises(ValueError, match="unknown grads 'fast'"):
+        NoiseProbe(model, nn.functional.cross_entropy, x, y, grads="fast", **common)
+
+
+def test_measure_grads_flag_and_resume_in_gram_mode(tmp_path):
+    config = small_config(grads="gram", steps=20)
+    full = load_run(run_measurement(config, tmp_path / "full"))
+    assert set(full.metrics["grads"]) == {"gram"}
+    with pytest.raises(KeyboardInterrupt):
+        run_measurement(small_config(grads="gram", steps=20), tmp_path / "cut",
+                        progress=_interrupt_at(15))
+    resumed = load_run(run_measurement(RunConfig(), tmp_path / "cut", resume=True))
+    drop = ["measure_seconds"]
+    pd.testing.assert_frame_equal(full.metrics.drop(columns=drop),
+                                  resumed.metrics.drop(columns=drop), check_exact=True)
