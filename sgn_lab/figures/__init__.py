@@ -1,0 +1,64 @@
+"""Paper figures: one TOML config in ``experiments/`` and one recipe module here per figure.
+
+A recipe is a module with ``make(config, out, *, progress) -> Path`` that runs what the figure
+needs (measurement runs, sweeps), writes ``<name>.csv`` (the table behind the figure) and
+``<name>.png``/``<name>.pdf`` into ``out``, and returns the CSV path. ``config`` is the figure's
+TOML file with its ``[quick]`` or ``[full]`` table merged over the top level, so quick mode runs
+the same code on smaller models and fewer steps. Everything is deterministic under the
+config's ``seed``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+# Figure name -> recipe module (sgn_lab.figures.<module>), in the paper's order.
+FIGURES: dict[str, str] = {
+    "spectrum": "spectrum",
+    "batch": "scaling_sweeps",
+    "beta0": "scaling_sweeps",
+    "large-batch": "large_batch",
+    "symmetric": "symmetric",
+    "methods": "methods",
+    "tails": "tails",
+}
+
+MODES = ("quick", "full")
+
+
+def read_figure_config(experiments: str | Path, name: str, *, quick: bool) -> dict[str, Any]:
+    """The figure's config: ``experiments/<name>.toml`` with its quick/full table merged in."""
+    if name not in FIGURES:
+        raise ValueError(f"unknown figure {name!r}; choose one of {', '.join(FIGURES)}")
+    path = Path(experiments) / f"{name}.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config for figure {name!r}: {path} is missing")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"cannot parse {path}: {exc}") from exc
+    mode = "quick" if quick else "full"
+    tables = {k: data.pop(k, {}) for k in MODES}
+    return {**data, **tables[mode], "name": name, "mode": mode}
+
+
+def make_figure(
+    name: str,
+    out: str | Path,
+    *,
+    experiments: str | Path = "experiments",
+    quick: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Make one figure (its CSV, PNG and PDF) in ``out``; returns the CSV path."""
+    config = read_figure_config(experiments, name, quick=quick)
+    recipe = importlib.import_module(f"sgn_lab.figures.{FIGURES[name]}")
+    return recipe.make(config, Path(out), progress=progress)

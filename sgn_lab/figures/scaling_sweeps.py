@@ -1,0 +1,29 @@
+"""Figures 2 and 3: noise trace versus batch size, and PNM's β0, theory against measurement."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sgn_lab.plots import plot_scaling, save_figure
+from sgn_lab.results import write_table
+from sgn_lab.scaling import run_sweep
+
+
+def make(
+    config: dict[str, Any], out: Path, *, progress: Callable[[int, int], None] | None = None
+) -> Path:
+    """Run the sweep named by ``config["sweep"]`` and write ``<name>.csv``, ``.png``, ``.pdf``.
+
+    Config keys: ``sweep`` (batch or beta0), ``seed``, ``quick_sweep`` (the sweep's own quick
+    grid) and ``options`` (passed to :func:`sgn_lab.scaling.run_sweep`).
+    """
+    table = run_sweep(
+        config["sweep"], quick=bool(config.get("quick_sweep", False)),
+        seed=int(config.get("seed", 0)), progress=progress, **config.get("options", {}),
+    )
+    name = config["name"]
+    csv = write_table(out / f"{name}.csv", table)
+    save_figure(plot_scaling(table), out / name)
+    return csv

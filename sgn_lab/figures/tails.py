@@ -1,0 +1,40 @@
+"""Figure 7: tail index and Gaussianity of the SGN over training.
+
+Tail index α of the per-coordinate standardised per-sample noise (α = 2: Gaussian tails; α < 2:
+heavy, the α-stable picture of Simsekli et al. 2019), and the D'Agostino–Pearson test and
+excess kurtosis of random 1-D projections (Panigrahi et al. 2019: close to Gaussian).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sgn_lab.figures._runs import figure_run
+from sgn_lab.plots import plot_metrics, save_figure
+from sgn_lab.results import write_table
+
+COLUMNS = ("tail_index", "normality_reject_fraction", "kurtosis", "test_accuracy")
+
+
+def make(
+    config: dict[str, Any], out: Path, *, progress: Callable[[int, int], None] | None = None
+) -> Path:
+    """Tail and Gaussianity figures over steps for the runs in ``config["runs"]``.
+
+    Config keys: ``runs`` (a table of name -> RunConfig fields; several methods or batch sizes
+    side by side).
+    """
+    metrics = []
+    for run_name, settings in config["runs"].items():
+        run = figure_run(out, f"{config['name']}-{run_name}", settings, progress=progress)
+        metrics.append(run.metrics.assign(setting=run_name))
+    import pandas as pd
+
+    table = pd.concat(metrics, ignore_index=True)
+    keep = ["setting", "run", "method", "seed", "step", "epoch", *COLUMNS,
+            "normality_pvalue", "n", "dim"]
+    csv = write_table(out / f"{config['name']}.csv", table[[c for c in keep if c in table]])
+    save_figure(plot_metrics(table, columns=COLUMNS, hue="setting"), out / config["name"])
+    return csv
