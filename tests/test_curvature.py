@@ -23,14 +23,7 @@ from sgn_lab.curvature import (
 
 F64 = torch.float64
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Models here are tiny: intra-op threads only add synchronisation, which on a shared 2-core
-    # runner made the Lanczos tests ~10x slower. Restored afterwards (global state).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def half_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

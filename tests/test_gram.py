@@ -8,13 +8,7 @@ from torch.nn import functional as F
 from sgn_lab.grads import flatten_grads, per_sample_grads
 from sgn_lab.gram import per_sample_gram, per_sample_gram_coverage
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared runner
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_gram(model, loss_fn, x, y):

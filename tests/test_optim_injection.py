@@ -17,12 +17,7 @@ SEED = 1234
 STEPS = 25
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:

@@ -14,7 +14,7 @@ import copy
 import io
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,13 +31,7 @@ SHAPES = [(3, 4), (5,), (2, 3)]  # tensors 0 and 1 form group 0, tensor 2 forms 
 GROUP_OF = [0, 0, 1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: one thread is fastest and leaves the shared machine's cores alone."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------

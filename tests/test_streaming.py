@@ -19,13 +19,7 @@ from sgn_lab.streaming import (
     streaming_noise_stats,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small problems, shared runner: threads only add contention
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sum_loss(outputs, targets):

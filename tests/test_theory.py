@@ -18,7 +18,7 @@ below 1e-10 of the stationary level).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -33,13 +33,7 @@ Z_MAX = 5.0
 DT = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small arrays: one thread is fastest and leaves the shared machine's cores alone."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rotated(eigenvalues: list[float], seed: int) -> np.ndarray:
