@@ -1,0 +1,871 @@
+"""Benchmark per-sample gradients and the per-sample Gram matrix against the usual tools.
+
+One run times, on the same model weights and the same batch, every way this machine has of
+getting the (n, n) Gram matrix K_ij = g_i·g_j of the per-sample gradients:
+
+    floor     a plain forward + backward of the mean loss (no per-sample information at all)
+    vmap      sgn_lab.per_sample_grads -> flatten_grads -> G Gᵀ
+    gram      sgn_lab.per_sample_gram (hook-based, never forms G)
+    loop      a Python loop of n single-sample backward passes -> G Gᵀ
+    backpack  BackPACK BatchGrad (p.grad_batch) -> G Gᵀ
+    opacus    Opacus GradSampleModule (p.grad_sample) -> G Gᵀ
+
+Every method's Gram is checked against per_sample_gram's (relative Frobenius error ≤ 1e-4), so
+the table shows that they all compute the same thing. Peak memory is measured for each method
+in a fresh subprocess: the RSS high-water mark of one run above the RSS after set-up (see
+memory_child for why VmHWM rather than ru_maxrss).
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/bench_grads.py                  # full run
+    .venv/bin/python benchmarks/bench_grads.py --quick          # smoke test, < 1 minute
+    .venv/bin/python benchmarks/bench_grads.py --scale          # SGN of a 14M-parameter MLP
+    .venv/bin/python benchmarks/bench_grads.py --models mlp,cnn --batches 256 --out r.csv
+
+BackPACK and Opacus are optional (see benchmarks/README.md: install them with --no-deps); a
+missing or incompatible one is reported as "n/a" with the reason, never with a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import gc
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+
+import sgn_lab
+from sgn_lab.grads import flatten_grads, per_sample_grads, trainable_dim
+from sgn_lab.gram import per_sample_gram, per_sample_gram_coverage
+
+METHODS = ("floor", "vmap", "gram", "loop", "backpack", "opacus")
+MODELS = ("mlp", "cnn", "transformer-mha", "transformer-lin")
+GRAM_RTOL = 1e-4
+# Targets (reported as PASS/FAIL, never asserted): the Gram path within 1.5x of a plain
+# backward on these models, and vmap per-sample gradients no slower than the faster of BackPACK
+# and Opacus.
+GRAM_TARGET = 1.5
+GRAM_TARGET_MODELS = ("mlp", "cnn")
+SCALE_RSS_LIMIT_MB = 4096.0
+
+# Wide enough for the tables when the output is a file or a pipe (rich assumes 80 columns).
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 180)
+
+
+class Unavailable(Exception):
+    """A method that cannot run on this model or machine; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Models and data
+# --------------------------------------------------------------------------------------------
+
+
+class ProjectionAttention(nn.Module):
+    """Multi-head self-attention written with four nn.Linear layers.
+
+    Same function as nn.MultiheadAttention, but every parameter sits in a Linear layer that is
+    called as a module, so hook-based tools (the Gram path, BackPACK, Opacus) see all of them.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, dim = x.shape
+        dh = dim // self.heads
+
+        def split(z: Tensor) -> Tensor:
+            return z.reshape(n, t, self.heads, dh).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        weights = torch.softmax(q @ k.transpose(-2, -1) * dh**-0.5, dim=-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(n, t, dim))
+
+
+class TorchAttention(nn.Module):
+    """nn.MultiheadAttention as a self-attention layer (batch first)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+class TinyTransformer(nn.Module):
+    """Token + learned position embeddings, one pre-LN encoder block, mean pool, linear head.
+
+    Positions are an nn.Embedding indexed with a (n, T) tensor rather than a bare parameter or
+    buffer, so that every tool sees a batch-first input (Opacus also refuses buffers).
+    """
+
+    def __init__(self, attention: str, vocab: int = 1000, seq_len: int = 32, dim: int = 128,
+                 heads: int = 4, classes: int = 10) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(seq_len, dim)
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = TorchAttention(dim, heads) if attention == "mha" else ProjectionAttention(
+            dim, heads
+        )
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        n, t = tokens.shape
+        pos = torch.arange(t, device=tokens.device).expand(n, t)
+        h = self.tokens(tokens) + self.positions(pos)
+        h = h + self.attn(self.ln1(h))
+        h = h + self.fc2(self.act(self.fc1(self.ln2(h))))
+        return self.head(h.mean(dim=1))
+
+
+def mlp(widths: tuple[int, ...] = (784, 512, 512, 10)) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 32x32 -> 16x16
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16x16 -> 8x8
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+    )
+
+
+def make_problem(name: str, n: int, seed: int = 0) -> tuple[nn.Module, Tensor, Tensor]:
+    """Model (train mode, float32) and one batch, identical in every process for a seed."""
+    torch.manual_seed(seed)
+    if name == "mlp":
+        model, x = mlp(), torch.randn(n, 784)
+    elif name == "cnn":
+        model, x = cnn(), torch.randn(n, 3, 32, 32)
+    elif name in ("transformer-mha", "transformer-lin"):
+        model = TinyTransformer("mha" if name.endswith("mha") else "lin")
+        x = torch.randint(0, 1000, (n, 32))
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+    y = torch.randint(0, 10, (n,))
+    return model.train(), x, y
+
+
+# --------------------------------------------------------------------------------------------
+# Methods: prepare(model, x, y) returns a callable doing one full computation. Per-sample
+# methods return G (n, d); the Gram is built by the caller so that its cost is timed apart.
+# --------------------------------------------------------------------------------------------
+
+Runner = Callable[[], Tensor | None]
+
+
+@dataclass
+class Prepared:
+    run: Runner
+    returns: str  # "none" (floor), "grads" (G, n x d) or "gram" (K, n x n)
+    note: str = ""
+    # Extra check run once, untimed, after the warm-up: returns an error message or "".
+    verify: Callable[[], str] = field(default=lambda: "")
+    # Drops what a run leaves on the parameters (grad_batch, grad_sample: n × d each), so the
+    # methods timed in turn do not each keep hundreds of MB alive for the others.
+    cleanup: Callable[[], None] = field(default=lambda: None)
+
+
+def gram_of(G: Tensor) -> Tensor:
+    # float32 product, then float64: what a user would do, and half the cost of a float64 one.
+    return (G @ G.T).double()
+
+
+def prepare(method: str, model: nn.Module, x: Tensor, y: Tensor) -> Prepared:
+    """Set up ``method`` on its own copy of the model (hooks of one tool must not leak)."""
+    model = copy.deepcopy(model)
+    loss_fn = nn.CrossEntropyLoss()  # mean-reduced; BackPACK needs a loss module
+    n = x.shape[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    if method == "floor":
+        def run_floor() -> None:
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+
+        return Prepared(run_floor, "none", cleanup=lambda: model.zero_grad(set_to_none=True))
+
+    if method == "vmap":
+        return Prepared(lambda: flatten_grads(per_sample_grads(model, loss_fn, x, y)), "grads")
+
+    if method == "gram":
+        slow = gram_fallback(model, x)
+        note = f"vmap fallback for {', '.join(slow)}" if slow else ""
+        return Prepared(lambda: per_sample_gram(model, loss_fn, x, y), "gram", note)
+
+    if method == "loop":
+        d = sum(p.numel() for p in params)
+
+        def run_loop() -> Tensor:
+            G = torch.empty(n, d)
+            for i in range(n):
+                grads = torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]), params)
+                G[i] = torch.cat([g.reshape(-1) for g in grads])
+            return G
+
+        return Prepared(run_loop, "grads")
+
+    if method == "backpack":
+        return _prepare_backpack(model, loss_fn, x, y, params)
+    if method == "opacus":
+        return _prepare_opacus(model, loss_fn, x, y)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def gram_fallback(model: nn.Module, x: Tensor) -> list[str]:
+    """Parameters for which per_sample_gram falls back to vmap.
+
+    per_sample_gram_coverage judges by module type; a supported module that is never called
+    as a module (nn.MultiheadAttention reads out_proj.weight directly) is also left to the
+    fallback at run time, so one forward pass with hooks finds those as well.
+    """
+    fast, slow = per_sample_gram_coverage(model)
+    called: set[str] = set()
+    handles = [m.register_forward_hook(lambda *_, name=name: called.add(name))
+               for name, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return slow + [p for p in fast if p.rpartition(".")[0] not in called]
+
+
+def _prepare_backpack(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor,
+                      params: list[nn.Parameter]) -> Prepared:
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import BatchGrad
+    except Exception as exc:  # ImportError, or an incompatibility raised at import time
+        raise Unavailable(f"BackPACK does not import: {type(exc).__name__}: {exc}") from exc
+    # BatchGrad only knows a fixed list of layer types; any other module holding parameters
+    # (LayerNorm, MultiheadAttention) would silently get no grad_batch.
+    supported = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                 nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding, nn.RNN, nn.LSTM)
+    unsupported = sorted({
+        type(m).__name__ for m in model.modules()
+        if any(True for _ in m.parameters(recurse=False)) and type(m) not in supported
+    })
+    if unsupported:
+        raise Unavailable(f"BackPACK BatchGrad has no extension for {', '.join(unsupported)}")
+    model = extend(model)
+    loss_fn = extend(loss_fn)
+    n = x.shape[0]
+
+    def run_backpack() -> Tensor:
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        with backpack(BatchGrad()):
+            loss.backward()
+        # A mean-reduced loss makes grad_batch the per-sample gradients divided by n.
+        return torch.cat([p.grad_batch.reshape(n, -1) for p in params], dim=1) * n
+
+    def verify() -> str:
+        run_backpack()
+        return _sum_check(params, "grad_batch", n)
+
+    def cleanup() -> None:
+        model.zero_grad(set_to_none=True)
+        for p in params:
+            if hasattr(p, "grad_batch"):
+                del p.grad_batch
+
+    return Prepared(run_backpack, "grads", "grad_batch × n", verify, cleanup)
+
+
+def _prepare_opacus(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> Prepared:
+    try:
+        from opacus import GradSampleModule
+        from opacus.validators import ModuleValidator
+    except Exception as exc:
+        raise Unavailable(f"Opacus does not import: {type(exc).__name__}: {exc}") from exc
+    note = ""
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        # Opacus's documented route: swap in DPMultiheadAttention (separate q/k/v Linear
+        # layers, weights copied), meant to compute the same function with the same parameters.
+        fixed = ModuleValidator.fix(model)
+        note = "nn.MultiheadAttention → DPMultiheadAttention"
+        with torch.no_grad():
+            gap = float((fixed(x) - model(x)).abs().max() / model(x).abs().max())
+        if gap > GRAM_RTOL:
+            # Opacus 1.6.0 reshapes the batch_first output without moving the head axis
+            # (fixed upstream in meta-pytorch/opacus PR #825): a different function.
+            note += f", which computes a different function here (rel. output gap {gap:.1e})"
+        model = fixed
+    try:
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    except Exception as exc:
+        raise Unavailable(f"GradSampleModule refused the model: {exc}") from exc
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    n = x.shape[0]
+
+    def run_opacus() -> Tensor:
+        gsm.zero_grad(set_to_none=True)  # also drops grad_sample, which would accumulate
+        loss_fn(gsm(x), y).backward()
+        # loss_reduction="mean" rescales by n, so grad_sample is already g_i.
+        return torch.cat([p.grad_sample.reshape(n, -1) for p in params], dim=1)
+
+    def verify() -> str:
+        run_opacus()
+        missing = [i for i, p in enumerate(params) if getattr(p, "grad_sample", None) is None]
+        if missing:
+            return f"{len(missing)} parameters got no grad_sample"
+        return _sum_check(params, "grad_sample", 1.0)
+
+    return Prepared(run_opacus, "grads", note, verify,
+                    lambda: gsm.zero_grad(set_to_none=True))
+
+
+def _sum_check(params: list[nn.Parameter], attr: str, factor: float) -> str:
+    """Check the rescaling: the mean of factor × (the tool's per-sample gradients) is p.grad.
+
+    Measured over all parameters together: some gradients are exactly zero in theory (the key
+    bias of attention: softmax ignores a shift shared by all keys), so a per-parameter relative
+    error would compare rounding noise with rounding noise.
+    """
+    diff, norm = 0.0, 0.0
+    for p in params:
+        per_sample = getattr(p, attr, None)
+        if per_sample is None:
+            return f"a parameter of shape {tuple(p.shape)} got no {attr}"
+        expected = p.grad.double()
+        diff += float((per_sample.double().mean(dim=0) * factor - expected).square().sum())
+        norm += float(expected.square().sum())
+    rel = math.sqrt(diff / max(norm, 1e-300))
+    return "" if rel <= GRAM_RTOL else f"mean_i g_i ≠ p.grad (rel {rel:.1e}): wrong scaling"
+
+
+# --------------------------------------------------------------------------------------------
+# Timing and memory
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    model: str
+    batch: int
+    method: str
+    median_s: float = math.nan
+    grads_s: float = math.nan  # per-sample gradients only (G formed), before G Gᵀ
+    spread_s: tuple[float, float] = (math.nan, math.nan)
+    ratio: float = math.nan
+    peak_mb: float = math.nan  # RSS high-water mark during one run minus the baseline
+    baseline_mb: float = math.nan  # RSS of the subprocess after model and data creation
+    gram_check: str = ""  # "ok", "FAIL" or "n/a"
+    gram_rel_err: float = math.nan
+    note: str = ""
+
+
+def run_once(prep: Prepared) -> tuple[Tensor | None, float, float]:
+    """One computation: (Gram or None, seconds to G or K, total seconds incl. G Gᵀ)."""
+    start = time.perf_counter()
+    out = prep.run()
+    mid = time.perf_counter()
+    if prep.returns == "grads":
+        assert out is not None
+        out = gram_of(out)
+    return out, mid - start, time.perf_counter() - start
+
+
+def rel_error(K: Tensor, ref: Tensor) -> float:
+    return float((K - ref).norm() / ref.norm())
+
+
+def proc_status_mb(key: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    raise KeyError(key)
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def current_and_peak_rss_mb() -> tuple[float, float]:
+    """(RSS now, RSS high-water mark) of this process; ru_maxrss for both off Linux."""
+    try:
+        return proc_status_mb("VmRSS"), proc_status_mb("VmHWM")
+    except (OSError, KeyError):
+        return max_rss_mb(), max_rss_mb()
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (VmHWM); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_child(model_name: str, batch: int, method: str) -> None:
+    """Entry point of the subprocess: one cold run, prints {baseline_mb, peak_mb} as JSON.
+
+    Why not ru_maxrss: on Linux a child started by fork + exec inherits its parent's RSS
+    high-water mark in ru_maxrss (exec folds the old address space's peak into it), so in a
+    child of this (large) benchmark process it reads the parent's peak, not its own. VmHWM
+    belongs to the new address space, and writing 5 to /proc/self/clear_refs resets it after
+    the set-up, so the peak is exactly the method's own. ru_maxrss is the fallback off Linux.
+    """
+    model, x, y = make_problem(model_name, batch)
+    prep = prepare(method, model, x, y)
+    gc.collect()
+    try:
+        baseline = proc_status_mb("VmRSS")
+        exact = reset_peak_rss()
+        if not exact:
+            baseline = proc_status_mb("VmHWM")
+        run_once(prep)
+        peak = proc_status_mb("VmHWM")
+    except (OSError, KeyError):
+        baseline = max_rss_mb()
+        run_once(prep)
+        peak = max_rss_mb()
+    print(json.dumps({"baseline_mb": baseline, "peak_mb": peak}))
+
+
+def measure_memory(model_name: str, batch: int, method: str,
+                   threads: int | None) -> tuple[float, float, str]:
+    """(peak − baseline, baseline) in MB from a fresh interpreter; NaNs and a reason on error."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child",
+           f"{model_name}:{batch}:{method}"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return math.nan, math.nan, f"memory child failed: {tail}"
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    return data["peak_mb"] - data["baseline_mb"], data["baseline_mb"], ""
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark driver
+# --------------------------------------------------------------------------------------------
+
+
+def machine_description() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        cpu = platform.processor() or cpu
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ram = ""
+    try:
+        with open("/proc/meminfo") as f:
+            total_kb = int(f.readline().split()[1])
+        ram = f", {total_kb / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores ({usable} usable){ram}; Python "
+            f"{platform.python_version()}, torch {torch.__version__}, "
+            f"torch threads {torch.get_num_threads()}")
+
+
+def tool_versions() -> str:
+    versions = []
+    for dist in ("backpack-for-pytorch", "opacus"):
+        try:
+            from importlib.metadata import version
+
+            versions.append(f"{dist} {version(dist)}")
+        except Exception:
+            versions.append(f"{dist} not installed")
+    return ", ".join(versions)
+
+
+def bench_one(model_name: str, batch: int, methods: tuple[str, ...], repeats: int, warmup: int,
+              memory: bool, threads: int | None) -> list[Result]:
+    model, x, y = make_problem(model_name, batch)
+    d = trainable_dim(model)
+    console.print(f"\n[bold]{model_name}[/bold], batch {batch}, d = {d:,} parameters")
+    reference = per_sample_gram(model, nn.CrossEntropyLoss(), x, y)
+    results = {m: Result(model_name, batch, m) for m in methods}
+    preps: dict[str, Prepared] = {}
+    for method, res in results.items():
+        try:
+            prep = prepare(method, model, x, y)
+        except Unavailable as exc:
+            res.gram_check, res.note = "n/a", str(exc)
+            continue
+        preps[method] = prep
+        # The first, untimed run is the warm-up and gives the Gram that is checked. vmap's
+        # warnings about ops it has no batching rule for (it then loops over the samples) are
+        # collected into the note: they explain slow rows.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            K, _, _ = run_once(prep)
+        looped = sorted({m.group(1).removeprefix("aten::") for w in caught
+                         if (m := re.search(r"batching rule for (\S+?)\.", str(w.message)))})
+        if looped:
+            prep.note = "; ".join(filter(None, [
+                prep.note, f"vmap loops over samples for {', '.join(looped)}"]))
+        for _ in range(warmup - 1):
+            run_once(prep)
+        problem = prep.verify()
+        prep.cleanup()
+        res.note = prep.note
+        if K is not None:
+            res.gram_rel_err = rel_error(K, reference)
+            res.gram_check = "ok" if res.gram_rel_err <= GRAM_RTOL and not problem else "FAIL"
+        if problem:
+            res.note = f"{res.note}; {problem}" if res.note else problem
+        del K
+
+    # Repeats are interleaved across methods, so that a burst of load from other processes
+    # on this shared machine spreads over all methods instead of landing on one of them.
+    totals: dict[str, list[float]] = {m: [] for m in preps}
+    grads: dict[str, list[float]] = {m: [] for m in preps}
+    for _ in range(repeats):
+        for method, prep in preps.items():
+            gc.collect()  # a collection inside a timed region would land on a random method
+            _, t_grads, t_total = run_once(prep)
+            prep.cleanup()
+            totals[method].append(t_total)
+            grads[method].append(t_grads)
+    for method, prep in preps.items():
+        res = results[method]
+        res.median_s = statistics.median(totals[method])
+        res.spread_s = (min(totals[method]), max(totals[method]))
+        if prep.returns == "grads":
+            res.grads_s = statistics.median(grads[method])
+    preps.clear()
+    gc.collect()
+
+    if memory:
+        for method, res in results.items():
+            if res.gram_check == "n/a":
+                continue
+            res.peak_mb, res.baseline_mb, why = measure_memory(model_name, batch, method,
+                                                                threads)
+            if why:
+                res.note = f"{res.note}; {why}" if res.note else why
+    floor = results["floor"].median_s if "floor" in results else math.nan
+    for res in results.values():
+        res.ratio = res.median_s / floor
+    return list(results.values())
+
+
+def fmt_ms(seconds: float) -> str:
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1e3:,.1f}"
+
+
+def fmt_mb(mb: float) -> str:
+    return "—" if math.isnan(mb) else f"{mb:,.0f}"
+
+
+def print_table(results: list[Result]) -> None:
+    r0 = results[0]
+    table = Table(title=f"{r0.model}, batch {r0.batch}", title_justify="left")
+    for col in ("method", "median ms", "min–max ms", "grads ms", "× floor", "peak MB",
+                "base MB", "Gram vs per_sample_gram", "note"):
+        table.add_column(col, justify="left" if col in ("method", "note") else "right",
+                         overflow="fold")
+    for r in results:
+        if r.method == "gram" and r.gram_check == "ok":
+            check = "reference"
+        elif r.gram_check == "ok":
+            check = f"[green]✓[/green] {r.gram_rel_err:.1e}"
+        elif r.gram_check == "FAIL":
+            check = f"[red]✗ {r.gram_rel_err:.1e}[/red]"
+        else:
+            check = r.gram_check or "—"
+        spread = ("n/a" if math.isnan(r.spread_s[0])
+                  else f"{r.spread_s[0] * 1e3:,.1f}–{r.spread_s[1] * 1e3:,.1f}")
+        table.add_row(r.method, fmt_ms(r.median_s), spread,
+                      "" if math.isnan(r.grads_s) else fmt_ms(r.grads_s),
+                      "n/a" if math.isnan(r.ratio) else f"{r.ratio:.2f}",
+                      fmt_mb(r.peak_mb), fmt_mb(r.baseline_mb), check, r.note)
+    console.print(table)
+
+
+def targets(results: list[Result]) -> list[str]:
+    """PASS/FAIL lines of the two targets for one (model, batch)."""
+    by = {r.method: r for r in results}
+    model, batch = results[0].model, results[0].batch
+    lines = []
+    gram = by.get("gram")
+    if gram is not None and model in GRAM_TARGET_MODELS and not math.isnan(gram.ratio):
+        verdict = "PASS" if gram.ratio <= GRAM_TARGET else "FAIL"
+        lines.append(f"{verdict}  {model} b{batch}: Gram path {gram.ratio:.2f}× the floor "
+                     f"(target ≤ {GRAM_TARGET}×)")
+    vmap = by.get("vmap")
+    # A tool whose Gram disagrees computed something else: its time is no benchmark.
+    tools = [by[m] for m in ("backpack", "opacus") if m in by and by[m].gram_check == "ok"]
+    if vmap is not None and not math.isnan(vmap.grads_s):
+        if tools:
+            best = min(tools, key=lambda r: r.grads_s)
+            ratio = vmap.grads_s / best.grads_s
+            ratio_total = vmap.median_s / best.median_s
+            verdict = "PASS" if ratio <= 1.0 else "FAIL"
+            lines.append(f"{verdict}  {model} b{batch}: vmap per-sample grads {ratio:.2f}× "
+                         f"{best.method} (faster tool); with G Gᵀ {ratio_total:.2f}× "
+                         f"(target ≤ 1.00×)")
+        elif any(m in by for m in ("backpack", "opacus")):
+            lines.append(f"n/a   {model} b{batch}: vmap vs BackPACK/Opacus: neither ran and "
+                         "gave a correct Gram here")
+    return lines
+
+
+def write_csv(path: str, results: list[Result]) -> None:
+    # The first seven columns are the documented format; the rest are extras for analysis.
+    cols = ["model", "batch", "method", "median_s", "ratio_to_floor", "peak_mb", "gram_check",
+            "grads_s", "min_s", "max_s", "baseline_mb", "gram_rel_err", "threads", "note"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in results:
+            def num(v: float, digits: int = 6) -> str:
+                return "" if math.isnan(v) else f"{v:.{digits}g}"
+
+            w.writerow([r.model, r.batch, r.method, num(r.median_s), num(r.ratio, 4),
+                        num(r.peak_mb, 5), r.gram_check, num(r.grads_s), num(r.spread_s[0]),
+                        num(r.spread_s[1]), num(r.baseline_mb, 5), num(r.gram_rel_err, 3),
+                        torch.get_num_threads(), r.note])
+
+
+def write_markdown(path: str, results: list[Result], header: str, verdicts: list[str]) -> None:
+    """Compact tables for the README: one row per (model, batch), one column per method."""
+    methods = [m for m in METHODS if any(r.method == m for r in results)]
+    rows: dict[tuple[str, int], dict[str, Result]] = {}
+    for r in results:
+        rows.setdefault((r.model, r.batch), {})[r.method] = r
+    head = "| model | batch | " + " | ".join(methods) + " |"
+    rule = "|---|---:|" + "---:|" * len(methods)
+
+    def time_cell(r: Result | None) -> str:
+        if r is None or math.isnan(r.median_s):
+            return "n/a"
+        cell = fmt_ms(r.median_s) if r.method == "floor" else (
+            f"{fmt_ms(r.median_s)} ({r.ratio:.1f}×)")
+        return cell + (" ✗" if r.gram_check == "FAIL" else "")
+
+    lines = [header, "", "Median time in ms (× the floor); ✗: its Gram disagrees with "
+             "per_sample_gram's.", "", head, rule]
+    for (model, batch), by in rows.items():
+        lines.append(f"| {model} | {batch} | "
+                     + " | ".join(time_cell(by.get(m)) for m in methods) + " |")
+    per_sample = [m for m in methods if m in ("vmap", "loop", "backpack", "opacus")]
+    if per_sample:
+        lines += ["", "Of which per-sample gradients (G formed, before G Gᵀ), median ms:", "",
+                  "| model | batch | " + " | ".join(per_sample) + " |",
+                  "|---|---:|" + "---:|" * len(per_sample)]
+        for (model, batch), by in rows.items():
+            cells = [fmt_ms(by[m].grads_s) if m in by else "n/a" for m in per_sample]
+            lines.append(f"| {model} | {batch} | " + " | ".join(cells) + " |")
+    lines += ["", "Peak memory in MB above the baseline (RSS after model and data creation):",
+              "", head, rule]
+    for (model, batch), by in rows.items():
+        cells = [fmt_mb(by[m].peak_mb) if m in by and not math.isnan(by[m].peak_mb) else "n/a"
+                 for m in methods]
+        lines.append(f"| {model} | {batch} | " + " | ".join(cells) + " |")
+    errors = [r.gram_rel_err for r in results if r.gram_check == "ok" and r.method != "gram"]
+    # One note per (method, model): the batch sizes share the reason.
+    notes = sorted({(r.method, r.model): f"{r.method} on {r.model}: {r.note}" for r in results
+                    if r.gram_check in ("n/a", "FAIL") and r.note}.values())
+    lines += [""]
+    if errors:
+        lines.append(f"Gram checks passed: relative error ≤ {max(errors):.0e} "
+                     f"(tolerance {GRAM_RTOL:g}).")
+    lines += [f"- {note}" for note in notes]
+    lines += ["", "```", *verdicts, "```", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------
+# Scale check
+# --------------------------------------------------------------------------------------------
+
+
+def scale_check(n: int, width: int, depth: int) -> None:
+    """SGN of a ≥10M-parameter MLP over n samples from the Gram path, with time and peak RSS."""
+    torch.manual_seed(0)
+    model = mlp((784, *([width] * depth), 10)).train()
+    x, y = torch.randn(n, 784), torch.randint(0, 10, (n,))
+    d = trainable_dim(model)
+    gc.collect()
+    baseline, _ = current_and_peak_rss_mb()
+    console.print(f"[bold]scale check[/bold]: MLP 784-{'-'.join([str(width)] * depth)}-10, "
+                  f"d = {d:,} parameters, n = {n} samples; baseline RSS {baseline:,.0f} MB")
+    console.print(f"  G would be n × d × 4 B = {n * d * 4 / 2**30:,.1f} GiB in float32: "
+                  "per-sample gradients are never formed")
+
+    start = time.perf_counter()
+    K = per_sample_gram(model, nn.CrossEntropyLoss(), x, y)
+    t_gram = time.perf_counter() - start
+    _, rss_gram = current_and_peak_rss_mb()
+    acts = sum(n * w for w in (784, *([width] * depth))) * 8 / 2**20
+    console.print(f"  per_sample_gram on all {n} samples at once (no chunking needed: the layer "
+                  f"inputs and output signals are ~{2 * acts:,.0f} MB in float64): "
+                  f"{t_gram:.1f} s, peak RSS {rss_gram:,.0f} MB "
+                  f"(+{rss_gram - baseline:,.0f} MB over the baseline)")
+
+    start = time.perf_counter()
+    try:
+        stats = sgn_lab.noise_stats(gram=K, dim=d)
+        trace, eff_rank, eigenvalues = stats.trace, stats.effective_rank, stats.eigenvalues
+        how = "sgn_lab.noise_stats(gram=K, dim=d)"
+    except TypeError:  # an older noise_stats without gram=: the same numbers by hand
+        C = torch.eye(n, dtype=K.dtype) - 1.0 / n
+        eigenvalues = torch.linalg.eigvalsh(C @ K @ C).flip(0).clamp_min(0) / (n - 1)
+        trace = float(eigenvalues.sum())
+        p = eigenvalues[eigenvalues > 0] / trace
+        eff_rank = math.exp(float(-(p * p.log()).sum()))
+        how = "centred Gram C K C + torch.linalg.eigvalsh"
+    t_stats = time.perf_counter() - start
+    _, rss = current_and_peak_rss_mb()
+    top = ", ".join(f"{v:.3g}" for v in eigenvalues[:5].tolist())
+    console.print(f"  SGN via {how}: {t_stats:.1f} s")
+    console.print(f"  tr(S) = {trace:.4g}, effective rank = {eff_rank:.1f} of {n - 1}, "
+                  f"top eigenvalues of S: {top}")
+    verdict = "PASS" if rss <= SCALE_RSS_LIMIT_MB else "FAIL"
+    console.print(f"  total {t_gram + t_stats:.1f} s; peak RSS {rss:,.0f} MB "
+                  f"(+{rss - baseline:,.0f} MB over the baseline) — {verdict} "
+                  f"(target ≤ {SCALE_RSS_LIMIT_MB:,.0f} MB)")
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: batch 16, one repeat, no memory subprocesses (< 1 min)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list from {MODELS}")
+    p.add_argument("--batches", default="64,256", help="comma list of batch sizes")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {METHODS}")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats (median reported)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed runs per method before timing (the first gives the Gram that "
+                        "is checked), at least 1")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure peak RSS in a subprocess per method (default: on, off in "
+                        "--quick)")
+    p.add_argument("--out", help="write the results as CSV to this file")
+    p.add_argument("--markdown", help="also write a Markdown table (for the README)")
+    p.add_argument("--scale", action="store_true",
+                   help="scale check: SGN of a 14M-parameter MLP over 4096 samples")
+    p.add_argument("--scale-n", type=int, default=4096)
+    p.add_argument("--scale-width", type=int, default=2048)
+    p.add_argument("--scale-depth", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: leave torch's machine default)")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: MODEL:BATCH:METHOD
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup = 1, 1
+        if args.batches == "64,256":
+            args.batches = "16"
+    if args.memory is None:
+        args.memory = not args.quick
+    args.warmup = max(args.warmup, 1)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # BackPACK's and Opacus's full backward hooks warn when the model's input does not require
+    # a gradient (always the case here); harmless, and it would flood the tables.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    # Reported once per row in the note instead (see bench_one).
+    warnings.filterwarnings("ignore", message="There is a performance drop")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        model_name, batch, method = args.memory_child.split(":")
+        memory_child(model_name, int(batch), method)
+        return 0
+
+    header = machine_description()
+    console.print(f"[bold]machine[/bold]: {header}")
+    console.print(f"[bold]tools[/bold]: {tool_versions()}")
+    if args.scale:
+        scale_check(args.scale_n, args.scale_width, args.scale_depth)
+        return 0
+
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    for name in models:
+        if name not in MODELS:
+            raise SystemExit(f"unknown model {name!r}; choose from {MODELS}")
+    for name in methods:
+        if name not in METHODS:
+            raise SystemExit(f"unknown method {name!r}; choose from {METHODS}")
+    console.print(f"timing: median of {args.repeats} repeats after {args.warmup} warm-up; "
+                  f"Gram check: relative Frobenius error ≤ {GRAM_RTOL:g} against "
+                  "per_sample_gram; peak MB: RSS high-water mark of a fresh subprocess during one "
+                  "run minus its RSS after model/data creation (base MB)")
+
+    all_results: list[Result] = []
+    verdicts: list[str] = []
+    for name in models:
+        for batch in batches:
+            results = bench_one(name, batch, methods, args.repeats, args.warmup, args.memory,
+                                args.threads)
+            print_table(results)
+            lines = targets(results)
+            for line in lines:
+                colour = "green" if line.startswith("PASS") else "red" if line.startswith(
+                    "FAIL") else "yellow"
+                console.print(f"[{colour}]{line}[/{colour}]")
+            verdicts += lines
+            all_results += results
+
+    console.print("\n[bold]targets[/bold]")
+    for line in verdicts:
+        console.print(line)
+    if args.out:
+        write_csv(args.out, all_results)
+        console.print(f"results written to {args.out}")
+    if args.markdown:
+        write_markdown(args.markdown, all_results, f"Machine: {header}", verdicts)
+        console.print(f"Markdown table written to {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
