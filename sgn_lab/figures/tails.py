@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sgn_lab.figures._runs import figure_run
+from sgn_lab.figures._runs import figure_runs
 from sgn_lab.plots import plot_metrics, save_figure
 from sgn_lab.results import write_table
 
@@ -26,13 +26,7 @@ def make(
     Config keys: ``runs`` (a table of name -> RunConfig fields; several methods or batch sizes
     side by side).
     """
-    metrics = []
-    for run_name, settings in config["runs"].items():
-        run = figure_run(out, f"{config['name']}-{run_name}", settings, progress=progress)
-        metrics.append(run.metrics.assign(setting=run_name))
-    import pandas as pd
-
-    table = pd.concat(metrics, ignore_index=True)
+    table, _, _ = figure_runs(out, config["name"], config["runs"], progress=progress)
     keep = ["setting", "run", "method", "seed", "step", "epoch", *COLUMNS,
             "normality_pvalue", "n", "dim"]
     csv = write_table(out / f"{config['name']}.csv", table[[c for c in keep if c in table]])
