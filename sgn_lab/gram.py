@@ -15,9 +15,20 @@ that one layer (n × out × in). Embeddings, LayerNorm/GroupNorm affine paramete
 have their own exact forms; any other parameter falls back to ``torch.func`` per-sample
 gradients of just that parameter.
 
-Activations and signals are captured with a forward hook that stores the layer input and puts
-a tensor hook on its output. The hooks exist only during that one forward/backward pass and
-are removed before any ``torch.func`` transform runs (module hooks break vmap).
+One forward pass records, for each call of a supported layer, its input and the autograd edge
+of its output; one backward pass then asks autograd for the signals δ at those edges only, so
+no parameter gradient is computed at all (a plain backward pass computes them all). Each
+layer's Gram is formed in the model's precision (at least float32) and the layers are summed
+in float64, so K is as accurate as G Gᵀ from per-sample gradients in the model's precision.
+
+The formulas hold only if a parameter enters the model through its own layer's call and
+nowhere else. A ``torch.overrides.TorchFunctionMode`` watches every torch function of the
+forward pass: a parameter that appears in any other call (weight tying, a parameter shared
+by two layers, ``nn.MultiheadAttention`` reading ``out_proj.weight`` directly, a subclass
+whose ``forward`` transforms the weight or the input) goes to the vmap fallback instead, so
+the result stays exact. Only operators called through ``torch.ops`` directly escape that
+watch. The hooks exist only during the one forward pass and are removed before any
+``torch.func`` transform runs (module hooks break vmap).
 """
 
 from __future__ import annotations
@@ -27,15 +38,28 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import vmap
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from sgn_lab.grads import _as_tuple, _batchnorm_policy, _num_samples, per_sample_grads
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-# Module types whose parameters get their Gram from activations and signals.
-GHOST_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
+# Supported layer types and the one functional each calls with its parameters.
+GHOST_OPS: dict[type, Callable] = {
+    nn.Linear: F.linear,
+    nn.Conv1d: F.conv1d,
+    nn.Conv2d: F.conv2d,
+    nn.Embedding: F.embedding,
+    nn.LayerNorm: F.layer_norm,
+    nn.GroupNorm: F.group_norm,
+}
+GHOST_MODULES = tuple(GHOST_OPS)
+
+# Work (in multiply-adds) above which the pair route of the embedding Gram is cut into pieces.
+_PAIR_CHUNK = 1 << 24
 
 
 def per_sample_gram(
@@ -61,9 +85,7 @@ def per_sample_gram(
     from torch's global generator; when some parameters fall back to vmap, that pass draws its
     own masks, so for a model with active dropout the two parts see different masks.
     """
-    return gram_and_mean_gradient(
-        model, loss_fn, inputs, targets, batchnorm=batchnorm, chunk_size=chunk_size
-    )[0]
+    return _gram(model, loss_fn, inputs, targets, batchnorm, chunk_size, with_mean=False)[0]
 
 
 def gram_and_mean_gradient(
@@ -79,8 +101,14 @@ def gram_and_mean_gradient(
 
     ḡ is flattened in ``model.named_parameters()`` order (the order of
     :func:`sgn_lab.flatten_grads`), so ``noise_stats(gram=K, dim=d, mean=ḡ)`` reports the
-    mean exactly.
+    mean exactly. It costs about one weight-gradient computation more than the Gram alone.
     """
+    K, mean = _gram(model, loss_fn, inputs, targets, batchnorm, chunk_size, with_mean=True)
+    assert mean is not None
+    return K, mean
+
+
+def _gram(model, loss_fn, inputs, targets, batchnorm, chunk_size, *, with_mean):
     xs = _as_tuple(inputs)
     n = _num_samples(xs, targets)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -92,16 +120,18 @@ def gram_and_mean_gradient(
 
     ghost = {name: m for name, m in model.named_modules() if _ghost_supported(m)}
     K = torch.zeros((n, n), dtype=torch.float64, device=device)
-    sums: dict[str, Tensor] = {}
+    sums: dict[str, Tensor | None] = {}
     with _batchnorm_policy(model, batchnorm):
         if ghost:
-            ghost_K, sums = _ghost_gram(model, loss_fn, xs, targets, ghost)
+            ghost_K, sums = _ghost_gram(model, loss_fn, xs, targets, ghost, with_mean)
             K += ghost_K
         rest = [name for name in trainable if name not in sums]
         if rest:
             rest_K, rest_sums = _fallback_gram(model, loss_fn, xs, targets, rest, chunk_size)
             K += rest_K
             sums.update(rest_sums)
+    if not with_mean:
+        return K, None
     mean = torch.cat([sums[name].reshape(-1).double() for name in trainable]) / n
     return K, mean
 
@@ -109,8 +139,8 @@ def gram_and_mean_gradient(
 def per_sample_gram_coverage(model: nn.Module) -> tuple[list[str], list[str]]:
     """(parameters with a ghost Gram, parameters that fall back to vmap), by name.
 
-    Decided from the module types alone. At run time a parameter the sum check finds used
-    outside its module's call (tied weights, attention's ``out_proj``) also falls back, so
+    Decided from the module types alone. At run time a parameter that the forward pass uses
+    outside its own layer's call (tied weights, attention's ``out_proj``) also falls back, so
     the result stays exact; it is only slower.
     """
     ghost = {name for name, m in model.named_modules() if _ghost_supported(m)}
@@ -121,104 +151,145 @@ def per_sample_gram_coverage(model: nn.Module) -> tuple[list[str], list[str]]:
     return fast, slow
 
 
+def _ghost_op(module: nn.Module) -> Callable | None:
+    for kind, op in GHOST_OPS.items():
+        if isinstance(module, kind):
+            return op
+    return None
+
+
 def _ghost_supported(module: nn.Module) -> bool:
-    if not isinstance(module, GHOST_MODULES):
+    if _ghost_op(module) is None:
         return False
     if not any(p.requires_grad for p in module.parameters(recurse=False)):
         return False
     if isinstance(module, nn.Conv1d | nn.Conv2d):
-        # Grouped convolutions and non-zero padding modes are left to the vmap fallback.
-        return module.groups == 1 and module.padding_mode == "zeros"
+        # Grouped convolutions, non-zero padding modes and the asymmetric padding of
+        # padding="same" with an even span are left to the vmap fallback.
+        asymmetric = module.padding == "same" and any(
+            dilation * (k - 1) % 2 for k, dilation in zip(module.kernel_size, module.dilation,
+                                                           strict=True))
+        return module.groups == 1 and module.padding_mode == "zeros" and not asymmetric
     if isinstance(module, nn.Embedding):
         return module.max_norm is None  # max_norm renormalises the weight in place
     return True
 
 
-@contextlib.contextmanager
-def _capture(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[tuple[Tensor, Tensor]]]]:
-    """Record (input, grad of output) of every call of each module, hooks removed on exit."""
-    records: dict[str, list] = {name: [] for name in modules}
+class _Recorder(TorchFunctionMode):
+    """One forward pass: each ghost layer call's (input, output edge), and stray parameter use.
 
-    def forward_hook(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            entry = [args[0].detach(), None]
-            records[name].append(entry)
-            if output.requires_grad:
-                # A tensor hook on the output gives ∂L/∂output even when a later layer
-                # modifies it in place (unlike module full-backward hooks).
-                output.register_hook(lambda grad: entry.__setitem__(1, grad.detach()))
+    A parameter counts as used by its own layer only when the torch function touching it is
+    the layer's functional (``GHOST_OPS``), called while that layer is the innermost ghost
+    layer running, on the very tensor the layer received as input. Anything else marks it
+    ``foreign``.
+    """
 
-        return hook
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.calls: dict[str, list[tuple[Tensor, GradientEdge]]] = {k: [] for k in modules}
+        owners: dict[int, list[str]] = {}
+        for prefix, module in modules.items():
+            for p in module.parameters(recurse=False):
+                if p.requires_grad:
+                    owners.setdefault(id(p), []).append(prefix)
+        # A parameter held by several layers (tied) has cross terms no single layer sees.
+        self.owner = {key: prefixes[0] for key, prefixes in owners.items()}
+        self.foreign = {key for key, prefixes in owners.items() if len(prefixes) > 1}
+        # Ghost layer calls in progress: (prefix, input, functional, parameters it used).
+        self.running: list[tuple[str, Tensor | None, Callable, set[int]]] = []
+        self.modules = modules
 
-    handles = [m.register_forward_hook(forward_hook(name)) for name, m in modules.items()]
-    try:
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in (*args, *kwargs.values()):
+            for item in value if isinstance(value, list | tuple) else (value,):
+                key = id(item)
+                if key in self.owner and not self._own_use(key, func, args):
+                    self.foreign.add(key)
+        return func(*args, **kwargs)
+
+    def _own_use(self, key: int, func: Callable, args: tuple) -> bool:
+        """Whether this use is the layer's own functional call, the first in this call."""
+        if not self.running:
+            return False
+        prefix, layer_input, op, seen = self.running[-1]
+        if prefix != self.owner[key] or func is not op or not args or args[0] is not layer_input:
+            return False
+        if key in seen:  # the functional applied twice in one call: not a single layer
+            return False
+        seen.add(key)
+        return True
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[_Recorder]:
+        def before(prefix: str, op: Callable) -> Callable:
+            def hook(module: nn.Module, args: tuple) -> None:
+                self.running.append((prefix, args[0] if args else None, op, set()))
+            return hook
+
+        def after(prefix: str) -> Callable:
+            def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+                _, layer_input, _, seen = self.running.pop()
+                for p in module.parameters(recurse=False):
+                    if id(p) in self.owner and id(p) not in seen:  # the call bypassed it
+                        self.foreign.add(id(p))
+                if isinstance(output, Tensor) and output.requires_grad and layer_input is not None:
+                    self.calls[prefix].append((layer_input.detach(), get_gradient_edge(output)))
+            return hook
+
+        handles = []
+        try:
+            for prefix, module in self.modules.items():
+                # The pre-hook runs after any of the user's (it sees the input the layer gets),
+                # the post-hook before any of theirs (it sees the layer's own output).
+                handles.append(module.register_forward_pre_hook(before(prefix, _ghost_op(module))))
+                handles.append(module.register_forward_hook(after(prefix), prepend=True))
+            with self:
+                yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.running.clear()
 
 
-def _ghost_gram(model, loss_fn, xs, targets, modules) -> tuple[Tensor, dict[str, Tensor]]:
-    """Gram of the ghost modules' parameters, and Σ_i g_i of each parameter it covers.
+def _ghost_gram(model, loss_fn, xs, targets, modules, with_mean):
+    """Gram of the ghost layers' parameters, and Σ_i g_i of each (None without ``with_mean``).
 
-    A parameter's Gram is kept only if the sum over samples of its per-sample gradients, formed
-    from the same activations and signals, equals the batch gradient autograd computes: a
-    parameter also used outside its module's own call (tied weights, ``nn.MultiheadAttention``
-    reading ``out_proj.weight`` directly) fails that check and goes to the vmap fallback.
+    Returns only the parameters whose every use was their own layer's call; the others are
+    left to the vmap fallback.
     """
     n = targets.shape[0]
-    with _capture(modules) as records:
+    recorder = _Recorder(modules)
+    with recorder.hooked():
         outputs = model(*xs)
-        losses = _per_sample_losses(loss_fn, outputs, targets)
-        params = [p for m in modules.values() for p in m.parameters(recurse=False)
-                  if p.requires_grad]
-        # Gradients of Σ_i loss_i: the signal reaching each layer is per sample, unscaled.
-        batch_grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
-    batch_grad = {id(p): g for p, g in zip(params, batch_grads, strict=True)}
+    losses = _per_sample_losses(loss_fn, outputs, targets)
+    order = [(prefix, i) for prefix, calls in recorder.calls.items() for i in range(len(calls))]
+    edges = [recorder.calls[prefix][i][1] for prefix, i in order]
+    # Gradients of Σ_i loss_i at the layer outputs only: the signal reaching each layer is
+    # per sample and unscaled, and autograd skips every parameter gradient.
+    signals = torch.autograd.grad(losses.sum(), edges, allow_unused=True) if edges else ()
+    received: dict[str, list[tuple[Tensor, Tensor]]] = {prefix: [] for prefix in modules}
+    for (prefix, i), d in zip(order, signals, strict=True):
+        if d is not None:  # a call whose output does not reach the loss adds nothing
+            received[prefix].append((recorder.calls[prefix][i][0], d.detach()))
+
     K = torch.zeros((n, n), dtype=torch.float64, device=targets.device)
-    covered: dict[str, Tensor] = {}
+    covered: dict[str, Tensor | None] = {}
     for prefix, module in modules.items():
-        calls = [(a, d) for a, d in records[prefix] if d is not None]
-        if not calls:
+        mine = {pname: p for pname, p in module.named_parameters(recurse=False)
+                if p.requires_grad and id(p) not in recorder.foreign}
+        if not mine:
             continue
-        for pname, (gram, total) in _parameter_terms(module, calls, n).items():
-            p = getattr(module, pname)
-            if _sums_match(total, batch_grad[id(p)]):
+        if received[prefix]:
+            terms = _parameter_terms(module, received[prefix], n, set(mine), with_mean)
+        else:  # never called, or its output never reached the loss: g_i = 0
+            terms = {pname: (None, torch.zeros_like(p, dtype=torch.float64) if with_mean
+                             else None) for pname, p in mine.items()}
+        for pname, (gram, total) in terms.items():
+            if gram is not None:
                 K += gram
-                # Checked equal, so autograd's batch gradient is this parameter's Σ_i g_i.
-                covered[f"{prefix}.{pname}" if prefix else pname] = batch_grad[id(p)]
+            covered[f"{prefix}.{pname}" if prefix else pname] = total
     return K, covered
-
-
-class _BilinearSum:
-    """Σ_{i,t} δ_it a_itᵀ (a weight's summed per-sample gradient), seen through uᵀ · v.
-
-    Comparing uᵀ(Σ δ aᵀ)v = Σ (uᵀδ_it)(a_itᵀv) with uᵀ G v for fixed random u, v detects any
-    missing contribution almost surely, at O(n·T·(in + out)) instead of the O(n·T·in·out) of
-    forming the sum.
-    """
-
-    def __init__(self, d: Tensor, a: Tensor) -> None:
-        gen = torch.Generator().manual_seed(0)
-        self.u = torch.randn(d.shape[-1], generator=gen, dtype=torch.float64).to(d.device)
-        self.v = torch.randn(a.shape[-1], generator=gen, dtype=torch.float64).to(a.device)
-        self.value = float(((d @ self.u) * (a @ self.v)).sum())
-
-    def matches(self, batch: Tensor) -> bool:
-        G = batch.double().reshape(self.u.numel(), self.v.numel())
-        tolerance = 1e-4 * float(self.u.norm() * G.norm() * self.v.norm()) + 1e-12
-        return abs(self.value - float(self.u @ G @ self.v)) <= tolerance
-
-
-def _sums_match(total: Tensor | _BilinearSum, batch: Tensor | None) -> bool:
-    """Whether the per-sample gradients formed from the hooks sum to the batch gradient."""
-    if batch is None:  # the parameter was not used at all
-        return isinstance(total, Tensor) and bool(total.abs().max() == 0)
-    if isinstance(total, _BilinearSum):
-        return total.matches(batch)
-    batch = batch.double()
-    tolerance = 1e-4 * float(batch.norm()) + 1e-12
-    return float((total.reshape(batch.shape) - batch).norm()) <= tolerance
 
 
 def _per_sample_losses(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -239,39 +310,54 @@ def _per_sample_losses(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Ten
     return losses
 
 
-def _parameter_terms(
-    module: nn.Module, calls: list[tuple[Tensor, Tensor]], n: int
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """For each trainable parameter of ``module``: (its n×n Gram, Σ_i of its g_i or a view).
+Term = tuple[Tensor | None, Tensor | None]  # (n×n Gram in float64, Σ_i g_i in float64 or None)
 
-    Shared modules (called several times) contribute the positions of every call.
+
+def _parameter_terms(
+    module: nn.Module, calls: list[tuple[Tensor, Tensor]], n: int, names: set[str],
+    with_mean: bool,
+) -> dict[str, Term]:
+    """For each parameter in ``names``: its n×n Gram and (``with_mean``) its Σ_i g_i.
+
+    ``calls`` holds (input, output signal) of each call: a layer called several times (a
+    shared block) contributes the positions of every call.
     """
-    terms: dict[str, tuple[Tensor, Tensor]] = {}
-    trainable = {k for k, p in module.named_parameters(recurse=False) if p.requires_grad}
+    terms: dict[str, Term] = {}
     if isinstance(module, nn.Embedding):
         tokens = torch.cat([a.reshape(n, -1) for a, _ in calls], dim=1)
-        d = torch.cat([d.reshape(n, -1, module.embedding_dim) for _, d in calls], dim=1).double()
+        d = torch.cat([d.reshape(n, -1, module.embedding_dim) for _, d in calls], dim=1)
+        d = d.to(_compute_dtype(d))
         if module.padding_idx is not None:
             d = d * (tokens != module.padding_idx).unsqueeze(-1)  # that row gets no gradient
-        total = torch.zeros_like(module.weight, dtype=torch.float64)
-        total.index_add_(0, tokens.reshape(-1), d.reshape(-1, module.embedding_dim))
+        total = None
+        if with_mean:
+            total = torch.zeros_like(module.weight, dtype=torch.float64)
+            total.index_add_(0, tokens.reshape(-1), d.reshape(-1, module.embedding_dim).double())
         terms["weight"] = (_embedding_gram(tokens, d), total)
     elif isinstance(module, nn.LayerNorm | nn.GroupNorm):
         weight, bias = zip(*(_norm_per_sample(module, a, d) for a, d in calls), strict=True)
         for name, parts in (("weight", weight), ("bias", bias)):
-            if name in trainable:
-                g = sum(parts)
-                terms[name] = (g @ g.T, g.sum(dim=0))
+            g = sum(parts)
+            terms[name] = (g @ g.T, g.sum(dim=0) if with_mean else None)
     else:  # Linear and convolutions: inputs (n, T, in), signals (n, T, out) over positions T
-        acts, sigs = zip(*(_positions(module, a, d) for a, d in calls), strict=True)
-        a = (acts[0] if len(acts) == 1 else torch.cat(acts, dim=1)).double()
-        d = (sigs[0] if len(sigs) == 1 else torch.cat(sigs, dim=1)).double()
-        if "weight" in trainable:
-            terms["weight"] = (_outer_product_gram(a, d), _BilinearSum(d, a))
-        if "bias" in trainable:
-            b = d.sum(dim=1)
-            terms["bias"] = (b @ b.T, b.sum(dim=0))
-    return {k: v for k, v in terms.items() if k in trainable}
+        dtype = _compute_dtype(calls[0][1])
+        calls = [(a.to(dtype), d.to(dtype)) for a, d in calls]
+        if isinstance(module, nn.Conv1d | nn.Conv2d) and not _blocks_cheaper(
+            n, sum(d[0, 0].numel() for _, d in calls), module.weight[0].numel(),
+            module.out_channels,
+        ):
+            terms.update(_convolution_terms(module, calls, names, with_mean))
+        else:
+            acts, sigs = zip(*(_positions(module, a, d) for a, d in calls), strict=True)
+            a = acts[0] if len(acts) == 1 else torch.cat(acts, dim=1)
+            d = sigs[0] if len(sigs) == 1 else torch.cat(sigs, dim=1)
+            terms.update(_outer_product_terms(a, d, names, with_mean))
+    return {k: v for k, v in terms.items() if k in names}
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """The model's precision, at least float32 (bf16/fp16 products would lose the Gram)."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def _positions(module: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
@@ -295,38 +381,124 @@ def _padding(module: nn.Module, axis: int) -> int:
     if isinstance(module.padding, str):  # 'same' with stride 1: symmetric when k odd
         if module.padding == "valid":
             return 0
-        total = module.dilation[axis] * (module.kernel_size[axis] - 1)
-        if total % 2:
-            raise NotImplementedError("asymmetric 'same' padding")
-        return total // 2
+        return module.dilation[axis] * (module.kernel_size[axis] - 1) // 2  # symmetric here
     return module.padding[axis]
 
 
-def _outer_product_gram(a: Tensor, d: Tensor) -> Tensor:
-    """Σ_{t,s} (δ_it·δ_js)(a_it·a_js) for a (n, T, in) and d (n, T, out), the cheaper way."""
+def _outer_product_terms(a: Tensor, d: Tensor, names: set[str], with_mean: bool
+                         ) -> dict[str, Term]:
+    """Weight and bias terms of a Linear layer over positions, the cheaper way.
+
+    The weight's Gram is Σ_{t,s} (δ_it·δ_js)(a_it·a_js) and its sum Σ_{i,t} δ_it a_itᵀ; the
+    bias's per-sample gradient is Σ_t δ_it. ``a`` is (n, T, in), ``d`` is (n, T, out), both
+    in the compute precision.
+    """
     n, T, fan_in = a.shape
     fan_out = d.shape[2]
-    if T == 1:
-        return (a[:, 0] @ a[:, 0].T) * (d[:, 0] @ d[:, 0].T)
-    if (n * T) ** 2 * (fan_in + fan_out) <= n * T * fan_in * fan_out + n * n * fan_in * fan_out:
-        block = (a.reshape(n * T, fan_in) @ a.reshape(n * T, fan_in).T) * (
-            d.reshape(n * T, fan_out) @ d.reshape(n * T, fan_out).T
-        )
-        return block.reshape(n, T, n, T).sum(dim=(1, 3))
-    grads = torch.einsum("nto,nti->noi", d, a).reshape(n, -1)
-    return grads @ grads.T
+    terms: dict[str, Term] = {}
+    b = d[:, 0] if T == 1 else d.sum(dim=1)
+    bias_gram = (b @ b.T).double() if "bias" in names or T == 1 else None
+    if "bias" in names:
+        terms["bias"] = (bias_gram, b.sum(dim=0).double() if with_mean else None)
+    if "weight" not in names:
+        return terms
+    if T == 1:  # (a_i·a_j)(δ_i·δ_j), and δ_i·δ_j is the bias's Gram
+        a1 = a[:, 0]
+        terms["weight"] = ((a1 @ a1.T).double() * bias_gram,
+                           (b.T @ a1).double() if with_mean else None)
+    elif _blocks_cheaper(n, T, fan_in, fan_out):
+        flat_a, flat_d = a.reshape(n * T, fan_in), d.reshape(n * T, fan_out)
+        block = ((flat_a @ flat_a.T) * (flat_d @ flat_d.T)).double()
+        terms["weight"] = (block.reshape(n, T, n, T).sum(dim=(1, 3)),
+                           (flat_d.T @ flat_a).double() if with_mean else None)
+    else:  # the per-sample gradients of this layer alone, (n, out·in)
+        grads = torch.bmm(d.transpose(1, 2), a).reshape(n, -1)
+        terms["weight"] = ((grads @ grads.T).double(),
+                           grads.sum(dim=0).double() if with_mean else None)
+    return terms
+
+
+def _blocks_cheaper(n: int, T: int, fan_in: int, fan_out: int) -> bool:
+    """Whether the (nT)×(nT) block route costs less than forming the layer's n·in·out grads."""
+    return (n * T) ** 2 * (fan_in + fan_out) <= n * T * fan_in * fan_out + n * n * fan_in * fan_out
+
+
+def _convolution_terms(module: nn.Module, calls: list[tuple[Tensor, Tensor]], names: set[str],
+                       with_mean: bool) -> dict[str, Term]:
+    """Weight and bias terms of a convolution from its per-sample weight gradients.
+
+    The per-sample weight gradients are the weight gradient of one convolution with the
+    samples stacked as groups (input (1, n·C_in, ...), signals (1, n·C_out, ...), n groups):
+    the batched weight-gradient kernel without the im2col copy of the input.
+    """
+    grads, biases = 0, 0
+    conv2d = isinstance(module, nn.Conv2d)
+    weight_grad = torch.nn.grad.conv2d_weight if conv2d else torch.nn.grad.conv1d_weight
+    padding = tuple(_padding(module, axis) for axis in range(len(module.kernel_size)))
+    for a, d in calls:
+        n = a.shape[0]
+        grads = grads + weight_grad(
+            a.reshape(1, -1, *a.shape[2:]), (n * module.out_channels, *module.weight.shape[1:]),
+            d.reshape(1, -1, *d.shape[2:]), stride=module.stride, padding=padding,
+            dilation=module.dilation, groups=n,
+        ).reshape(n, -1)
+        biases = biases + d.reshape(n, module.out_channels, -1).sum(dim=2)
+    terms: dict[str, Term] = {}
+    if "weight" in names:
+        terms["weight"] = ((grads @ grads.T).double(),
+                           grads.sum(dim=0).double() if with_mean else None)
+    if "bias" in names:
+        terms["bias"] = ((biases @ biases.T).double(),
+                         biases.sum(dim=0).double() if with_mean else None)
+    return terms
 
 
 def _embedding_gram(tokens: Tensor, d: Tensor) -> Tensor:
-    """Σ_{t,s} [tok_it = tok_js] (δ_it·δ_js): the rows of the weight both samples hit."""
+    """Σ_{t,s} [tok_it = tok_js] (δ_it·δ_js): the rows of the weight both samples hit.
+
+    Signals of one sample for one token are summed first (that row of its gradient), giving
+    rows r = (sample i_r, token v_r, vector S_r); then K_ij = Σ_{v_r = v_s} [i_r=i, i_s=j] S_r·S_s.
+    Two exact routes, the cheaper one taken: the per-sample gradients restricted to the U
+    distinct tokens of the batch (n × U·dim), or the dot products of the P pairs of rows that
+    share a token. Positions (every sample hits every row) favour the first, a large
+    vocabulary the second.
+    """
     n, T = tokens.shape
-    flat_tokens, flat_d = tokens.reshape(n * T), d.reshape(n * T, -1)
-    same = (flat_tokens[:, None] == flat_tokens[None, :]).double()
-    return (same * (flat_d @ flat_d.T)).reshape(n, T, n, T).sum(dim=(1, 3))
+    dim = d.shape[-1]
+    samples = torch.arange(n, device=tokens.device).repeat_interleave(T)
+    vocab, token_rank = torch.unique(tokens.reshape(-1), return_inverse=True)
+    keys, row = torch.unique(samples * len(vocab) + token_rank, return_inverse=True)
+    S = d.new_zeros((len(keys), dim)).index_add_(0, row, d.reshape(n * T, dim))
+    sample, rank = keys // len(vocab), keys % len(vocab)  # keys are sorted by (sample, token)
+
+    counts = torch.bincount(rank, minlength=len(vocab))  # samples that hit each token
+    pairs = int((counts * counts).sum())
+    if n * len(vocab) <= pairs:
+        grads = d.new_zeros((n, len(vocab), dim))
+        grads[sample, rank] = S
+        grads = grads.reshape(n, -1)
+        return (grads @ grads.T).double()
+    # Rows sorted by token; each row pairs with every row of its token's group.
+    by_token = torch.argsort(rank, stable=True)
+    S, sample, rank = S[by_token], sample[by_token], rank[by_token]
+    starts = torch.cumsum(counts, 0) - counts
+    width = counts[rank]  # partners of each row
+    K = torch.zeros((n, n), dtype=torch.float64, device=d.device)
+    rows_per_piece = max(1, _PAIR_CHUNK // max(1, dim * int(width.max())))
+    for first in range(0, len(S), rows_per_piece):
+        left = torch.arange(first, min(first + rows_per_piece, len(S)), device=d.device)
+        reps = width[left]
+        left = left.repeat_interleave(reps)
+        offset = torch.arange(len(left), device=d.device) - (torch.cumsum(reps, 0) - reps
+                                                              ).repeat_interleave(reps)
+        right = starts[rank[left]] + offset
+        dots = (S[left] * S[right]).sum(dim=1).double()
+        K.index_put_((sample[left], sample[right]), dots, accumulate=True)
+    return K
 
 
 def _norm_per_sample(module: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample gradients (n, C) of a LayerNorm's or GroupNorm's weight and bias."""
+    """Per-sample gradients (n, C) in float64 of a LayerNorm's or GroupNorm's weight and bias."""
     n = a.shape[0]
     a, d = a.double(), d.double()
     if isinstance(module, nn.LayerNorm):
@@ -359,5 +531,6 @@ def _fallback_gram(model, loss_fn, xs, targets, names, chunk_size):
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
-    G = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1).double()
-    return G @ G.T, {name: g.double().sum(dim=0) for name, g in grads.items()}
+    G = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+    G = G.to(_compute_dtype(G))
+    return (G @ G.T).double(), {name: g.double().sum(dim=0) for name, g in grads.items()}

@@ -564,6 +564,15 @@ def test_check_finite_reports_offset():
         check_finite(torch.zeros(3), grads, offset=10)
 
 
+def test_check_finite_is_exact_where_row_sums_overflow_or_cancel():
+    big = torch.finfo(torch.float32).max
+    grads = {"w": torch.tensor([[big, big], [0.0, 1.0], [1.0, 2.0]])}
+    check_finite(torch.zeros(3), grads)  # finite entries whose sum overflows: no error
+    grads["w"][2] = torch.tensor([float("inf"), -float("inf")])  # sums to nan
+    with pytest.raises(ValueError, match=r"sample 2 in parameter 'w'"):
+        check_finite(torch.zeros(3), grads)
+
+
 # --------------------------------------------------------------------------------------------
 # 10. BatchNorm
 # --------------------------------------------------------------------------------------------

@@ -232,3 +232,129 @@ def test_mean_gradient_from_the_same_pass_and_noise_stats_from_gram():
         assert getattr(fast, key) == pytest.approx(getattr(full, key), rel=1e-9), key
     assert torch.allclose(fast.eigenvalues, full.eigenvalues, rtol=1e-8)
     assert torch.equal(fast.mean, mean)
+
+
+def test_convolution_routes_shared_calls_and_asymmetric_same_padding():
+    # Small outputs with many channels take the (nT)×(nT) block route, large ones the
+    # per-sample weight gradients; a convolution applied twice sums over both calls; an
+    # even kernel with padding="same" pads asymmetrically and falls back to vmap.
+    gen = seeded(13)
+
+    class TwiceConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.small = nn.Conv2d(3, 16, 3, stride=2)  # 5x5 -> 2x2 outputs
+            self.odd = nn.Conv1d(2, 2, 2, padding="same")
+            self.head = nn.LazyLinear(2)
+
+        def forward(self, x):
+            h = torch.tanh(self.conv(torch.tanh(self.conv(x))))
+            s = torch.tanh(self.small(h)).flatten(1)
+            o = self.odd(s.reshape(len(x), 2, -1)).flatten(1)
+            return self.head(torch.cat([s, o], dim=1))
+
+    model = TwiceConv()
+    x = torch.randn(5, 3, 5, 5, generator=gen)
+    model(x)
+    model = model.double()
+    assert_gram_exact(model, x.double(), torch.randint(0, 2, (5,), generator=gen))
+    assert per_sample_gram_coverage(model)[1] == ["odd.weight", "odd.bias"]
+
+
+def test_embedding_routes_agree_with_reference(monkeypatch):
+    # Positions (every sample hits every row) take the per-sample route, a sparse vocabulary
+    # the pair route; a tiny piece size makes the pair route work through many pieces.
+    import sgn_lab.gram as gram
+
+    class Embedded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens = nn.Embedding(200, 4)
+            self.positions = nn.Embedding(6, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.tokens(x) + self.positions(torch.arange(x.shape[1]).expand_as(x))
+            return self.head(torch.tanh(h).mean(dim=1))
+
+    gen = seeded(14)
+    model = Embedded().double()
+    x = torch.randint(0, 200, (9, 6), generator=gen)
+    x[1, :3] = x[0, :3]  # shared tokens and a repeat within one sample
+    x[2, 4] = x[2, 5]
+    y = torch.randint(0, 3, (9,), generator=gen)
+    assert_gram_exact(model, x, y)
+    monkeypatch.setattr(gram, "_PAIR_CHUNK", 8)
+    assert_gram_exact(model, x, y)
+
+
+class ScaledLinear(nn.Linear):
+    """Uses its weight through another op than the plain F.linear (weight scaled)."""
+
+    def forward(self, x):
+        return F.linear(x, 2.0 * self.weight, self.bias)
+
+
+class ShiftedLinear(nn.Linear):
+    """Calls F.linear on another tensor than its input."""
+
+    def forward(self, x):
+        return F.linear(x + 1.0, self.weight, self.bias)
+
+
+class SkipLinear(nn.Linear):
+    """Never uses its parameters: their per-sample gradients are zero."""
+
+    def forward(self, x):
+        return x
+
+
+class DoubleLinear(nn.Linear):
+    """Applies its own functional twice."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + F.linear(x, self.weight, self.bias)
+
+
+class Stray(nn.Module):
+    """Linear layers misused in every way the formulas cannot see, and one called by keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.scaled, self.shifted = ScaledLinear(4, 4), ShiftedLinear(4, 4)
+        self.skip, self.double_ = SkipLinear(4, 4), DoubleLinear(4, 4)
+        self.keyword, self.spare = nn.Linear(4, 4), nn.Linear(4, 4)  # spare: never called
+        self.reused = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.double_(self.skip(self.shifted(self.scaled(x)))))
+        h = torch.tanh(self.keyword(input=h)) + h @ self.reused.weight.T
+        return self.head(torch.tanh(self.reused(h)))
+
+
+def test_parameters_used_outside_their_own_layer_fall_back_and_stay_exact():
+    gen = seeded(15)
+    model = Stray().double()
+    x, y = torch.randn(7, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (7,))
+    assert_gram_exact(model, x, y)
+    from sgn_lab.gram import gram_and_mean_gradient
+
+    K, mean = gram_and_mean_gradient(model, F.cross_entropy, x, y)
+    G = flatten_grads(per_sample_grads(model, F.cross_entropy, x, y))
+    assert torch.allclose(mean, G.mean(dim=0), rtol=1e-10, atol=1e-14)
+
+
+def test_float32_convolutions_and_bf16_within_their_accuracy():
+    gen = seeded(16)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    x, y = torch.randn(6, 2, 7, 7, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    model(x)
+    assert_gram_exact(model, x, y, rtol=1e-5)
+    # bf16 parameters: the Gram is formed in float32 from bf16 activations and signals, so it
+    # agrees with G Gᵀ of the bf16 per-sample gradients to bf16 accuracy (2^-8 relative).
+    model = model.to(torch.bfloat16)
+    K = per_sample_gram(model, F.cross_entropy, x.to(torch.bfloat16), y)
+    ref = reference_gram(model, F.cross_entropy, x.to(torch.bfloat16), y)
+    assert float((K - ref).abs().max() / ref.abs().max()) < 3 * 2.0**-8
