@@ -101,18 +101,19 @@ def test_linear_over_sequence_dimensions_both_routes():
         dict(kernel_size=2, bias=False),
     ],
 )
-def test_conv2d(conv):
+@pytest.mark.parametrize("channels", [2, 8])  # im2col + bmm, and the grouped weight gradient
+def test_conv2d(conv, channels):
     gen = seeded(2)
-    model = nn.Sequential(nn.Conv2d(2, 4, **conv), nn.GroupNorm(2, 4), nn.ReLU(),
+    model = nn.Sequential(nn.Conv2d(channels, 4, **conv), nn.GroupNorm(2, 4), nn.ReLU(),
                           nn.Flatten(), nn.LazyLinear(3))
-    x = torch.randn(6, 2, 9, 9, generator=gen)
+    x = torch.randn(6, channels, 9, 9, generator=gen)
     model(x)
     assert_gram_exact(model.double(), x.double(), torch.randint(0, 3, (6,), generator=gen))
 
 
 def test_conv1d_and_regression_loss():
     gen = seeded(3)
-    model = nn.Sequential(nn.Conv1d(1, 4, 5, padding=2), nn.Tanh(), nn.Conv1d(4, 2, 3, stride=2),
+    model = nn.Sequential(nn.Conv1d(1, 8, 5, padding=2), nn.Tanh(), nn.Conv1d(8, 2, 3, stride=2),
                           nn.Flatten(), nn.LazyLinear(1))
     x = torch.randn(7, 1, 20, generator=gen)
     model(x)
@@ -243,8 +244,8 @@ def test_convolution_routes_shared_calls_and_asymmetric_same_padding():
     class TwiceConv(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, padding=1)
-            self.small = nn.Conv2d(3, 16, 3, stride=2)  # 5x5 -> 2x2 outputs
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.small = nn.Conv2d(8, 16, 3, stride=2)  # 5x5 -> 2x2 outputs
             self.odd = nn.Conv1d(2, 2, 2, padding="same")
             self.head = nn.LazyLinear(2)
 
@@ -255,7 +256,7 @@ def test_convolution_routes_shared_calls_and_asymmetric_same_padding():
             return self.head(torch.cat([s, o], dim=1))
 
     model = TwiceConv()
-    x = torch.randn(5, 3, 5, 5, generator=gen)
+    x = torch.randn(5, 8, 5, 5, generator=gen)
     model(x)
     model = model.double()
     assert_gram_exact(model, x.double(), torch.randint(0, 2, (5,), generator=gen))
