@@ -26,16 +26,24 @@ def test_unknown_figure_and_missing_config_are_named(tmp_path):
         read_figure_config(tmp_path, "spectrum", quick=True)
 
 
-@pytest.fixture(scope="module")
-def spectrum_figure(tmp_path_factory):
-    out = tmp_path_factory.mktemp("figures")
-    # The quick config, made smaller still: the test checks the plumbing, not the science.
+def make_small_spectrum(out):
+    # The quick config, made smaller still: the tests check the plumbing, not the science.
     config = read_figure_config(EXPERIMENTS, "spectrum", quick=True)
     config["run"].update(steps=40, measure_every=20, probe_samples=32, width=16)
     from sgn_lab.figures import spectrum
 
     spectrum.make(config, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def spectrum_figure(tmp_path_factory):
+    return make_small_spectrum(tmp_path_factory.mktemp("figures"))
+
+
+def test_a_figure_is_deterministic_under_its_seed(spectrum_figure, tmp_path):
+    again = make_small_spectrum(tmp_path)
+    assert (again / "spectrum.csv").read_bytes() == (spectrum_figure / "spectrum.csv").read_bytes()
 
 
 def test_spectrum_figure_writes_table_and_images(spectrum_figure):

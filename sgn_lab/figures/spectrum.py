@@ -48,13 +48,15 @@ def make(
 
     fig = plot_spectra(spectra, steps=chosen)
     ax = fig.axes[0]
+    lines = []
     for row in fits.itertuples():
         k = np.arange(row.powerlaw_kmin, row.powerlaw_kmax + 1)
         ax.plot(k, np.exp(row.powerlaw_intercept) * k ** -row.powerlaw_exponent, ":",
                 color=REFERENCE_COLOR, linewidth=1.0)
-        ax.annotate(f"s = {row.powerlaw_exponent:.2f}", (k[-1], np.exp(row.powerlaw_intercept)
-                    * k[-1] ** -row.powerlaw_exponent), fontsize=7, color=REFERENCE_COLOR,
-                    xytext=(4, 0), textcoords="offset points")
-    ax.set_title("dotted: power-law fit λ_k ∝ k^−s", fontsize=8, loc="left")
+        lines.append(f"step {row.step}: s = {row.powerlaw_exponent:.2f} (R² {row.powerlaw_r2:.2f})")
+    # One box in the empty lower-left corner: labels at the curves' ends overlap.
+    ax.text(0.03, 0.03, "\n".join(lines), transform=ax.transAxes, fontsize=7,
+            color=REFERENCE_COLOR, va="bottom", ha="left")
+    ax.set_title(r"dotted: power-law fits $\lambda_k \propto k^{-s}$", fontsize=8, loc="left")
     save_figure(fig, out / name)
     return csv
