@@ -58,6 +58,13 @@ GHOST_OPS: dict[type, Callable] = {
 }
 GHOST_MODULES = tuple(GHOST_OPS)
 
+# Reading these creates no gradient path, so it is not a use of a parameter.
+_METADATA = frozenset({
+    "shape", "dtype", "device", "layout", "ndim", "requires_grad", "is_leaf", "is_cuda",
+    "size", "dim", "numel", "nelement", "stride", "element_size", "is_contiguous",
+    "is_floating_point", "is_complex",
+})
+
 # Work (in multiply-adds) above which the pair route of the embedding Gram is cut into pieces.
 _PAIR_CHUNK = 1 << 24
 
@@ -201,6 +208,8 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _reads_metadata(func):
+            return func(*args, **kwargs)
         for value in (*args, *kwargs.values()):
             for item in value if isinstance(value, list | tuple) else (value,):
                 key = id(item)
@@ -250,6 +259,13 @@ class _Recorder(TorchFunctionMode):
             for handle in handles:
                 handle.remove()
             self.running.clear()
+
+
+def _reads_metadata(func: Callable) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property such as .shape: named by its descriptor
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    return name in _METADATA
 
 
 def _ghost_gram(model, loss_fn, xs, targets, modules, with_mean):

@@ -359,3 +359,29 @@ def test_float32_convolutions_and_bf16_within_their_accuracy():
     K = per_sample_gram(model, F.cross_entropy, x.to(torch.bfloat16), y)
     ref = reference_gram(model, F.cross_entropy, x.to(torch.bfloat16), y)
     assert float((K - ref).abs().max() / ref.abs().max()) < 3 * 2.0**-8
+
+
+def test_reading_a_parameters_shape_or_dtype_keeps_the_fast_path(monkeypatch):
+    import sgn_lab.gram as gram
+
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = x.to(self.lin.weight.dtype).reshape(-1, self.lin.weight.shape[1])
+            assert self.lin.weight.size(0) == 4 and self.head.weight.requires_grad
+            return self.head(torch.tanh(self.lin(x)))
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError(f"fell back to vmap for {args[4]}")
+
+    gen = seeded(17)
+    model = Reads().double()
+    x, y = torch.randn(6, 3, generator=gen, dtype=torch.float64), torch.randint(0, 2, (6,))
+    ref = reference_gram(model, F.cross_entropy, x, y)
+    monkeypatch.setattr(gram, "_fallback_gram", no_fallback)
+    K = per_sample_gram(model, F.cross_entropy, x, y)
+    assert torch.allclose(K, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
