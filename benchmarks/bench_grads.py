@@ -159,8 +159,12 @@ def cnn() -> nn.Sequential:
     )
 
 
-def make_problem(name: str, n: int, seed: int = 0) -> tuple[nn.Module, Tensor, Tensor]:
-    """Model (train mode, float32) and one batch, identical in every process for a seed."""
+def make_problem(name: str, n: int, seed: int = 0,
+                 device: str = "cpu") -> tuple[nn.Module, Tensor, Tensor]:
+    """Model (train mode, float32) and one batch, identical in every process for a seed.
+
+    Made on the CPU and then moved, so that the numbers do not depend on the device.
+    """
     torch.manual_seed(seed)
     if name == "mlp":
         model, x = mlp(), torch.randn(n, 784)
@@ -172,7 +176,7 @@ def make_problem(name: str, n: int, seed: int = 0) -> tuple[nn.Module, Tensor, T
     else:
         raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
     y = torch.randint(0, 10, (n,))
-    return model.train(), x, y
+    return model.train().to(device), x.to(device), y.to(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +230,7 @@ def prepare(method: str, model: nn.Module, x: Tensor, y: Tensor) -> Prepared:
         d = sum(p.numel() for p in params)
 
         def run_loop() -> Tensor:
-            G = torch.empty(n, d)
+            G = torch.empty(n, d, device=x.device)
             for i in range(n):
                 grads = torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]), params)
                 G[i] = torch.cat([g.reshape(-1) for g in grads])
@@ -386,14 +390,23 @@ class Result:
     note: str = ""
 
 
+def synchronize() -> None:
+    """Wait for queued CUDA kernels, so that a timer reading covers them (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def run_once(prep: Prepared) -> tuple[Tensor | None, float, float]:
     """One computation: (Gram or None, seconds to G or K, total seconds incl. G Gᵀ)."""
+    synchronize()
     start = time.perf_counter()
     out = prep.run()
+    synchronize()
     mid = time.perf_counter()
     if prep.returns == "grads":
         assert out is not None
         out = gram_of(out)
+    synchronize()
     return out, mid - start, time.perf_counter() - start
 
 
@@ -432,8 +445,11 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def memory_child(model_name: str, batch: int, method: str) -> None:
+def memory_child(model_name: str, batch: int, method: str, device: str) -> None:
     """Entry point of the subprocess: one cold run, prints {baseline_mb, peak_mb} as JSON.
+
+    On CUDA the figures are GPU memory instead: ``torch.cuda.memory_allocated`` after set-up
+    and ``torch.cuda.max_memory_allocated`` during the run.
 
     Why not ru_maxrss: on Linux a child started by fork + exec inherits its parent's RSS
     high-water mark in ru_maxrss (exec folds the old address space's peak into it), so in a
@@ -441,9 +457,17 @@ def memory_child(model_name: str, batch: int, method: str) -> None:
     belongs to the new address space, and writing 5 to /proc/self/clear_refs resets it after
     the set-up, so the peak is exactly the method's own. ru_maxrss is the fallback off Linux.
     """
-    model, x, y = make_problem(model_name, batch)
+    model, x, y = make_problem(model_name, batch, device=device)
     prep = prepare(method, model, x, y)
     gc.collect()
+    if device == "cuda":
+        synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated() / 2**20
+        run_once(prep)
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        print(json.dumps({"baseline_mb": baseline, "peak_mb": peak}))
+        return
     try:
         baseline = proc_status_mb("VmRSS")
         exact = reset_peak_rss()
@@ -458,11 +482,11 @@ def memory_child(model_name: str, batch: int, method: str) -> None:
     print(json.dumps({"baseline_mb": baseline, "peak_mb": peak}))
 
 
-def measure_memory(model_name: str, batch: int, method: str,
-                   threads: int | None) -> tuple[float, float, str]:
+def measure_memory(model_name: str, batch: int, method: str, threads: int | None,
+                   device: str) -> tuple[float, float, str]:
     """(peak − baseline, baseline) in MB from a fresh interpreter; NaNs and a reason on error."""
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child",
-           f"{model_name}:{batch}:{method}"]
+           f"{model_name}:{batch}:{method}", "--device", device]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -496,7 +520,8 @@ def machine_description() -> str:
         ram = f", {total_kb / 2**20:.0f} GiB RAM"
     except (OSError, ValueError, IndexError):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores ({usable} usable){ram}; Python "
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores ({usable} usable){ram}{gpu}; Python "
             f"{platform.python_version()}, torch {torch.__version__}, "
             f"torch threads {torch.get_num_threads()}")
 
@@ -514,8 +539,8 @@ def tool_versions() -> str:
 
 
 def bench_one(model_name: str, batch: int, methods: tuple[str, ...], repeats: int, warmup: int,
-              memory: bool, threads: int | None) -> list[Result]:
-    model, x, y = make_problem(model_name, batch)
+              memory: bool, threads: int | None, device: str) -> list[Result]:
+    model, x, y = make_problem(model_name, batch, device=device)
     d = trainable_dim(model)
     console.print(f"\n[bold]{model_name}[/bold], batch {batch}, d = {d:,} parameters")
     reference = per_sample_gram(model, nn.CrossEntropyLoss(), x, y)
@@ -576,7 +601,7 @@ def bench_one(model_name: str, batch: int, methods: tuple[str, ...], repeats: in
             if res.gram_check == "n/a":
                 continue
             res.peak_mb, res.baseline_mb, why = measure_memory(model_name, batch, method,
-                                                                threads)
+                                                                threads, device)
             if why:
                 res.note = f"{res.note}; {why}" if res.note else why
     floor = results["floor"].median_s if "floor" in results else math.nan
@@ -717,11 +742,15 @@ def write_markdown(path: str, results: list[Result], header: str, verdicts: list
 # --------------------------------------------------------------------------------------------
 
 
-def scale_check(n: int, width: int, depth: int) -> None:
-    """SGN of a ≥10M-parameter MLP over n samples from the Gram path, with time and peak RSS."""
+def scale_check(n: int, width: int, depth: int, device: str) -> None:
+    """SGN of a ≥10M-parameter MLP over n samples from the Gram path, with time and peak RSS.
+
+    On CUDA the peak RSS is the host's; the GPU's peak is printed as well.
+    """
     torch.manual_seed(0)
     model = mlp((784, *([width] * depth), 10)).train()
     x, y = torch.randn(n, 784), torch.randint(0, 10, (n,))
+    model, x, y = model.to(device), x.to(device), y.to(device)
     d = trainable_dim(model)
     gc.collect()
     baseline, _ = current_and_peak_rss_mb()
@@ -730,8 +759,10 @@ def scale_check(n: int, width: int, depth: int) -> None:
     console.print(f"  G would be n × d × 4 B = {n * d * 4 / 2**30:,.1f} GiB in float32: "
                   "per-sample gradients are never formed")
 
+    synchronize()
     start = time.perf_counter()
     K = per_sample_gram(model, nn.CrossEntropyLoss(), x, y)
+    synchronize()
     t_gram = time.perf_counter() - start
     _, rss_gram = current_and_peak_rss_mb()
     acts = sum(n * w for w in (784, *([width] * depth))) * 4 / 2**20
@@ -754,6 +785,8 @@ def scale_check(n: int, width: int, depth: int) -> None:
     console.print(f"  total {t_gram + t_stats:.1f} s; peak RSS {rss:,.0f} MB "
                   f"(+{rss - baseline:,.0f} MB over the baseline) — {verdict} "
                   f"(target ≤ {SCALE_RSS_LIMIT_MB:,.0f} MB)")
+    if device == "cuda":
+        console.print(f"  GPU peak {torch.cuda.max_memory_allocated() / 2**20:,.0f} MB")
 
 
 # --------------------------------------------------------------------------------------------
@@ -783,6 +816,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale-n", type=int, default=4096)
     p.add_argument("--scale-width", type=int, default=2048)
     p.add_argument("--scale-depth", type=int, default=4)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where models and batches live (cuda: GPU timings with synchronisation, "
+                        "peak MB from torch.cuda.max_memory_allocated)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: leave torch's machine default)")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: MODEL:BATCH:METHOD
@@ -808,14 +844,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.memory_child:
         model_name, batch, method = args.memory_child.split(":")
-        memory_child(model_name, int(batch), method)
+        memory_child(model_name, int(batch), method, args.device)
         return 0
 
     header = machine_description()
     console.print(f"[bold]machine[/bold]: {header}")
     console.print(f"[bold]tools[/bold]: {tool_versions()}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device on this machine")
     if args.scale:
-        scale_check(args.scale_n, args.scale_width, args.scale_depth)
+        scale_check(args.scale_n, args.scale_width, args.scale_depth, args.device)
         return 0
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
@@ -837,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in models:
         for batch in batches:
             results = bench_one(name, batch, methods, args.repeats, args.warmup, args.memory,
-                                args.threads)
+                                args.threads, args.device)
             print_table(results)
             lines = targets(results)
             for line in lines:
