@@ -11,9 +11,10 @@ which without positions is just (δ_i·δ_j)(a_i·a_j): the n×n Gram of the lay
 small Gram matrices of activations and signals, at about the cost of one backward pass (the
 "ghost" trick of Goodfellow 2015 and of ghost clipping). With positions the cheaper of two
 exact routes is taken: the (nT)×(nT) Grams summed over blocks, or the per-sample gradients of
-that one layer (n × out × in). Embeddings, LayerNorm/GroupNorm affine parameters and biases
-have their own exact forms; any other parameter falls back to ``torch.func`` per-sample
-gradients of just that parameter.
+that one layer (n × out × in; for a convolution, one weight-gradient convolution with the
+samples as groups). Embeddings, LayerNorm/GroupNorm affine parameters and biases have their
+own exact forms; any other parameter falls back to ``torch.func`` per-sample gradients of just
+that parameter.
 
 One forward pass records, for each call of a supported layer, its input and the autograd edge
 of its output; one backward pass then asks autograd for the signals δ at those edges only, so
