@@ -23,6 +23,7 @@ for regression.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -329,12 +330,22 @@ def _teacher_student(
 
 
 def _mnist1d(rng: np.random.Generator, seed: int, *, num_samples: int = 5000) -> Built:
+    _check_int("num_samples", num_samples, 20)
+    x, y = _mnist1d_arrays(seed, num_samples)
+    return x.copy(), y.copy(), 10, {"generator_seed": seed}
+
+
+@functools.lru_cache(maxsize=8)
+def _mnist1d_arrays(seed: int, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    # Generating MNIST-1D takes seconds, more than a short run itself; a figure or a sweep runs
+    # many runs on the same seeds, so one process makes each data set once. Read-only, so the
+    # cached arrays cannot be changed through a caller (callers get copies).
+    #
     # mnist1d.data.get_dataset would download the canonical pickle from GitHub into the working
     # directory (or write a regenerated one there); make_dataset only computes in memory.
     # Importing mnist1d imports matplotlib.pyplot, so it is imported only when needed.
     from mnist1d.data import get_dataset_args, make_dataset
 
-    _check_int("num_samples", num_samples, 20)
     args = get_dataset_args()  # a fresh object each call: safe to modify
     args.seed = seed
     args.num_samples = num_samples
@@ -347,7 +358,10 @@ def _mnist1d(rng: np.random.Generator, seed: int, *, num_samples: int = 5000) ->
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)  # noqa: NPY002
-    return data["x"], data["y"], 10, {"generator_seed": seed}
+    x, y = np.asarray(data["x"]), np.asarray(data["y"])
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
 
 
 _BUILDERS: dict[str, Callable[..., Built]] = {

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import sgn_lab.data
 from sgn_lab.data import (
     CIFAR10_TEST_FILE,
     CIFAR10_TRAIN_FILES,
@@ -66,6 +67,8 @@ class NoNetwork:
 @pytest.fixture(scope="module")
 def mnist1d_run(tmp_path_factory):
     """Generate MNIST-1D once, from an empty working directory, with the network cut off."""
+    # Other tests may have generated it already in this process: generate it here for real.
+    sgn_lab.data._mnist1d_arrays.cache_clear()
     cwd = tmp_path_factory.mktemp("mnist1d_cwd")
     guard = NoNetwork()
     rng_states = (random.getstate(), np.random.get_state())  # noqa: NPY002
@@ -235,6 +238,16 @@ def test_mnist1d_is_the_packages_data_split_by_us():
     np.testing.assert_array_equal(ours[order], theirs[their_order])
     np.testing.assert_array_equal(labels[order], their_labels[their_order])
     assert (len(task.x_train), len(task.x_test)) == (80, 20)
+
+
+def test_mnist1d_is_made_once_per_process_and_callers_cannot_change_it():
+    first = load_task("mnist1d:num_samples=100", seed=9)
+    first.x_train.zero_()
+    again = load_task("mnist1d:num_samples=100", seed=9)
+    assert float(again.x_train.abs().sum()) > 0
+    assert sgn_lab.data._mnist1d_arrays.cache_info().hits >= 1
+    other = load_task("mnist1d:num_samples=100", seed=10)
+    assert not torch.equal(other.x_train, again.x_train)
 
 
 def test_n_train_and_n_test_take_seeded_nested_subsets():
