@@ -125,7 +125,7 @@ METRIC_LABELS: dict[str, str] = {
     # hyperparameters
     "lr": "learning rate η",
     "batch_size": "batch size B",
-    "generalization_gap": "generalisation gap (train − test accuracy)",
+    "generalization_gap": "generalisation gap\n(train − test accuracy)",
     "beta0": "PNM β0",
     "beta1": "momentum β1",
     "momentum": "momentum β",
@@ -164,7 +164,7 @@ METRIC_LABELS: dict[str, str] = {
     # NoiseStats / ShapeStats: shape of the distribution
     "tail_index": "tail index α (2 = Gaussian)",
     "normality_pvalue": "median normality p-value",
-    "normality_reject_fraction": "fraction of projections rejected as Gaussian",
+    "normality_reject_fraction": "fraction of projections\nrejected as Gaussian",
     "kurtosis": "excess kurtosis",
     # CurvatureStats
     "hessian_top_eigenvalue": "λ_max(H) (sharpness)",

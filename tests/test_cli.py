@@ -72,3 +72,28 @@ def test_scaling_unknown_sweep_is_named(tmp_path, monkeypatch, capsys):
     code, _, err = run_main(monkeypatch, capsys, "scaling", "--sweep", "gamma",
                             "--out", str(tmp_path))
     assert code == 2 and "unknown sweep 'gamma'" in err
+
+
+def test_figures_command_makes_the_chosen_figures_from_a_config_folder(
+        tmp_path, monkeypatch, capsys):
+    # A config folder of one's own: the batch figure with a small sweep.
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "batch.toml").write_text(
+        'sweep = "batch"\nseed = 0\n[quick]\nquick_sweep = true\n'
+        "[quick.options]\nrepeats = 20\ndraws = 4\n[full]\nquick_sweep = false\n")
+    code, _, err = run_main(monkeypatch, capsys, "figures", "--quick", "--only", "batch",
+                            "--experiments", str(configs), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "batch.csv", "batch.pdf", "batch.png"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only", "spectrum,nope"], "unknown figure 'nope'"),
+    (["--only", "tails", "--experiments", "no-such-folder"], "no config for figure 'tails'"),
+])
+def test_figures_bad_arguments_are_named(tmp_path, monkeypatch, capsys, args, message):
+    code, _, err = run_main(monkeypatch, capsys, "figures", *args, "--out", str(tmp_path))
+    assert code == 2 and message in err
+    assert list(tmp_path.iterdir()) == []

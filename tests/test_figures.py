@@ -67,3 +67,107 @@ def test_analysis_notebook_runs_on_quick_data(spectrum_figure, monkeypatch):
         o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", [])
     )
     assert "spectrum" in outputs and "effective_rank" in outputs
+
+
+# Every other recipe end to end, on its quick config made tiny: the plumbing from config to
+# runs to table to image, and the quantities the table derives from the runs.
+
+TINY_RUN = {"width": 8, "steps": 4, "measure_every": 2, "probe_samples": 16,
+            "update_repeats": 3}
+
+
+def tiny_config(name, **edits):
+    config = read_figure_config(EXPERIMENTS, name, quick=True)
+    for key, value in edits.items():
+        config[key] = value
+    return config
+
+
+def assert_images(out, name):
+    for suffix in ("png", "pdf"):
+        assert (out / f"{name}.{suffix}").stat().st_size > 0
+
+
+def test_large_batch_figure_scales_update_noise_by_lr(tmp_path):
+    import pandas as pd
+
+    from sgn_lab.figures import large_batch
+
+    config = tiny_config("large-batch")
+    config["base"] = {**config["base"], **TINY_RUN}
+    csv = large_batch.make(config, tmp_path)
+    table = pd.read_csv(csv)
+    assert_images(tmp_path, "large-batch")
+    final = table[table["k"].isna()].set_index("setting")
+    assert list(final.index) == list(config["grid"])
+    lr = config["base"]["lr"]
+    assert (final["noise_trace"] * lr**2).to_numpy() == pytest.approx(
+        final["update_trace"].to_numpy(), rel=1e-12)
+    # The spectrum rows are the final update-noise eigenvalues over lr²: summed, the trace.
+    spectrum = table[table["k"].notna()].groupby("setting")["noise_eigenvalue"].sum()
+    assert spectrum.loc[list(final.index)].to_numpy() == pytest.approx(
+        final["noise_trace"].to_numpy(), rel=1e-6)
+
+
+def test_methods_figure_reports_the_gap_of_every_method_task_and_seed(tmp_path):
+    import pandas as pd
+
+    from sgn_lab.figures import methods
+
+    config = tiny_config("methods", seeds=[0, 1])
+    config["tasks"] = {task: {**fields, **TINY_RUN, "measure_every": 4, "update_repeats": 0}
+                       for task, fields in config["tasks"].items()}
+    config["methods"] = {m: config["methods"][m] for m in ("sgd", "pnm")}
+    table = pd.read_csv(methods.make(config, tmp_path))
+    assert_images(tmp_path, "methods")
+    assert len(table) == len(config["tasks"]) * 2 * 2
+    assert set(table["method"]) == {"sgd", "pnm"} and set(table["seed"]) == {0, 1}
+    assert table["generalization_gap"].to_numpy() == pytest.approx(
+        (table["train_accuracy"] - table["test_accuracy"]).to_numpy())
+    assert table["hessian_top_eigenvalue"].notna().all()
+
+
+def test_symmetric_figure_has_each_method_at_each_batch_size(tmp_path):
+    import pandas as pd
+
+    from sgn_lab.figures import symmetric
+
+    config = tiny_config("symmetric", batch_sizes=[8, 32])
+    config["base"] = {**config["base"], **TINY_RUN, "measure_every": 4, "update_repeats": 0}
+    table = pd.read_csv(symmetric.make(config, tmp_path))
+    assert_images(tmp_path, "symmetric")
+    assert sorted(zip(table["method"], table["batch_size"], strict=True)) == [
+        ("sgd", 8), ("sgd", 32), ("symmetric", 8), ("symmetric", 32)]
+    assert (table["step"] == 4).all() and table["hessian_top_eigenvalue"].notna().all()
+
+
+def test_tails_figure_tracks_each_setting_over_training(tmp_path):
+    import pandas as pd
+
+    from sgn_lab.figures import tails
+
+    config = tiny_config("tails")
+    config["runs"] = {label: {**fields, **TINY_RUN, "update_repeats": 0}
+                      for label, fields in config["runs"].items()}
+    table = pd.read_csv(tails.make(config, tmp_path))
+    assert_images(tmp_path, "tails")
+    assert sorted(set(table["setting"])) == sorted(config["runs"])
+    assert sorted(set(table["step"])) == [0, 2, 4]
+    assert table["tail_index"].between(0, 2.5).all()
+
+
+@pytest.mark.parametrize("name, options", [
+    ("batch", {"repeats": 20, "draws": 4}),
+    ("beta0", {"repeats": 8, "burn_in": 10, "steps": 20}),
+])
+def test_scaling_figures_carry_theory_next_to_measurement(name, options, tmp_path):
+    import pandas as pd
+
+    from sgn_lab.figures import scaling_sweeps
+
+    # The sweeps' agreement with theory is tested in test_scaling; here only the recipe.
+    config = tiny_config(name, options=options)
+    table = pd.read_csv(scaling_sweeps.make(config, tmp_path))
+    assert_images(tmp_path, name)
+    assert {"x", "quantity", "measured", "theory"} <= set(table.columns)
+    assert table["theory"].notna().any() and table["measured"].notna().all()

@@ -58,7 +58,7 @@ def figure_runs(
             progress(index + 1, len(settings))
     metrics = pd.concat(metrics, ignore_index=True)
     spectra = pd.concat(spectra, ignore_index=True)
-    final = metrics.sort_values("step").groupby("setting", sort=False).tail(1)
+    final = metrics.sort_values("step", kind="stable").groupby("setting", sort=False).tail(1)
     return metrics, spectra, final.reset_index(drop=True)
 
 

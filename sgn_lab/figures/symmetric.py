@@ -48,6 +48,9 @@ def _figure(final) -> Figure:
                 ax.errorbar(stats["batch_size"], stats["mean"], yerr=stats["std"].fillna(0),
                             marker="o", capsize=3, color=method_color(method), label=method)
             ax.set_xscale("log", base=2)
+            batches = sorted(final["batch_size"].unique())
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.minorticks_off()
             ax.set_xlabel(METRIC_LABELS["batch_size"])
             ax.set_ylabel(METRIC_LABELS[column])
         axes[0].legend(title="method")

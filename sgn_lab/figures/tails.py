@@ -30,5 +30,9 @@ def make(
     keep = ["setting", "run", "method", "seed", "step", "epoch", *COLUMNS,
             "normality_pvalue", "n", "dim"]
     csv = write_table(out / f"{config['name']}.csv", table[[c for c in keep if c in table]])
-    save_figure(plot_metrics(table, columns=COLUMNS, hue="setting"), out / config["name"])
+    # Settings that differ by batch size are coloured by it (ordered palette, numeric order).
+    by_batch = table.groupby("setting")["batch_size"].nunique().eq(1).all() and (
+        table["batch_size"].nunique() == table["setting"].nunique())
+    hue = "batch_size" if by_batch else "setting"
+    save_figure(plot_metrics(table, columns=COLUMNS, hue=hue), out / config["name"])
     return csv
