@@ -77,10 +77,7 @@ TINY_RUN = {"width": 8, "steps": 4, "measure_every": 2, "probe_samples": 16,
 
 
 def tiny_config(name, **edits):
-    config = read_figure_config(EXPERIMENTS, name, quick=True)
-    for key, value in edits.items():
-        config[key] = value
-    return config
+    return {**read_figure_config(EXPERIMENTS, name, quick=True), **edits}
 
 
 def assert_images(out, name):
