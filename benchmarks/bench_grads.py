@@ -52,8 +52,13 @@ from rich.table import Table
 from torch import Tensor, nn
 
 import sgn_lab
-from sgn_lab.grads import flatten_grads, per_sample_grads, trainable_dim
-from sgn_lab.gram import per_sample_gram, per_sample_gram_coverage
+from sgn_lab.grads import (
+    flatten_grads,
+    per_sample_grads,
+    per_sample_gram,
+    per_sample_gram_coverage,
+    trainable_dim,
+)
 
 METHODS = ("floor", "vmap", "gram", "loop", "backpack", "opacus")
 MODELS = ("mlp", "cnn", "transformer-mha", "transformer-lin")

@@ -71,7 +71,10 @@ def _run_with_progress(config, out: Path, resume: bool, progress: Progress) -> P
     def advance(step: int, total: int) -> None:
         progress.update(task, completed=step, total=total)
 
-    path = run_measurement(config, out, resume=resume, progress=advance)
+    def notify(text: str) -> None:
+        progress.console.print(text, markup=False, highlight=False)
+
+    path = run_measurement(config, out, resume=resume, progress=advance, notify=notify)
     progress.update(task, completed=progress.tasks[task].total or 0)
     return path
 
@@ -192,7 +195,8 @@ def measure(
         _run_with_progress(run_config, out, resume, progress)
     run = load_run(out)
     console.print(_summary_table(run.metrics.drop(columns="run"), "SGN over training"))
-    console.print(f"wrote {out}/ (config.json, metrics.csv, spectra.csv, checkpoint.pt)")
+    written = ", ".join(f.name for f in sorted(out.iterdir()) if not f.name.startswith("."))
+    console.print(f"wrote {out}/ ({written})")
 
 
 @app.command()

@@ -20,8 +20,16 @@ from sgn_lab.curvature import (
     hessian_vector_product,
     trace_hs,
 )
-from sgn_lab.grads import batchnorm_to_groupnorm, flatten_grads, per_sample_grads
-from sgn_lab.gram import gram_and_mean_gradient, per_sample_gram
+from sgn_lab.grads import (
+    GramCoverage,
+    GramMismatchError,
+    batchnorm_to_groupnorm,
+    flatten_grads,
+    gram_and_mean_gradient,
+    per_sample_grads,
+    per_sample_gram,
+    per_sample_gram_coverage,
+)
 from sgn_lab.noise import NoiseStats, isotropic_spectrum, minibatch_factor, noise_stats
 from sgn_lab.probe import NoiseProbe, ProbeResult
 from sgn_lab.results import Run, load_run, load_runs
@@ -31,6 +39,8 @@ from sgn_lab.train import RunConfig, run_measurement
 
 __all__ = [
     "CurvatureStats",
+    "GramCoverage",
+    "GramMismatchError",
     "Moments",
     "NoiseProbe",
     "NoiseStats",
@@ -52,6 +62,7 @@ __all__ = [
     "noise_stats",
     "per_sample_grads",
     "per_sample_gram",
+    "per_sample_gram_coverage",
     "run_measurement",
     "shape_stats",
     "streaming_moments",

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from sgn_lab.curvature import curvature_stats
-from sgn_lab.grads import _seeded, flatten_grads, per_sample_grads
-from sgn_lab.gram import gram_and_mean_gradient, per_sample_gram_coverage
+from sgn_lab.grads import GramCoverage, gram_result
+from sgn_lab.grads.vmap import _seeded, flatten_grads, per_sample_grads
 from sgn_lab.noise import NoiseStats, noise_stats
 from sgn_lab.tails import shape_stats
 
@@ -85,8 +85,12 @@ class NoiseProbe:
         backward pass, no n × d matrix) and the exact mean gradient from the same pass, while
         the shape figures (tail index, normality, kurtosis) come from the per-sample gradients
         of the first ``shape_samples`` probe samples and ``diag_variance`` is not measured;
-        ``"auto"`` takes ``"gram"`` when every trainable parameter has a fast Gram and no
-        curvature is asked for, else ``"vmap"``.
+        ``"auto"`` takes ``"gram"`` unless curvature is asked for (it needs G), and at its
+        first measurement checks the Gram against vmap per-sample gradients of ``verify``
+        probe samples (:class:`sgn_lab.GramMismatchError` naming the parameters if they
+        disagree). After a Gram measurement, ``coverage`` holds each parameter's route.
+    verify
+        Samples of that first check with ``grads="auto"`` (0: no check).
     shape_samples
         Samples for the shape figures in Gram mode (0: skip them).
     chunk_size, batchnorm
@@ -117,6 +121,7 @@ class NoiseProbe:
         method: str = "sgd",
         grads: str = "auto",
         shape_samples: int = 256,
+        verify: int = 32,
         chunk_size: int | None = None,
         batchnorm: str = "error",
         eval_batch: int = 1024,
@@ -139,9 +144,12 @@ class NoiseProbe:
             raise ValueError(f"unknown grads {grads!r}; choose one of {', '.join(GRADS_PATHS)}")
         if grads == "gram" and curvature:
             raise ValueError("curvature needs per-sample gradients: use grads='vmap' or 'auto'")
+        # The spot check runs once, at the first measurement, when the path was chosen for us.
+        self._verify = verify if grads == "auto" and not curvature else 0
         if grads == "auto":
-            grads = "gram" if not curvature and not per_sample_gram_coverage(model)[1] else "vmap"
+            grads = "vmap" if curvature else "gram"
         self.grads, self.shape_samples = grads, shape_samples
+        self.coverage: GramCoverage | None = None
         self.model, self.loss_fn = model, loss_fn
         self.x_train, self.y_train = x_train, y_train
         self.x_test, self.y_test = x_test, y_test
@@ -170,11 +178,14 @@ class NoiseProbe:
                      "seed": derived_seed(self.seed, step, _STATS)}
         if self.grads == "gram":
             with _seeded(grads_seed, device):
-                gram, mean = gram_and_mean_gradient(
-                    self.model, self.loss_fn, x, y, batchnorm=self.batchnorm,
-                    chunk_size=self.chunk_size,
+                result = gram_result(
+                    self.model, self.loss_fn, x, y, with_mean=True, batchnorm=self.batchnorm,
+                    chunk_size=self.chunk_size, verify=self._verify,
                 )
-            stats = noise_stats(gram=gram, dim=mean.numel(), mean=mean, **minibatch)
+            self._verify, self.coverage = 0, result.coverage
+            mean = result.mean
+            assert mean is not None
+            stats = noise_stats(gram=result.gram, dim=mean.numel(), mean=mean, **minibatch)
             tails = self._shape_from_subset(x, y, grads_seed)
         else:
             grads = per_sample_grads(

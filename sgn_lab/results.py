@@ -10,6 +10,9 @@ A run directory holds
                     when measured);
 - ``spectra.csv``   tidy spectra: run, method, seed, step, kind ("sgn" or "isotropic"), k,
                     eigenvalue;
+- ``coverage.csv``  with the Gram path: each trainable parameter's route (ghost, per-sample,
+                    vmap, none), the operations it enters through and why, from the run's
+                    first measurement (:class:`sgn_lab.GramCoverage`);
 - ``checkpoint.pt`` model, optimizer and random-generator states at the last measurement
                     (the final state once the run is complete), from which ``--resume``
                     continues.
@@ -35,6 +38,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
 SPECTRA_FILE = "spectra.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
+COVERAGE_FILE = "coverage.csv"
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:

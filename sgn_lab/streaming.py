@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sgn_lab.grads import _as_tuple, _num_samples, per_sample_grads, trainable_dim
-from sgn_lab.gram import gram_and_mean_gradient, per_sample_gram_coverage
+from sgn_lab.grads import per_sample_gram
+from sgn_lab.grads.vmap import _as_tuple, _num_samples, per_sample_grads, trainable_dim
 from sgn_lab.noise import NoiseStats, minibatch_factor, noise_stats, spectrum_summary
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -184,16 +184,16 @@ def streaming_noise_stats(
 
     Exact Gram
         K is filled block by block over pairs of sample chunks (a, b), C = ⌈n/chunk_size⌉ of
-        them: K[a, b] needs both chunks' gradients (or activations) at once. When every
-        parameter has a ghost Gram (``sgn_lab.gram.per_sample_gram_coverage(model)[1] == []``)
-        and no dropout is active, each pair is one :func:`sgn_lab.gram.gram_and_mean_gradient`
-        call on the 2·chunk_size samples of a ∪ b: C(C−1)/2 forward/backward passes (n²/c
-        sample-passes for c = chunk_size, instead of n), never a chunk × d matrix; the moments
-        take one more per-sample-gradient pass. Otherwise the per-sample gradients are
-        recomputed chunk-pairwise: for each chunk a, G_a (c × d) once, and for each b > a, G_b
-        again, K[a, b] = G_a G_bᵀ: C + C(C−1)/2 per-sample-gradient passes (about n²/(2c)
-        per-sample gradients) and n²·d multiply-adds, as unchunked. Memory: n² float64 for K,
-        plus 2·chunk_size samples of activations (ghost) or 2·chunk_size·d gradient entries.
+        them: K[a, b] needs both chunks' gradients (or activations) at once. When no dropout
+        layer is active, K comes from :func:`sgn_lab.per_sample_gram` with ``chunk_size``: one
+        recording pass per pair, on the 2·chunk_size samples of a ∪ b: C(C−1)/2
+        forward/backward passes (n²/c sample-passes for c = chunk_size, instead of n), never a
+        chunk × d matrix; the moments take one more per-sample-gradient pass. Otherwise the
+        per-sample gradients are recomputed chunk-pairwise: for each chunk a, G_a (c × d)
+        once, and for each b > a, G_b again, K[a, b] = G_a G_bᵀ: C + C(C−1)/2
+        per-sample-gradient passes (about n²/(2c) per-sample gradients) and n²·d
+        multiply-adds, as unchunked. Memory: n² float64 for K, plus 2·chunk_size samples of
+        activations (Gram path) or 2·chunk_size·d gradient entries.
 
     Sketch
         z_i = R g_i with R (k × d) of i.i.d. N(0, 1/k) entries, drawn on the fly in column
@@ -451,25 +451,12 @@ def _exact_gram(
     bounds = _chunk_bounds(n, chunk_size)
     device = _model_device(model)
 
-    if _ghost_gram_applies(model):
+    if not _dropout_active(model):
         moments = streaming_moments(
             model, loss_fn, xs, targets, chunk_size=chunk_size, batchnorm=batchnorm, seed=seed
         )
-        if len(bounds) == 1:
-            only = bounds[0]
-            K = _ghost_block(model, loss_fn, xs, targets, only, only, batchnorm, chunk_size)
-            return K, moments
-        K = torch.zeros((n, n), dtype=_F64, device=device)
-        for a, (a0, a1) in enumerate(bounds):
-            for b0, b1 in bounds[a + 1 :]:
-                pair = _ghost_block(
-                    model, loss_fn, xs, targets, (a0, a1), (b0, b1), batchnorm, chunk_size
-                )
-                m = a1 - a0
-                K[a0:a1, a0:a1] = pair[:m, :m]
-                K[b0:b1, b0:b1] = pair[m:, m:]
-                K[a0:a1, b0:b1] = pair[:m, m:]
-                K[b0:b1, a0:a1] = pair[:m, m:].T
+        K = per_sample_gram(model, loss_fn, xs, targets, batchnorm=batchnorm,
+                            chunk_size=chunk_size)
         return K, moments
 
     K = torch.zeros((n, n), dtype=_F64, device=device)
@@ -509,39 +496,12 @@ def _sketch(
     return moments.result(), sketch.eigenvalues()
 
 
-def _ghost_gram_applies(model: nn.Module) -> bool:
-    """Every parameter has a ghost Gram, and the forward pass is deterministic.
-
-    Active dropout would draw new masks in every pair pass, so the blocks of K would belong to
-    different gradients; the per-sample path reseeds each chunk and stays consistent.
-    """
-    if per_sample_gram_coverage(model)[1]:
-        return False
+def _dropout_active(model: nn.Module) -> bool:
+    """Whether a dropout layer draws masks: blocks of K from separate passes would then belong
+    to different gradients, while the per-sample path reseeds each chunk and stays consistent
+    (per_sample_gram also refuses a chunked pass that draws random numbers)."""
     dropout = nn.modules.dropout._DropoutNd
-    return not any(isinstance(m, dropout) and m.training and m.p > 0 for m in model.modules())
-
-
-def _ghost_block(
-    model: nn.Module,
-    loss_fn: LossFn,
-    xs: tuple[Tensor, ...],
-    targets: Tensor,
-    first: tuple[int, int],
-    second: tuple[int, int],
-    batchnorm: str,
-    chunk_size: int,
-) -> Tensor:
-    """Gram of the samples of chunk ``first`` followed by those of chunk ``second``."""
-    if first == second:
-        pick = slice(*first)
-        inputs, labels = tuple(x[pick] for x in xs), targets[pick]
-    else:
-        inputs = tuple(torch.cat([x[slice(*first)], x[slice(*second)]]) for x in xs)
-        labels = torch.cat([targets[slice(*first)], targets[slice(*second)]])
-    K, _ = gram_and_mean_gradient(
-        model, loss_fn, inputs, labels, batchnorm=batchnorm, chunk_size=chunk_size
-    )
-    return K
+    return any(isinstance(m, dropout) and m.training and m.p > 0 for m in model.modules())
 
 
 def _cross_gram(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:

@@ -32,6 +32,7 @@ from sgn_lab.probe import GRADS_PATHS, NoiseProbe, derived_seed
 from sgn_lab.results import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
+    COVERAGE_FILE,
     METRICS_FILE,
     SPECTRA_FILE,
     load_checkpoint,
@@ -227,12 +228,14 @@ def run_measurement(
     *,
     resume: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> Path:
     """Train and measure as ``config`` says, writing the run directory ``out``.
 
     With ``resume=True`` an existing run directory continues from its last checkpoint (its
     saved config is used); a complete run is left as it is. ``progress(step, total)`` is
-    called after every step. Returns the run directory.
+    called after every step; ``notify(text)`` once with the Gram path's coverage report (each
+    parameter's route), which also goes to ``coverage.csv``. Returns the run directory.
     """
     out = Path(out)
     if resume and (out / CONFIG_FILE).is_file():
@@ -295,6 +298,10 @@ def run_measurement(
     for step in range(start, total + 1):
         if (probe.due(step) or step == total) and step != resumed_at:
             result = probe.measure(step, epoch=step / steps_per_epoch)
+            if probe.coverage is not None and not (out / COVERAGE_FILE).is_file():
+                write_table(out / COVERAGE_FILE, probe.coverage.to_frame())
+                if notify is not None:
+                    notify(probe.coverage.summary())
             if config.sigma_trace_factor is not None:
                 # Isotropic noise of the SGN's magnitude: σ² = c·tr(S)/d, re-matched at every
                 # measurement (σ lives in the optimizer state, so a resume keeps it).

@@ -1,6 +1,11 @@
 """Shared test fixtures."""
 
+import os
 from collections.abc import Iterator
+
+# Models are built from configs with random weights; nothing may reach the Hugging Face hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch

@@ -10,14 +10,13 @@ tests never leave the global generator changed (and never call ``torch.set_defau
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import re
-from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import loop_grads, seeded, trainable_names
 from torch import Tensor, nn
 
 from sgn_lab.grads import (
@@ -37,47 +36,6 @@ ATOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed torch's CPU generator for the block and restore the previous state afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def as_tuple(inputs: Tensor | tuple[Tensor, ...] | list[Tensor]) -> tuple[Tensor, ...]:
-    return (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-
-
-def trainable_names(model: nn.Module) -> list[str]:
-    return [k for k, p in model.named_parameters() if p.requires_grad]
-
-
-def loop_grads(
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Tensor | tuple[Tensor, ...],
-    targets: Tensor,
-) -> dict[str, Tensor]:
-    """Reference: one ordinary backward pass per sample on a copy of the model."""
-    model = copy.deepcopy(model)
-    xs = as_tuple(inputs)
-    device = next(model.parameters()).device
-    xs = tuple(x.to(device) for x in xs)
-    targets = targets.to(device)
-    names = trainable_names(model)
-    params = dict(model.named_parameters())
-    out: dict[str, list[Tensor]] = {k: [] for k in names}
-    for i in range(targets.shape[0]):
-        model.zero_grad(set_to_none=True)
-        loss = loss_fn(model(*(x[i : i + 1] for x in xs)), targets[i : i + 1])
-        loss.backward()
-        for k in names:
-            g = params[k].grad
-            out[k].append(torch.zeros_like(params[k]) if g is None else g.detach().clone())
-    return {k: torch.stack(v) for k, v in out.items()}
 
 
 def assert_grads_close(

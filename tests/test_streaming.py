@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import sgn_lab.grads.gram as gram
 import sgn_lab.streaming as streaming
 from sgn_lab.grads import flatten_grads, per_sample_grads
-from sgn_lab.gram import per_sample_gram_coverage
 from sgn_lab.noise import noise_stats
 from sgn_lab.streaming import (
     Moments,
@@ -33,7 +33,7 @@ def mlp(seed=0):
 
 
 class Scaled(nn.Module):
-    """A raw nn.Parameter outside any ghost module: its Gram falls back to per-sample grads."""
+    """A learned scale (a parameter multiplied with activations) and optional dropout."""
 
     def __init__(self, dropout=0.0):
         super().__init__()
@@ -59,16 +59,16 @@ def reference(model, x, y, loss_fn=F.cross_entropy, **kwargs):
     return noise_stats(G, shape=False, **kwargs)
 
 
-def record_calls(monkeypatch, name):
-    """Spy on sgn_lab.streaming.<name>: the list of sample counts it was called with."""
-    original = getattr(streaming, name)
+def record_calls(monkeypatch, name, module=streaming):
+    """Spy on module.<name>: the list of sample counts it was called with."""
+    original = getattr(module, name)
     sizes = []
 
     def spy(model, loss_fn, inputs, targets, *args, **kwargs):
         sizes.append(int(targets.shape[0]))
         return original(model, loss_fn, inputs, targets, *args, **kwargs)
 
-    monkeypatch.setattr(streaming, name, spy)
+    monkeypatch.setattr(module, name, spy)
     return sizes
 
 
@@ -115,15 +115,16 @@ def test_chunks_bound_the_samples_per_pass(monkeypatch):
     streaming_noise_stats(model, F.cross_entropy, x, y, chunk_size=7, gram="sketch", sketch_dim=4)
     assert sizes == [7, 7, 7, 2]  # one pass: moments and sketch share each chunk
 
-    sizes.clear()  # per-sample path of "exact": chunk a once, every later chunk again per a
-    streaming_noise_stats(Scaled().double(), F.cross_entropy, x, y, chunk_size=7, gram="exact")
+    sizes.clear()  # per-sample path of "exact" (dropout): chunk a once, later chunks per a
+    dropout = Scaled(dropout=0.2).double().train()
+    streaming_noise_stats(dropout, F.cross_entropy, x, y, chunk_size=7, gram="exact")
     assert max(sizes) == 7 and len(sizes) == 4 + 4 * 3 // 2
 
     sizes.clear()
-    pairs = record_calls(monkeypatch, "gram_and_mean_gradient")
+    pairs = record_calls(monkeypatch, "record", gram)
     streaming_noise_stats(model, F.cross_entropy, x, y, chunk_size=7, gram="exact")
-    assert sizes == [7, 7, 7, 2]  # the moments pass; the ghost Gram needs no per-sample grads
-    assert pairs == [14, 14, 9, 14, 9, 9]  # each pair of chunks (a, b), a < b, once
+    assert sizes == [7, 7, 7, 2]  # the moments pass; the Gram path needs no per-sample grads
+    assert pairs == [14, 14, 9, 14, 9, 9]  # one recording pass per pair of chunks (a, b), a < b
 
 
 def test_seeded_dropout_is_reproducible_per_chunk():
@@ -169,11 +170,10 @@ def assert_same_stats(r, ref, rtol=1e-9):
 
 
 @pytest.mark.parametrize("chunk_size", [5, 23])
-@pytest.mark.parametrize("kind", ["ghost", "fallback"])
+@pytest.mark.parametrize("kind", ["mlp", "scaled"])
 def test_exact_equals_unchunked(kind, chunk_size, monkeypatch):
-    model = mlp() if kind == "ghost" else Scaled().double()
-    assert (per_sample_gram_coverage(model)[1] == []) == (kind == "ghost")
-    pairs = record_calls(monkeypatch, "gram_and_mean_gradient")
+    model = mlp() if kind == "mlp" else Scaled().double()
+    pairs = record_calls(monkeypatch, "record", gram)
     x, y = classification_data()
     ref = reference(model, x, y, batch_size=4, dataset_size=100)
     r = streaming_noise_stats(
@@ -182,8 +182,7 @@ def test_exact_equals_unchunked(kind, chunk_size, monkeypatch):
     )
     assert_same_stats(r, ref)
     chunks = math.ceil(23 / chunk_size)
-    expected = (1 if chunks == 1 else chunks * (chunks - 1) // 2) if kind == "ghost" else 0
-    assert len(pairs) == expected
+    assert len(pairs) == (1 if chunks == 1 else chunks * (chunks - 1) // 2)
     assert math.isnan(r.tail_index)  # shape figures need the (n, d) matrix
 
 

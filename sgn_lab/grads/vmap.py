@@ -21,6 +21,11 @@ from torch.func import functional_call, grad_and_value, vmap
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Inputs = Tensor | Sequence[Tensor]
 
+# chunk_size=None: one chunk's gradients fit in this (small allocations reuse their pages,
+# a fresh n × d one page-faults its whole size), and a chunk has at least _MIN_CHUNK samples.
+_CHUNK_BYTES = 32 * 2**20
+_MIN_CHUNK = 8
+
 BATCHNORM_POLICIES = ("error", "eval")
 
 
@@ -53,9 +58,11 @@ def per_sample_grads(
         Tensor of shape (n, ...).
     chunk_size
         Number of samples vectorised at once; bounds the working memory to about
-        ``chunk_size`` × (activations + d). ``None``: all n at once. The result does not depend
-        on it, except for random layers: each chunk draws its own dropout masks, so a seeded
-        result is reproducible for a given ``chunk_size``.
+        ``chunk_size`` × (activations + d). ``None``: as many as keep one chunk's gradients
+        within 32 MiB (at least 8 samples), since the chunks are copied into one (n, d) matrix
+        and small ones reuse their memory. The result does not depend on it, except for
+        random layers: each chunk draws its own dropout masks, so a seeded result is
+        reproducible for a given ``chunk_size`` (and, with None, for the same n and d).
     batchnorm
         What to do with BatchNorm layers in train mode, whose batch statistics couple the
         samples so that no per-sample gradient exists: ``"error"`` (default) refuses;
@@ -71,21 +78,25 @@ def per_sample_grads(
     -------
     dict
         name -> Tensor of shape (n, *param.shape), in ``model.named_parameters()`` order, with
-        the parameters' dtype and device.
+        the parameters' dtype and device. When the parameters share a dtype and a device, the
+        tensors are views into one (n, d) matrix, which :func:`flatten_grads` returns without
+        a copy.
     """
     xs = _as_tuple(inputs)
     n = _num_samples(xs, targets)
-    if chunk_size is None:
-        chunk_size = n
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+    if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+            or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    chunk_size = int(chunk_size)
 
     trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("the model has no parameter with requires_grad=True")
+    refuse_max_norm(model)
+    if chunk_size is None:
+        row_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
+        chunk_size = max(_MIN_CHUNK, _CHUNK_BYTES // max(1, row_bytes))
+    chunk_size = int(chunk_size)
     fixed = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
     fixed.update({k: b.detach() for k, b in model.named_buffers()})
     device = next(iter(trainable.values())).device
@@ -113,7 +124,7 @@ def per_sample_grads(
             grads, losses = compute(trainable, *xs, targets)
             check_finite(losses, grads)
             return dict(grads)
-        out = {k: p.new_empty((n, *p.shape)) for k, p in trainable.items()}
+        out = _output(trainable, n)
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             grads, losses = compute(trainable, *(x[start:stop] for x in xs), targets[start:stop])
@@ -123,14 +134,49 @@ def per_sample_grads(
     return out
 
 
+def _output(trainable: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+    """Empty per-sample gradients: column blocks of one (n, d) matrix where dtypes allow."""
+    params = list(trainable.values())
+    if len({(p.dtype, p.device) for p in params}) > 1:
+        return {k: p.new_empty((n, *p.shape)) for k, p in trainable.items()}
+    flat = params[0].new_empty((n, sum(p.numel() for p in params)))
+    out, offset = {}, 0
+    for k, p in trainable.items():
+        out[k] = flat[:, offset:offset + p.numel()].view(n, *p.shape)
+        offset += p.numel()
+    return out
+
+
 def flatten_grads(grads: dict[str, Tensor]) -> Tensor:
-    """Concatenate per-sample gradients into one (n, d) matrix, in the dict's order."""
+    """Concatenate per-sample gradients into one (n, d) matrix, in the dict's order.
+
+    When they are the column blocks of one (n, d) matrix in order (as
+    :func:`per_sample_grads` returns them), that matrix itself is returned: no copy.
+    """
     if not grads:
         raise ValueError("flatten_grads got an empty dict of gradients")
     sizes = {k: g.shape[0] for k, g in grads.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"per-sample gradients disagree on the number of samples: {sizes}")
+    whole = _whole(list(grads.values()))
+    if whole is not None:
+        return whole
     return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+
+
+def _whole(grads: list[Tensor]) -> Tensor | None:
+    """The (n, d) matrix whose consecutive column blocks ``grads`` are, if they are."""
+    base = grads[0]._base
+    if base is None or base.dim() != 2 or not base.is_contiguous():
+        return None
+    offset = base.storage_offset()
+    for g in grads:
+        if (g._base is not base or g.storage_offset() != offset or g.shape[0] != base.shape[0]
+                or (g.dim() > 1 and g.stride(0) != base.stride(0))
+                or not g[0].is_contiguous()):
+            return None
+        offset += g[0].numel()
+    return base if offset == base.storage_offset() + base.shape[1] else None
 
 
 def check_finite(losses: Tensor, grads: dict[str, Tensor], *, offset: int = 0) -> None:
@@ -151,6 +197,22 @@ def check_finite(losses: Tensor, grads: dict[str, Tensor], *, offset: int = 0) -
                 raise ValueError(
                     f"non-finite gradient for sample {offset + i} in parameter '{name}'"
                 )
+
+
+def refuse_max_norm(model: nn.Module) -> None:
+    """A ValueError for an embedding with max_norm, which no per-sample route supports."""
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None
+                and module.weight.requires_grad):
+            raise max_norm_error(name, module.max_norm)
+
+
+def max_norm_error(name: str, max_norm: float) -> ValueError:
+    return ValueError(
+        f"the embedding '{name}' has max_norm={max_norm}: it renormalises its weight in place "
+        "in every forward pass, so a sample's gradient depends on the samples run before it, "
+        "and no per-sample route supports it; renormalise once (torch.embedding_renorm_) and "
+        "set max_norm=None for the measurement")
 
 
 def trainable_dim(model: nn.Module) -> int:

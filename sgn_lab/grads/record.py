@@ -1,0 +1,459 @@
+"""The recording pass: one forward pass under vmap that states each parameter's per-sample
+gradient as terms (:mod:`sgn_lab.grads.terms`), and one backward pass for the signals.
+
+The model runs once over all n samples under ``torch.func.vmap``, each sample as a batch of
+one, exactly as :func:`sgn_lab.per_sample_grads` runs it. A ``TorchFunctionMode`` sees every
+torch function the forward pass calls. Where a trainable parameter is an operand:
+
+- a rule of :mod:`sgn_lab.grads.rules` for that function takes it: the operands its formula
+  needs are saved (samples first, as vmap knows the sample axis of every tensor) and the
+  autograd edge of the output is kept;
+- otherwise (no rule, an option the rule declines, an operand it cannot read) the call gets a
+  per-sample copy of the parameter, an expanded view of it with a sample axis: each sample
+  then uses its own copy, and the gradient at the copy is that parameter's per-sample
+  gradient (the ``vmap`` route, exact for any operation vmap can batch).
+
+Python functions with a parameter operand and no rule (``F.multi_head_attention_forward``)
+are entered, so that the operations inside them are seen one by one. Casting a parameter
+(``.to``, ``.float()``) or transposing a matrix parameter (``.t()``, ``.T``) gives an alias:
+the rules treat it as the parameter. One ``torch.autograd.grad`` call then asks for the
+gradient of Σ_i loss_i at the kept edges only, so no parameter gradient is computed: each
+sample's slice of that gradient is its own signal, since under vmap sample i's loss depends
+on sample i's slice alone.
+
+What is established rather than assumed: the sample axis of every saved operand and output
+(read from vmap, not from the layout); that no saved operand is modified in place before the
+backward pass (version counters; else that parameter is recorded again through its copy);
+that every parameter with a gradient path was seen (an autograd graph walk; the rest go to
+vmap per-sample gradients of their own).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.func import vmap
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from sgn_lab.grads._functorch import (
+    batched_attention,
+    broadcast_to_samples,
+    current_level,
+    is_batched,
+    physical,
+    sample_first,
+)
+from sgn_lab.grads.rules import RULES, Op, Plan, Rule
+from sgn_lab.grads.terms import Dense, Term, scaled, transposed
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+# torch >= 2.11 can call a Python torch function's body with the mode still watching;
+# without it such functions are a single operation (their parameters take the vmap route).
+_REDISPATCH = getattr(torch.overrides, "redispatch_function", None)
+
+# Uses of a parameter that create no gradient path.
+_NO_GRADIENT = frozenset({
+    "shape", "dtype", "device", "layout", "ndim", "requires_grad", "is_leaf", "is_cuda",
+    "size", "dim", "numel", "nelement", "stride", "element_size", "is_contiguous",
+    "is_floating_point", "is_complex", "data", "grad", "grad_fn", "names", "is_sparse",
+    "detach", "detach_", "data_ptr", "untyped_storage", "storage_offset", "item", "tolist",
+    "numpy", "__len__", "__repr__", "__format__", "__hash__", "__bool__", "eq", "ne", "lt",
+    "le", "gt", "ge", "isnan", "isinf", "isfinite", "argmax", "argmin", "equal",
+})
+# Parameter -> a tensor with the same values: the same parameter to the rules.
+_CASTS = frozenset({"to", "float", "double", "half", "bfloat16", "type_as", "contiguous",
+                    "clone", "type"})
+_TRANSPOSES = frozenset({"t", "T", "mT", "transpose", "permute", "swapaxes", "swapdims"})
+# Parameter -> the parameter times a number.
+_SCALINGS = frozenset({"mul", "__mul__", "__rmul__", "div", "__truediv__"})
+# Parameter -> views of boxes of it (MHA's split and chunk of its packed in-projection).
+_SLICES = frozenset({"split", "chunk", "narrow", "__getitem__", "tensor_split",
+                     "split_with_sizes"})
+
+
+Region = tuple[tuple[int, int], ...]  # [start, stop) on each axis of the parameter
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A parameter, or an alias of it: cast, ``transposed`` (a matrix), a ``region`` of it (a
+    box from split, chunk, narrow or slicing), or multiplied by a number ``scale``."""
+
+    name: str
+    transposed: bool = False
+    region: Region | None = None
+    scale: float = 1.0
+
+
+@dataclass
+class _Record:
+    """One rule application: the output's edge and what the rule's terms need."""
+
+    edge: GradientEdge
+    axis: int  # sample axis of the output's physical tensor
+    plan: Plan
+    refs: dict[str, _Ref]  # taken slot -> parameter
+    shapes: dict[str, tuple[int, ...]]  # taken slot -> the operand's shape
+    saved: dict[str, Any]
+    versions: list[tuple[Tensor, int]]
+
+
+@dataclass
+class _Copy:
+    """A parameter's per-sample copy: the batched tensor and the edge of its physical view."""
+
+    batched: Tensor
+    edge: GradientEdge
+    ref: _Ref
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Recording:
+    """Terms of each parameter and why some took the vmap route."""
+
+    terms: dict[str, list[tuple[Region | None, Term]]]  # parameter -> (region, term) of uses
+    reasons: dict[str, list[str]]  # parameter -> why its copy was used
+    unseen: list[str]  # parameters with a gradient path the pass did not see
+    randomness: bool  # whether the forward pass drew random numbers
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, params: dict[str, Tensor], n: int, force_copy: dict[str, str]) -> None:
+        super().__init__()
+        self.refs: dict[int, _Ref] = {id(p): _Ref(name) for name, p in params.items()}
+        self.n, self.level = n, -1
+        self.force_copy = force_copy
+        self.records: list[_Record] = []
+        self.copies: dict[int, _Copy] = {}
+        self.reasons: dict[str, list[str]] = defaultdict(list)
+        self.failed: dict[str, str] = {}
+        self.aliases: list[Tensor] = []  # kept alive, so that their ids stay theirs
+        self.entered: list[Callable] = []
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        found = [t for t in _tensors(args, kwargs) if id(t) in self.refs]
+        if func is F.scaled_dot_product_attention and not found:
+            out = batched_attention(args, kwargs, self.level)
+            return func(*args, **kwargs) if out is None else out
+        if not found or not torch.is_grad_enabled() or _name(func) in _NO_GRADIENT:
+            return func(*args, **kwargs)
+        aliased = self._aliased(func, args, kwargs, found)
+        if aliased is not None:
+            return aliased
+        rule = RULES.get(func)
+        if rule is not None:
+            return self._by_rule(rule, func, args, kwargs)
+        if _REDISPATCH is not None and isinstance(func, types.FunctionType) and (
+                func not in self.entered):
+            self.entered.append(func)  # a Python function: watch the operations inside it
+            try:
+                with self:
+                    return _REDISPATCH(func, types_, args, kwargs)
+            finally:
+                self.entered.pop()
+        replace = {id(t): self._copy(t, f"{_name(func)} (no rule)") for t in found}
+        return func(*_substitute(args, replace), **_substitute(kwargs, replace))
+
+    def _aliased(self, func, args, kwargs, found) -> Any:
+        """The output of a cast, transpose or slice of one parameter, registered as aliases;
+        None when the call is none of these (nothing has run then)."""
+        if len(found) != 1 or not args or args[0] is not found[0]:
+            return None
+        source, name = args[0], _name(func)
+        ref = self.refs[id(source)]
+        if name in _CASTS and not any(isinstance(v, Tensor) and v.requires_grad
+                                      for v in (*args[1:], *kwargs.values())):
+            out = func(*args, **kwargs)
+            return self._register(out, ref) if isinstance(out, Tensor) else None
+        if (name in _TRANSPOSES and source.dim() == 2 and ref.region is None
+                and _swaps(name, args[1:], kwargs)):
+            return self._register(func(*args, **kwargs), replace(ref, transposed=not
+                                                                 ref.transposed))
+        factor = _factor(name, args[1:], kwargs)
+        if factor is not None:
+            return self._register(func(*args, **kwargs), replace(ref, scale=ref.scale * factor))
+        if name in _SLICES and not ref.transposed:
+            out = func(*args, **kwargs)
+            parts = list(out) if isinstance(out, list | tuple) else [out]
+            boxes = [_box(part, source) for part in parts]
+            if any(box is None for box in boxes):
+                return None  # not a box of the parameter: it takes the vmap route instead
+            for part, box in zip(parts, boxes, strict=True):
+                self._register(part, replace(ref, region=_compose(ref.region, box)))
+            return out
+        return None
+
+    def _register(self, out: Tensor, ref: _Ref) -> Tensor:
+        self.refs[id(out)] = ref
+        self.aliases.append(out)
+        return out
+
+    def _by_rule(self, rule: Rule, func: Callable, args: tuple, kwargs: dict) -> Any:
+        operands = rule.bind(args, kwargs)
+        refs = {slot: self.refs[id(v)] for slot, v in operands.items()
+                if isinstance(v, Tensor) and id(v) in self.refs}
+        plan = rule.plan(Op(rule.name, operands, {s: r.name for s, r in refs.items()}))
+        takes = [s for s in plan.takes if refs[s].name not in self.force_copy]
+        replace: dict[int, Tensor] = {}
+        for slot, ref in refs.items():
+            if slot not in takes:
+                why = (self.force_copy.get(ref.name) or plan.declined.get(slot)
+                       or f"its {slot} operand")
+                replace[id(operands[slot])] = self._copy(operands[slot], f"{rule.name}: {why}")
+        # The formula reads the kept operands with their sample axis; an operand without one
+        # (a position-id table, a buffer) gets it as an expanded view.
+        in_place = _name(func).endswith("_")
+        for slot in (*plan.keep, plan.sample):
+            value = operands.get(slot) if slot else None
+            if (takes and isinstance(value, Tensor) and id(value) not in self.refs
+                    and id(value) not in replace and not is_batched(value, self.level)):
+                if in_place and value is args[0]:
+                    takes = self._give_up(takes, refs, operands, replace, rule.name,
+                                          "the operation writes into an operand without samples")
+                else:
+                    replace[id(value)] = broadcast_to_samples(value, self.n, self.level)
+        if takes and not any(is_batched(v, self.level) or id(v) in replace
+                             for v in _tensors(args, kwargs)):
+            takes = self._give_up(takes, refs, operands, replace, rule.name,
+                                  "no operand carries the samples")
+        args, kwargs = _substitute(args, replace), _substitute(kwargs, replace)
+        out = func(*args, **kwargs)
+        if takes:
+            self._keep(rule, plan, takes, refs, rule.bind(args, kwargs), out)
+        return out
+
+    def _give_up(self, takes, refs, operands, replace, op, why) -> list[str]:
+        for slot in takes:
+            replace[id(operands[slot])] = self._copy(operands[slot], f"{op}: {why}")
+        return []
+
+    def _keep(self, rule: Rule, plan: Plan, takes: list[str], refs: dict[str, _Ref],
+              operands: dict[str, Any], out: Any) -> None:
+        if not is_batched(out, self.level) or not physical(out)[0].requires_grad:
+            for slot in takes:  # recorded again, through the copy
+                self.failed[refs[slot].name] = f"{rule.name}: its output has no sample axis"
+            return
+        saved, versions = {}, []
+        for slot in plan.keep:
+            value = operands[slot]
+            if isinstance(value, Tensor):  # the physical tensor's version counter
+                value = sample_first(value) if is_batched(value, self.level) else value
+                versions.append((value, value._version))
+            saved[slot] = value
+        tensor, axis = physical(out)
+        self.records.append(_Record(
+            get_gradient_edge(tensor), axis, plan, {s: refs[s] for s in takes},
+            {s: tuple(operands[s].shape) for s in takes}, saved, versions))
+
+    def _copy(self, tensor: Tensor, why: str) -> Tensor:
+        ref = self.refs[id(tensor)]
+        self.reasons[ref.name].append(why)
+        copy = self.copies.get(id(tensor))
+        if copy is None:
+            batched = broadcast_to_samples(tensor, self.n, self.level)
+            copy = _Copy(batched, get_gradient_edge(physical(batched)[0]), ref,
+                         tuple(tensor.shape))
+            self.copies[id(tensor)] = copy
+            self.aliases.append(tensor)
+        return copy.batched
+
+
+def record(model: nn.Module, loss_fn: LossFn, xs: tuple[Tensor, ...], targets: Tensor,
+           params: dict[str, Tensor]) -> Recording:
+    """Run the recording pass (again for parameters whose records turned out invalid)."""
+    n = targets.shape[0]
+    force_copy: dict[str, str] = {}
+    state = _rng_state(targets.device)
+    for _ in range(len(params) + 1):
+        recorder, losses = _forward(model, loss_fn, xs, targets, params, n, force_copy)
+        invalid = dict(recorder.failed)
+        for rec in recorder.records:
+            if any(t._version != v for t, v in rec.versions):
+                for ref in rec.refs.values():
+                    invalid[ref.name] = "an operand was modified in place after the operation"
+        if not invalid:
+            break
+        force_copy.update(invalid)
+        _set_rng_state(state, targets.device)  # the same random draws as the first time
+    randomness = _changed(state, targets.device)
+    used = {rec_ref.name for rec in recorder.records for rec_ref in rec.refs.values()}
+    used |= {copy.ref.name for copy in recorder.copies.values()}
+    unseen = [name for name in params
+              if name not in used and id(params[name]) in _reachable(losses)]
+    terms = _signals(recorder, losses)
+    return Recording(terms, dict(recorder.reasons), unseen, randomness)
+
+
+def _forward(model, loss_fn, xs, targets, params, n, force_copy):
+    recorder = _Recorder(params, n, force_copy)
+
+    def sample_loss(*args: Tensor) -> Tensor:
+        *inputs, target = args
+        recorder.level = current_level()
+        with recorder:
+            outputs = model(*(x.unsqueeze(0) for x in inputs))
+            loss = loss_fn(outputs, target.unsqueeze(0))
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar (a mean-reduced loss); for one "
+                             f"sample it returned shape {shape}")
+        return loss
+
+    losses = vmap(sample_loss, randomness="different")(*xs, targets)
+    bad = ~torch.isfinite(losses.detach())
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"non-finite loss {losses[i].item()} for sample {i}")
+    return recorder, losses
+
+
+def _signals(recorder: _Recorder, losses: Tensor) -> dict[str, list[tuple[Region | None, Term]]]:
+    """One backward pass to the kept edges; each record's and copy's (region, term)."""
+    copies = list(recorder.copies.values())
+    edges = [r.edge for r in recorder.records] + [c.edge for c in copies]
+    signals = (torch.autograd.grad(losses.sum(), edges, allow_unused=True)
+               if edges and losses.requires_grad else [None] * len(edges))
+    terms: dict[str, list[tuple[Region | None, Term]]] = defaultdict(list)
+
+    def add(ref: _Ref, term: Term, shape: tuple[int, ...]) -> None:
+        term = scaled(term, ref.scale) if ref.scale != 1.0 else term
+        terms[ref.name].append((ref.region, transposed(term, shape) if ref.transposed else term))
+
+    for rec, signal in zip(recorder.records, signals, strict=False):
+        if signal is None:  # the output does not reach the loss: no gradient
+            continue
+        made = rec.plan.terms(rec.saved, signal.detach().movedim(rec.axis, 0))
+        for slot, term in made.items():
+            add(rec.refs[slot], term, rec.shapes[slot])
+    for copy, signal in zip(copies, signals[len(recorder.records):], strict=True):
+        if signal is not None:
+            add(copy.ref, Dense(signal.detach().reshape(signal.shape[0], -1), "copy",
+                                copied=True), copy.shape)
+    return dict(terms)
+
+
+def _reachable(losses: Tensor) -> set[int]:
+    """ids of the leaf tensors (parameters) the autograd graph of ``losses`` reaches."""
+    found: set[int] = set()
+    stack, seen = [losses.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(child for child, _ in node.next_functions)
+    return found
+
+
+def _factor(name: str, rest: tuple, kwargs: dict) -> float | None:
+    """The number a parameter is multiplied by in ``P * c``, ``P / c`` or ``-P``, or None."""
+    if name == "neg" and not rest and not kwargs:
+        return -1.0
+    if name not in _SCALINGS or len(rest) != 1 or kwargs:
+        return None
+    c = rest[0]
+    if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c):
+        return None
+    if name in ("div", "__truediv__"):
+        return 1.0 / c if c else None
+    return float(c)
+
+
+def _box(part: Tensor, source: Tensor) -> Region | None:
+    """The box of ``source`` that the view ``part`` is, read from their geometry, or None."""
+    if (not isinstance(part, Tensor) or part.dim() != source.dim()
+            or part.stride() != source.stride()
+            or part.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()):
+        return None
+    rest = part.storage_offset() - source.storage_offset()
+    starts = [0] * source.dim()
+    for axis in sorted((a for a in range(source.dim()) if source.shape[a] > 1),
+                       key=lambda a: -source.stride(a)):
+        starts[axis], rest = divmod(rest, source.stride(axis))
+    if rest or any(s < 0 or s + size > full for s, size, full in
+                   zip(starts, part.shape, source.shape, strict=True)):
+        return None
+    return tuple((s, s + size) for s, size in zip(starts, part.shape, strict=True))
+
+
+def _compose(outer: Region | None, inner: Region) -> Region:
+    """A box ``inner`` of a box ``outer`` of the parameter, in the parameter's coordinates."""
+    if outer is None:
+        return inner
+    return tuple((a + s, a + t) for (a, _), (s, t) in zip(outer, inner, strict=True))
+
+
+def _swaps(name: str, dims: tuple, kwargs: dict) -> bool:
+    """Whether a transpose-like call on a matrix swaps its two axes."""
+    if name in ("t", "T", "mT"):
+        return True
+    dims = (*dims, *kwargs.values())
+    if name == "permute":
+        order = dims[0] if len(dims) == 1 else dims
+        return [d % 2 for d in order] == [1, 0]
+    return len(dims) == 2 and dims[0] % 2 != dims[1] % 2
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:
+    """Tensor operands, one level into lists and tuples (torch.cat takes a list)."""
+    out = []
+    for value in (*args, *kwargs.values()):
+        for item in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(item, Tensor):
+                out.append(item)
+    return out
+
+
+def _substitute(values: Any, replace: dict[int, Tensor]) -> Any:
+    """``values`` (args tuple or kwargs dict) with tensors replaced by identity."""
+    if not replace:
+        return values
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return type(value)(swap(item) for item in value)
+        return replace.get(id(value), value) if isinstance(value, Tensor) else value
+
+    if isinstance(values, dict):
+        return {key: swap(value) for key, value in values.items()}
+    return tuple(swap(value) for value in values)
+
+
+def _name(func: Callable) -> str:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property such as .shape or .T: named by its descriptor
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    return name or str(func)
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _changed(state: tuple[Tensor, Tensor | None], device: torch.device) -> bool:
+    now = _rng_state(device)
+    return not torch.equal(now[0], state[0]) or (
+        state[1] is not None and not torch.equal(now[1], state[1]))
+

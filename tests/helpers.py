@@ -1,0 +1,68 @@
+"""Test helpers shared by the test modules: seeding and the independent per-sample reference.
+
+The reference for every per-sample quantity is a plain Python loop: for each sample i, the
+gradient of ``loss_fn(model(x[i:i+1]), y[i:i+1])`` by an ordinary ``backward()`` on a copy of
+the model. Nothing of sgn_lab is used to compute it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator for the block and restore the previous state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def as_tuple(inputs: Tensor | tuple[Tensor, ...] | list[Tensor]) -> tuple[Tensor, ...]:
+    return (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [k for k, p in model.named_parameters() if p.requires_grad]
+
+
+def loop_grads(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor | tuple[Tensor, ...],
+    targets: Tensor,
+) -> dict[str, Tensor]:
+    """Reference: one ordinary backward pass per sample on a copy of the model."""
+    model = copy.deepcopy(model)
+    xs = as_tuple(inputs)
+    device = next(model.parameters()).device
+    xs = tuple(x.to(device) for x in xs)
+    targets = targets.to(device)
+    names = trainable_names(model)
+    params = dict(model.named_parameters())
+    out: dict[str, list[Tensor]] = {k: [] for k in names}
+    for i in range(targets.shape[0]):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model(*(x[i : i + 1] for x in xs)), targets[i : i + 1])
+        loss.backward()
+        for k in names:
+            g = params[k].grad
+            out[k].append(torch.zeros_like(params[k]) if g is None else g.detach().clone())
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def loop_matrix(model, loss_fn, inputs, targets) -> Tensor:
+    """The (n, d) float64 matrix of the loop's per-sample gradients, named_parameters order."""
+    grads = loop_grads(model, loss_fn, inputs, targets)
+    return torch.cat([g.reshape(g.shape[0], -1).double() for g in grads.values()], dim=1)
+
+
+def relative_error(got: Tensor, want: Tensor) -> float:
+    """‖got − want‖_F / ‖want‖_F in float64."""
+    got, want = got.double().cpu(), want.double().cpu()
+    return float(torch.linalg.norm(got - want) / torch.linalg.norm(want))
