@@ -33,6 +33,10 @@ def test_short_measure_run_prints_real_numbers(tmp_path, monkeypatch, capsys):
     assert code == 0
     assert "SGN over training" in out
     assert (tmp_path / "run" / "metrics.csv").is_file()
+    # --grads auto: the Gram path, its routes printed once and kept in coverage.csv.
+    assert out.count("Gram path, n = 32: routes of the 6 trainable parameters") == 1
+    coverage = (tmp_path / "run" / "coverage.csv").read_text()
+    assert coverage.startswith("name,route,operations,reason") and "ghost" in coverage
 
 
 @pytest.mark.parametrize(

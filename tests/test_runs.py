@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+import sgn_lab
 from sgn_lab.cli.app import app, main
 from sgn_lab.grads import flatten_grads, per_sample_grads
 from sgn_lab.noise import minibatch_factor, noise_stats
@@ -283,6 +284,39 @@ def test_probe_gram_path_measures_what_the_vmap_path_measures():
                    **common)
     with pytest.raises(ValueError, match="unknown grads 'fast'"):
         NoiseProbe(model, nn.functional.cross_entropy, x, y, grads="fast", **common)
+
+
+def test_probe_auto_checks_the_gram_at_its_first_measurement(monkeypatch):
+    import sgn_lab.grads.rules as rules
+
+    torch.manual_seed(0)
+    x, y = torch.randn(100, 6, dtype=torch.float64), torch.randint(0, 3, (100,))
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+    probe = NoiseProbe(model, nn.functional.cross_entropy, x, y, every=1, samples=32, seed=1)
+    probe.measure(0)
+    assert probe.coverage is not None and probe.coverage.routes["0.weight"] == "ghost"
+
+    real = rules.RULES[nn.functional.linear]
+
+    def wrong(op):  # a rule whose bias terms are twice what they should be
+        plan = real.plan(op)
+
+        def terms(saved, signal):
+            out = plan.terms(saved, signal)
+            if "bias" in out:
+                out["bias"] = rules.Dense(out["bias"].grads * 2, "linear")
+            return out
+
+        return rules.Plan(plan.takes, plan.declined, plan.keep, plan.sample, terms)
+
+    monkeypatch.setitem(rules.RULES, nn.functional.linear,
+                        rules.Rule("linear", real.slots, real.defaults, wrong))
+    fresh = NoiseProbe(model, nn.functional.cross_entropy, x, y, every=1, samples=32, seed=1)
+    with pytest.raises(sgn_lab.GramMismatchError, match=r"0\.bias .*2\.bias"):
+        fresh.measure(0)
+    unchecked = NoiseProbe(model, nn.functional.cross_entropy, x, y, every=1, samples=32,
+                           seed=1, grads="gram")
+    unchecked.measure(0)  # asked for gram explicitly: no spot check, and nobody would know
 
 
 def test_measure_grads_flag_and_resume_in_gram_mode(tmp_path):

@@ -428,17 +428,19 @@ def _affine_plan(op: Op, normalise: Callable[[Tensor], Tensor],
                  affine_shape: Callable[[Tensor], tuple[int, ...]]) -> Plan:
     """g_i(weight) = Σ δ ⊙ x̂ and g_i(bias) = Σ δ, over the axes the affine is broadcast on.
 
-    x̂ is recomputed in float64 from the saved input (samples first), as the layer computes it.
+    x̂ is recomputed from the saved input (samples first) in the model's precision (at least
+    float32), as the layer computes it.
     """
     takes = tuple(slot for slot in ("weight", "bias") if slot in op.params)
 
     def terms(saved: dict[str, Any], signal: Tensor) -> dict[str, Term]:
-        delta = signal.double()
+        dtype = compute_dtype(signal)
+        delta = signal.to(dtype)
         shape = affine_shape(signal)
         out: dict[str, Term] = {}
         if "weight" in takes:
-            out["weight"] = Dense(reduce_to(delta * normalise(saved["input"].double()), shape),
-                                  op.name)
+            x = saved["input"].to(dtype)
+            out["weight"] = Dense(reduce_to(delta * normalise(x), shape), op.name)
         if "bias" in takes:
             out["bias"] = Dense(reduce_to(delta, shape), op.name)
         return out
