@@ -116,9 +116,12 @@ RepeatsOpt = Annotated[int | None, Opt(help="Per-step update noise over R miniba
                                        "(0: off). (default: 32)")]
 CurvOpt = Annotated[bool | None, Opt("--curvature/--no-curvature",
                                      help="Measure λ_max(H), tr H, tr(HS). (default: off)")]
-ChunkOpt = Annotated[int | None, Opt(help="Per-sample gradients vectorised at once.")]
-GradsOpt = Annotated[str | None, Opt(help="Per-sample gradients: auto, vmap (materialised) or "
-                                     "gram (fast Gram from activations). (default: auto)")]
+ChunkOpt = Annotated[int | None, Opt(help="Samples per pass: vmap chunks; the Gram path builds "
+                                     "its Gram from pairs of such chunks.")]
+GradsOpt = Annotated[str | None, Opt(help="Per-sample gradients: auto (the Gram path, checked "
+                                     "against vmap at the first measurement; vmap with "
+                                     "--curvature), vmap (materialised) or gram (unchecked). "
+                                     "(default: auto)")]
 DeviceOpt = Annotated[str | None, Opt(help="auto, cpu or cuda. (default: auto)")]
 MomentumOpt = Annotated[float | None, Opt(help="Heavy-ball momentum (momentum, gaussian, "
                                           "covariance, symmetric).")]

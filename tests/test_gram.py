@@ -763,3 +763,21 @@ def test_cuda_matches_the_loop():
     K = per_sample_gram(model, F.cross_entropy, x, y, verify=6)
     G = loop_matrix(model, F.cross_entropy, x, y)
     assert K.device.type == "cuda" and relative_error(K, G @ G.T) < 1e-10
+
+
+def test_an_edge_orphaned_by_an_in_place_op_on_a_view_is_recorded_again(monkeypatch):
+    # Under vmap a linear layer's output is a view of its matmul's; an in-place activation
+    # rebuilds the view's history. The pass records the base's edge; were it the view's, the
+    # gradient would no longer reach it: that is detected, and the layer recorded again
+    # through its per-sample copy.
+    import sgn_lab.grads.record as record
+
+    with seeded(28):
+        model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+        x = torch.randn(6, 4, dtype=D)
+    assert check(model, x, labels(6)).routes["0.weight"] in ("ghost", "per-sample")
+    monkeypatch.setattr(record, "_edge", record.get_gradient_edge)
+    coverage = check(model, x, labels(6))
+    assert coverage.routes["0.weight"] == "vmap"
+    assert "modified in place through a view" in coverage.to_frame().set_index("name").loc[
+        "0.weight", "reason"]

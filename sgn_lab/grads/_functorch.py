@@ -52,6 +52,21 @@ def broadcast_to_samples(value: Tensor, n: int, level: int) -> Tensor:
     return _functorch._add_batch_dim(value.expand(n, *value.shape), 0, level)
 
 
+def batched_linear(operands: dict, level: int) -> Tensor | None:
+    """``F.linear`` of a batched input with plain weight and bias as one fused call, or None.
+
+    vmap's rule for linear runs a matmul and then adds the bias; the physical input with its
+    sample axis first is just more leading axes to ``F.linear``, which fuses the two.
+    """
+    x, weight, bias = operands.get("input"), operands.get("weight"), operands.get("bias")
+    if not is_batched(x, level) or _functorch.is_batchedtensor(weight) or (
+            isinstance(bias, Tensor) and _functorch.is_batchedtensor(bias)):
+        return None
+    tensor, axis = physical(x)
+    out = torch.nn.functional.linear(tensor.movedim(axis, 0), weight, bias)
+    return _functorch._add_batch_dim(out, 0, level)
+
+
 _ATTENTION_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
                    "enable_gqa")
 

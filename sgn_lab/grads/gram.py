@@ -301,6 +301,7 @@ def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify):
     K = torch.zeros((n, n), dtype=torch.float64, device=targets.device)
     sums, routes, blocks, workspace = [], [], {}, Workspace()
     for name, p in params.items():
+        workspace.next_parameter()
         groups = _by_region(rec.terms.pop(name, []), tuple(p.shape))
         routes.append(_route(name, groups, rec))
         if groups:
@@ -356,7 +357,8 @@ def _embed(term: Term, region: Region, shape: tuple[int, ...]) -> Dense:
     full = grads.new_zeros((n, *shape))
     box = full[(slice(None), *_index(region))]
     box.copy_(grads.view(box.shape))
-    return Dense(full.reshape(n, -1), term.op, isinstance(term, Dense) and term.copied)
+    return Dense(full.reshape(n, -1), term.op, route(term) if isinstance(term, Dense)
+                 else "per-sample")
 
 
 def _route(name: str, groups: list[tuple[Region | None, list[Term]]], rec: Recording
@@ -390,7 +392,7 @@ def _vmap_unseen(model, loss_fn, xs, targets, rec: Recording) -> None:
             p.requires_grad_(flags[name])
     why = "used by operations that are not torch functions (TorchScript, C++ extensions)"
     for name, g in grads.items():
-        rec.terms[name] = [(None, Dense(g.reshape(g.shape[0], -1), "unseen", copied=True))]
+        rec.terms[name] = [(None, Dense(g.reshape(g.shape[0], -1), "unseen", "vmap"))]
         rec.reasons[name] = [why]
 
 

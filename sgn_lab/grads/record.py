@@ -46,6 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from sgn_lab.grads._functorch import (
     batched_attention,
+    batched_linear,
     broadcast_to_samples,
     current_level,
     is_batched,
@@ -100,7 +101,9 @@ class _Record:
     """One rule application: the output's edge and what the rule's terms need."""
 
     edge: GradientEdge
-    axis: int  # sample axis of the output's physical tensor
+    output: Tensor  # the output's physical tensor
+    version: int  # its version when recorded
+    axis: int  # its sample axis
     plan: Plan
     refs: dict[str, _Ref]  # taken slot -> parameter
     shapes: dict[str, tuple[int, ...]]  # taken slot -> the operand's shape
@@ -229,9 +232,12 @@ class _Recorder(TorchFunctionMode):
             takes = self._give_up(takes, refs, operands, replace, rule.name,
                                   "no operand carries the samples")
         args, kwargs = _substitute(args, replace), _substitute(kwargs, replace)
-        out = func(*args, **kwargs)
+        operands = rule.bind(args, kwargs)
+        out = batched_linear(operands, self.level) if func is F.linear else None
+        if out is None:
+            out = func(*args, **kwargs)
         if takes:
-            self._keep(rule, plan, takes, refs, rule.bind(args, kwargs), out)
+            self._keep(rule, plan, takes, refs, operands, out)
         return out
 
     def _give_up(self, takes, refs, operands, replace, op, why) -> list[str]:
@@ -254,7 +260,7 @@ class _Recorder(TorchFunctionMode):
             saved[slot] = value
         tensor, axis = physical(out)
         self.records.append(_Record(
-            get_gradient_edge(tensor), axis, plan, {s: refs[s] for s in takes},
+            _edge(tensor), tensor, tensor._version, axis, plan, {s: refs[s] for s in takes},
             {s: tuple(operands[s].shape) for s in takes}, saved, versions))
 
     def _copy(self, tensor: Tensor, why: str) -> Tensor:
@@ -278,11 +284,18 @@ def record(model: nn.Module, loss_fn: LossFn, xs: tuple[Tensor, ...], targets: T
     state = _rng_state(targets.device)
     for _ in range(len(params) + 1):
         recorder, losses = _forward(model, loss_fn, xs, targets, params, n, force_copy)
+        nodes, leaves = _graph(losses)
         invalid = dict(recorder.failed)
         for rec in recorder.records:
+            why = ""
             if any(t._version != v for t, v in rec.versions):
-                for ref in rec.refs.values():
-                    invalid[ref.name] = "an operand was modified in place after the operation"
+                why = "an operand was modified in place after the operation"
+            elif rec.edge.node not in nodes and rec.output._version != rec.version:
+                # An in-place op on a view of the output rebuilt its history: the recorded
+                # edge no longer receives the gradient.
+                why = "its output was modified in place through a view"
+            for ref in rec.refs.values() if why else ():
+                invalid[ref.name] = why
         if not invalid:
             break
         force_copy.update(invalid)
@@ -290,8 +303,7 @@ def record(model: nn.Module, loss_fn: LossFn, xs: tuple[Tensor, ...], targets: T
     randomness = _changed(state, targets.device)
     used = {rec_ref.name for rec in recorder.records for rec_ref in rec.refs.values()}
     used |= {copy.ref.name for copy in recorder.copies.values()}
-    unseen = [name for name in params
-              if name not in used and id(params[name]) in _reachable(losses)]
+    unseen = [name for name in params if name not in used and id(params[name]) in leaves]
     terms = _signals(recorder, losses)
     return Recording(terms, dict(recorder.reasons), unseen, randomness)
 
@@ -334,19 +346,20 @@ def _signals(recorder: _Recorder, losses: Tensor) -> dict[str, list[tuple[Region
     for rec, signal in zip(recorder.records, signals, strict=False):
         if signal is None:  # the output does not reach the loss: no gradient
             continue
-        made = rec.plan.terms(rec.saved, signal.detach().movedim(rec.axis, 0))
+        signal = signal.detach().reshape(rec.output.shape)  # the edge may be the view's base
+        made = rec.plan.terms(rec.saved, signal.movedim(rec.axis, 0))
         for slot, term in made.items():
             add(rec.refs[slot], term, rec.shapes[slot])
     for copy, signal in zip(copies, signals[len(recorder.records):], strict=True):
         if signal is not None:
             add(copy.ref, Dense(signal.detach().reshape(signal.shape[0], -1), "copy",
-                                copied=True), copy.shape)
+                                "vmap"), copy.shape)
     return dict(terms)
 
 
-def _reachable(losses: Tensor) -> set[int]:
-    """ids of the leaf tensors (parameters) the autograd graph of ``losses`` reaches."""
-    found: set[int] = set()
+def _graph(losses: Tensor) -> tuple[set, set[int]]:
+    """The autograd nodes that ``losses`` reaches, and the ids of the leaf tensors among them."""
+    leaves: set[int] = set()
     stack, seen = [losses.grad_fn], set()
     while stack:
         node = stack.pop()
@@ -355,9 +368,24 @@ def _reachable(losses: Tensor) -> set[int]:
         seen.add(node)
         variable = getattr(node, "variable", None)
         if variable is not None:
-            found.add(id(variable))
+            leaves.add(id(variable))
         stack.extend(child for child, _ in node.next_functions)
-    return found
+    return seen, leaves
+
+
+def _edge(tensor: Tensor) -> GradientEdge:
+    """The gradient edge of ``tensor``, or of its base when it is a reshaped view of all of it.
+
+    An in-place op on a view (an in-place activation after a linear layer of a 3-D input,
+    whose output is a view of the matmul's) rebuilds the view's history, and the gradient no
+    longer reaches its old edge; the base's edge still receives it.
+    """
+    base = tensor._base
+    if (base is not None and base.grad_fn is not None and base.numel() == tensor.numel()
+            and base.is_contiguous() and tensor.is_contiguous()
+            and base.data_ptr() == tensor.data_ptr()):
+        return get_gradient_edge(base)
+    return get_gradient_edge(tensor)
 
 
 def _factor(name: str, rest: tuple, kwargs: dict) -> float | None:

@@ -136,10 +136,13 @@ def linear(op: Op) -> Plan:
 
     def terms(saved: dict[str, Any], signal: Tensor) -> dict[str, Term]:
         out: dict[str, Term] = {}
+        delta = positions(signal)
         if "weight" in takes:
-            out["weight"] = Outer(positions(signal), positions(saved["input"]), "linear")
-        if "bias" in takes:
-            out["bias"] = Dense(reduce_to(signal, bias_shape), "linear")
+            out["weight"] = Outer(delta, positions(saved["input"]), "linear")
+        if "bias" in takes:  # one position: the same view of δ as the weight's (one δ δᵀ)
+            single = delta.shape[1] == 1 and bias_shape == (delta.shape[2],)
+            out["bias"] = Dense(delta[:, 0] if single else reduce_to(signal, bias_shape),
+                                "linear")
         return out
 
     keep = ("input",) if "weight" in takes else ()

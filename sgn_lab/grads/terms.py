@@ -73,14 +73,16 @@ class Rows:
 
 @dataclass(frozen=True)
 class Dense:
-    """g_i given, (n, numel); ``copied``: from the per-sample copy of the vmap route."""
+    """g_i given, (n, numel), and the route that gave it: ``per-sample`` (a rule's formula),
+    ``vmap`` (a per-sample copy of the parameter) or ``loop`` (per-sample backward passes)."""
 
     grads: Tensor
     op: str
-    copied: bool = False
+    route: str = "per-sample"
 
 
 Term = Outer | Rows | Dense
+_SLOWER = ("ghost", "per-sample", "vmap", "loop")  # routes, fastest first
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -94,7 +96,8 @@ def transposed(term: Term, shape: tuple[int, int]) -> Term:
         return Outer(term.right, term.left, term.op)
     grads = materialise(term)
     n = grads.shape[0]
-    return Dense(grads.reshape(n, *shape).transpose(1, 2).reshape(n, -1), term.op, term.copied)
+    return Dense(grads.reshape(n, *shape).transpose(1, 2).reshape(n, -1), term.op,
+                 term.route if isinstance(term, Dense) else "per-sample")
 
 
 def scaled(term: Term, factor: float) -> Term:
@@ -118,7 +121,7 @@ def merge(terms: list[Term]) -> list[Term]:
         if kind is Dense:
             dtype = _common_dtype([t.grads for t in same])
             total = sum(t.grads.to(dtype) for t in same)
-            merged.append(Dense(total, op, any(t.copied for t in same)))
+            merged.append(Dense(total, op, max((t.route for t in same), key=_SLOWER.index)))
         elif kind is Outer:
             dtype = _common_dtype([t.left for t in same])
             merged.append(Outer(torch.cat([t.left.to(dtype) for t in same], dim=1),
@@ -153,7 +156,7 @@ def outer_route(n: int, T: int, p: int, q: int, itemsize: int) -> str:
 def route(term: Term) -> str:
     """The route the Gram of ``term`` takes: ``ghost``, ``per-sample`` or ``vmap``."""
     if isinstance(term, Dense):
-        return "vmap" if term.copied else "per-sample"
+        return term.route
     if isinstance(term, Outer):
         n, T, p = term.left.shape
         return outer_route(n, T, p, term.right.shape[2], term.left.element_size())
@@ -179,14 +182,32 @@ def cost(term: Term) -> str:
 
 
 class Workspace:
-    """One buffer, grown as needed, for the per-sample gradients formed one term at a time.
+    """What the Grams of one pass share, parameter after parameter.
 
-    Fresh memory costs page faults: on a CPU, first touching the n·p·q values of a layer's
-    per-sample gradients can take as long as multiplying them, so every layer reuses this.
+    One buffer, grown as needed, for the per-sample gradients formed one term at a time:
+    fresh memory costs page faults, and on a CPU first touching the n·p·q values of a layer's
+    per-sample gradients can take as long as multiplying them. And the products X Xᵀ of the
+    current and the previous parameter, by view: a Linear layer's weight (T = 1) and bias
+    share their signal's δ δᵀ.
     """
 
     def __init__(self) -> None:
         self.buffer: Tensor | None = None
+        self.products: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.earlier: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def next_parameter(self) -> None:
+        self.earlier, self.products = self.products, {}
+
+    def product(self, x: Tensor) -> Tensor:
+        """x xᵀ for a 2-D x (n, f), in x's precision (at least float32)."""
+        key = (x.data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
+        found = self.products.get(key) or self.earlier.get(key)
+        if found is None:
+            y = x.to(compute_dtype(x))
+            found = (x, y @ y.T)  # x kept alive, so that its address stays its own
+        self.products[key] = found
+        return found[1]
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised tensor of ``shape``, valid until the next ``take``."""
@@ -209,8 +230,7 @@ def parameter_gram(terms: list[Term], workspace: Workspace | None = None) -> Ten
 
 def _self_gram(term: Term, workspace: Workspace) -> Tensor:
     if isinstance(term, Dense):
-        g = term.grads.to(compute_dtype(term.grads))
-        return (g @ g.T).double()
+        return workspace.product(term.grads).double()
     if isinstance(term, Rows):
         return _rows_gram(term, workspace)
     n, T, p = term.left.shape
@@ -221,8 +241,8 @@ def _self_gram(term: Term, workspace: Workspace) -> Tensor:
         g = g.reshape(n, -1)
         return (g @ g.T).double()
     if T == 1:
-        left, right = term.left[:, 0], term.right[:, 0]
-        return ((left @ left.T) * (right @ right.T)).double()
+        return (workspace.product(term.left[:, 0]) * workspace.product(term.right[:, 0])
+                ).double()
     return _blocks(term.left, term.right, term.left, term.right)
 
 
