@@ -37,8 +37,13 @@ def loop_grads(
     inputs: Tensor | tuple[Tensor, ...],
     targets: Tensor,
 ) -> dict[str, Tensor]:
-    """Reference: one ordinary backward pass per sample on a copy of the model."""
+    """Reference: one ordinary backward pass per sample on a copy of the model.
+
+    Every sample starts from the model's buffers as they were (a module that updates a buffer
+    in its forward pass would otherwise give each sample another model).
+    """
     model = copy.deepcopy(model)
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
     xs = as_tuple(inputs)
     device = next(model.parameters()).device
     xs = tuple(x.to(device) for x in xs)
@@ -47,6 +52,9 @@ def loop_grads(
     params = dict(model.named_parameters())
     out: dict[str, list[Tensor]] = {k: [] for k in names}
     for i in range(targets.shape[0]):
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(buffers[k])
         model.zero_grad(set_to_none=True)
         loss = loss_fn(model(*(x[i : i + 1] for x in xs)), targets[i : i + 1])
         loss.backward()

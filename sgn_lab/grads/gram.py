@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from sgn_lab.grads.record import Recording, Region, record
+from sgn_lab.grads.record import Recording, Region, _changed, _rng_state, record
 from sgn_lab.grads.terms import (
     Dense,
     Term,
@@ -60,15 +60,17 @@ from sgn_lab.grads.vmap import (
     _as_tuple,
     _batchnorm_policy,
     _num_samples,
+    last_resort,
     per_sample_grads,
 )
 
-ROUTES = ("ghost", "per-sample", "vmap", "none")
+ROUTES = ("ghost", "per-sample", "vmap", "loop", "none")
 ROUTE_HELP = {
     "ghost": "the Gram from the operation's factors (activations, signals); no per-sample "
              "gradient is formed",
     "per-sample": "that use's per-sample gradients, formed from its factors",
     "vmap": "a per-sample copy of the parameter inside the vmapped pass (any operation)",
+    "loop": "one backward pass per sample: the last resort where vmap cannot get through",
     "none": "no gradient path to the loss (unused, or used without gradient)",
 }
 # Relative Frobenius error per parameter that verify= accepts, by the model's precision.
@@ -114,7 +116,7 @@ class GramCoverage:
             chosen = [p for p in self.parameters if p.route == r]
             if not chosen:
                 continue
-            if r in ("vmap", "none"):
+            if r in ("vmap", "loop", "none"):
                 lines += [f"  {r:<10} {p.name}: {p.reason}" for p in chosen]
                 continue
             shown = ", ".join(p.name for p in chosen[:names])
@@ -295,7 +297,10 @@ def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify):
     The result's ``mean`` is Σ_i g_i over the samples ``sum_rows`` (None: not computed).
     """
     n = targets.shape[0]
-    rec = record(model, loss_fn, xs, targets, params)
+    try:
+        rec = record(model, loss_fn, xs, targets, params)
+    except RuntimeError as refusal:  # vmap cannot transform some module: the last resort
+        rec = _loop_recording(model, loss_fn, xs, targets, params, refusal)
     if rec.unseen:
         _vmap_unseen(model, loss_fn, xs, targets, rec)
     K = torch.zeros((n, n), dtype=torch.float64, device=targets.device)
@@ -369,7 +374,7 @@ def _route(name: str, groups: list[tuple[Region | None, list[Term]]], rec: Recor
     chosen = [route(t) for t in terms]
     slowest = max(chosen, key=ROUTES.index)
     operations = " + ".join(t.op for t in terms)
-    if slowest == "vmap":
+    if slowest in ("vmap", "loop"):
         reason = "; ".join(dict.fromkeys(rec.reasons.get(name, [])))
     else:
         reason = "; ".join(f"{t.op}: {r} ({cost(t)})" for t, r in zip(terms, chosen,
@@ -377,6 +382,22 @@ def _route(name: str, groups: list[tuple[Region | None, list[Term]]], rec: Recor
     if any(len(group) > 1 for _, group in groups):
         reason += "; cross terms of its uses from their factors"
     return ParameterRoute(name, slowest, operations, reason)
+
+
+def _loop_recording(model, loss_fn, xs, targets, params, refusal) -> Recording:
+    """Every parameter's per-sample gradients from per-sample backward passes (the ``loop``
+    route), when the recording pass cannot run under vmap."""
+    pick = slice(0, min(2, targets.shape[0]))
+
+    def attempt() -> None:
+        record(model, loss_fn, tuple(x[pick] for x in xs), targets[pick], params)
+
+    state = _rng_state(targets.device)
+    grads, why = last_resort(model, loss_fn, xs, targets, refusal, attempt)
+    terms = {name: [(None, Dense(g.reshape(g.shape[0], -1), "loop", "loop"))]
+             for name, g in grads.items()}
+    return Recording(terms, {name: [why] for name in grads}, [],
+                     _changed(state, targets.device))
 
 
 def _vmap_unseen(model, loss_fn, xs, targets, rec: Recording) -> None:

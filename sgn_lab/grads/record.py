@@ -53,6 +53,7 @@ from sgn_lab.grads._functorch import (
     physical,
     sample_first,
 )
+from sgn_lab.grads.recurrent import RECURRENT
 from sgn_lab.grads.rules import RULES, Op, Plan, Rule
 from sgn_lab.grads.terms import Dense, Term, scaled, transposed
 
@@ -146,6 +147,9 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in RECURRENT:  # written out step by step, each step's operations recorded
+            with self:
+                return RECURRENT[func](*args, **kwargs)
         found = [t for t in _tensors(args, kwargs) if id(t) in self.refs]
         if func is F.scaled_dot_product_attention and not found:
             out = batched_attention(args, kwargs, self.level)

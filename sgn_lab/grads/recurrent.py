@@ -101,7 +101,7 @@ def _run(cell: Cell, lstm: bool, input: Tensor, hx: Tensor | Sequence[Tensor],
 
 def _functional(cell: Cell, lstm: bool, name: str) -> Callable[..., tuple[Tensor, ...]]:
     def call(input: Tensor, *args: object) -> tuple[Tensor, ...]:
-        if len(args) == 8 and isinstance(args[2], list | tuple):  # the unpacked signature
+        if len(args) == 8 and isinstance(args[1], list | tuple):  # the unpacked signature
             return _run(cell, lstm, input, *args)  # type: ignore[arg-type]
         raise ValueError(
             f"{name} on a packed sequence: each sample would have its own length, which the "

@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import numbers
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
+
+from sgn_lab.grads.recurrent import Recurrence
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Inputs = Tensor | Sequence[Tensor]
@@ -120,18 +123,126 @@ def per_sample_grads(
     in_dims = (None,) + (0,) * (len(xs) + 1)
     compute = vmap(grad_and_value(sample_loss), in_dims=in_dims, randomness="different")
     with _batchnorm_policy(model, batchnorm), _seeded(seed, device):
-        if chunk_size >= n:  # one chunk: vmap's own output, no copy
-            grads, losses = compute(trainable, *xs, targets)
-            check_finite(losses, grads)
-            return dict(grads)
-        out = _output(trainable, n)
-        for start in range(0, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            grads, losses = compute(trainable, *(x[start:stop] for x in xs), targets[start:stop])
-            check_finite(losses, grads, offset=start)
-            for k, g in grads.items():
-                out[k][start:stop] = g
-    return out
+        try:
+            with recurrence(model):
+                if chunk_size >= n:  # one chunk: vmap's own output, no copy
+                    grads, losses = compute(trainable, *xs, targets)
+                    check_finite(losses, grads)
+                    return dict(grads)
+                out = _output(trainable, n)
+                for start in range(0, n, chunk_size):
+                    stop = min(start + chunk_size, n)
+                    grads, losses = compute(trainable, *(x[start:stop] for x in xs),
+                                            targets[start:stop])
+                    check_finite(losses, grads, offset=start)
+                    for k, g in grads.items():
+                        out[k][start:stop] = g
+                return out
+        except RuntimeError as refusal:  # vmap cannot transform some module: the last resort
+            pick = slice(0, min(2, n))
+
+            def attempt() -> None:
+                with recurrence(model):
+                    compute(trainable, *(x[pick] for x in xs), targets[pick])
+
+            return last_resort(model, loss_fn, xs, targets, refusal, attempt)[0]
+
+
+class LastResortWarning(UserWarning):
+    """vmap cannot transform a module: per-sample gradients by per-sample backward passes."""
+
+
+def last_resort(model: nn.Module, loss_fn: LossFn, xs: tuple[Tensor, ...], targets: Tensor,
+                refusal: RuntimeError, attempt: Callable[[], object]
+                ) -> tuple[dict[str, Tensor], str]:
+    """Per-sample gradients by one ordinary backward pass per sample, after vmap refused.
+
+    For models vmap cannot transform: fused kernels without batching rules, in-place updates
+    of buffers, data-dependent Python control flow, activation checkpointing. Each sample runs
+    alone (a batch of one) from the same buffers, which are restored afterwards; the result is
+    exact, at the cost of n passes. One :class:`LastResortWarning` names the module that vmap
+    could not get through and why. The vmap transform spans the whole forward pass, so every
+    trainable parameter takes this route. If the first sample fails here too, the error is the
+    model's own and vmap's is raised. ``attempt()`` repeats what vmap refused on two samples,
+    to find the module (:func:`culprit`). Returns the gradients and what vmap refused.
+    """
+    where, why = culprit(model, attempt, refusal)
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    out = _output({k: p.detach() for k, p in params.items()}, targets.shape[0])
+    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+    # .backward() rather than autograd.grad, which reentrant checkpointing refuses; the
+    # parameters' own .grad is put back afterwards.
+    kept = {k: p.grad for k, p in params.items()}
+    try:
+        for i in range(targets.shape[0]):
+            _restore(model, buffers)
+            for p in params.values():
+                p.grad = None
+            try:
+                loss = loss_fn(model(*(x[i:i + 1] for x in xs)), targets[i:i + 1])
+            except Exception:
+                if i == 0:
+                    raise refusal from None
+                raise
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise ValueError("loss_fn must return a scalar (a mean-reduced loss)")
+            loss.backward()
+            for k, p in params.items():
+                out[k][i] = 0.0 if p.grad is None else p.grad
+            check_finite(loss.detach().reshape(1), {k: out[k][i:i + 1] for k in params},
+                         offset=i)
+            if i == 0:
+                warnings.warn(f"vmap cannot transform {where} ({why}); per-sample gradients "
+                              "come from one backward pass per sample: exact, slower",
+                              LastResortWarning, stacklevel=3)
+    finally:
+        _restore(model, buffers)
+        for k, p in params.items():
+            p.grad = kept[k]
+    return out, f"vmap cannot transform {where}: {why}"
+
+
+def culprit(model: nn.Module, attempt: Callable[[], object], refusal: RuntimeError
+            ) -> tuple[str, str]:
+    """("module 'name' (Type)", reason): the innermost module running when vmap raised.
+
+    ``attempt()`` runs again what vmap refused, on two samples, with forward hooks that keep
+    the stack of the modules running (forward hooks do not disturb vmap); the module on top
+    of it when the error escaped is the one vmap could not get through. An error outside
+    every module's forward (in the backward pass): the model.
+    """
+    stack: list[str] = []
+
+    def enter(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            stack.append(name)
+        return hook
+
+    def leave(module: nn.Module, args: tuple, output: object) -> None:
+        stack.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        attempt()
+        where = "the model"
+    except Exception:  # noqa: BLE001 — the same refusal, now located
+        where = f"module '{stack[-1]}' ({type(model.get_submodule(stack[-1])).__name__})" if (
+            stack and stack[-1]) else "the model"
+    finally:
+        for handle in handles:
+            handle.remove()
+    reason = str(refusal).strip().splitlines()[0] if str(refusal).strip() else type(
+        refusal).__name__
+    return where, reason[:200]
+
+
+def _restore(model: nn.Module, buffers: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for k, b in model.named_buffers():
+            b.copy_(buffers[k])
 
 
 def _output(trainable: dict[str, Tensor], n: int) -> dict[str, Tensor]:
@@ -283,6 +394,13 @@ def _batchnorm_policy(model: nn.Module, policy: str) -> Iterator[None]:
     finally:
         for _, m in coupled:
             m.train()
+
+
+def recurrence(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Recurrent layers written out step by step (vmap cannot batch torch's fused kernels)."""
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        return Recurrence()
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
