@@ -24,8 +24,10 @@ from sgn_lab.grads.recurrent import Recurrence
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Inputs = Tensor | Sequence[Tensor]
 
-# chunk_size=None: one chunk's gradients fit in this (small allocations reuse their pages,
-# a fresh n × d one page-faults its whole size), and a chunk has at least _MIN_CHUNK samples.
+# chunk_size=None: all samples at once while G fits in _WHOLE_BYTES; beyond, chunks whose
+# gradients fit in _CHUNK_BYTES (small allocations reuse their pages, while every fresh n × d
+# one page-faults its whole size), of at least _MIN_CHUNK samples.
+_WHOLE_BYTES = 256 * 2**20
 _CHUNK_BYTES = 32 * 2**20
 _MIN_CHUNK = 8
 
@@ -61,9 +63,10 @@ def per_sample_grads(
         Tensor of shape (n, ...).
     chunk_size
         Number of samples vectorised at once; bounds the working memory to about
-        ``chunk_size`` × (activations + d). ``None``: as many as keep one chunk's gradients
-        within 32 MiB (at least 8 samples), since the chunks are copied into one (n, d) matrix
-        and small ones reuse their memory. The result does not depend on it, except for
+        ``chunk_size`` × (activations + d). ``None``: all n at once while the (n, d) gradients
+        fit in 256 MiB; beyond, as many as keep one chunk's gradients within 32 MiB (at least
+        8 samples), copied into one (n, d) matrix (small chunks reuse their memory, a fresh
+        n × d one page-faults its whole size). The result does not depend on it, except for
         random layers: each chunk draws its own dropout masks, so a seeded result is
         reproducible for a given ``chunk_size`` (and, with None, for the same n and d).
     batchnorm
@@ -98,7 +101,8 @@ def per_sample_grads(
     refuse_max_norm(model)
     if chunk_size is None:
         row_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
-        chunk_size = max(_MIN_CHUNK, _CHUNK_BYTES // max(1, row_bytes))
+        chunk_size = n if n * row_bytes <= _WHOLE_BYTES else max(
+            _MIN_CHUNK, _CHUNK_BYTES // max(1, row_bytes))
     chunk_size = int(chunk_size)
     fixed = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
     fixed.update({k: b.detach() for k, b in model.named_buffers()})
