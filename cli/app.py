@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
+import signal
 import sys
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from sgn_lab.run.config import FIELDS, SECTIONS, help_text
 
 app = typer.Typer(
     help="Measure stochastic gradient noise (SGN) in PyTorch models.",
@@ -36,6 +44,8 @@ SUMMARY_COLUMNS = (
     ("tail_index", "α", "{:.2f}"),
     ("update_trace", "update tr", "{:.3g}"),
 )
+# Columns shown with their jackknife standard error.
+ERRORS = {"noise_scale": "noise_scale_se"}
 
 Opt = typer.Option
 
@@ -45,15 +55,51 @@ def _root() -> None:
     """Measure stochastic gradient noise (SGN) in PyTorch models."""
 
 
-def _config_from(config_file: Path | None, flags: dict[str, Any]):
-    """Defaults ← TOML config file ← flags given on the command line (None: not given)."""
-    from sgn_lab.train import RunConfig, read_config_file
+def run_options(*, skip: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """One option per config key (:data:`sgn_lab.run.config.FIELDS`), added to a command.
 
-    data = read_config_file(config_file) if config_file is not None else {}
-    data.update({k: v for k, v in flags.items() if v is not None})
-    config = RunConfig.from_dict(data)
-    config.validate()
-    return config
+    The options are defined once, with their types and help texts, by the config's schema;
+    ``measure`` and ``compare`` share them. Their values reach the command's ``**flags``
+    (None: not given).
+    """
+
+    def add(command: Callable) -> Callable:
+        signature = inspect.signature(command)
+        params = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+        for flat, (section, key) in FIELDS.items():
+            if flat in skip:
+                continue
+            annotation = _option_type(SECTIONS[section].model_fields[key].annotation)
+            declared = (f"--{flat.replace('_', '-')}/--no-{flat.replace('_', '-')}"
+                        if annotation is bool else f"--{flat.replace('_', '-')}")
+            params.append(inspect.Parameter(
+                flat, inspect.Parameter.KEYWORD_ONLY, default=None,
+                annotation=Annotated[annotation | None, Opt(declared, help=help_text(flat))]))
+        command.__signature__ = signature.replace(parameters=params)
+        return command
+
+    return add
+
+
+def _option_type(annotation: Any) -> type:
+    """The CLI type of a config field: its type without None; Literal and tuples as str."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return _option_type(args[0])
+    if typing.get_origin(annotation) in (typing.Literal, tuple):
+        return str
+    return annotation
+
+
+def _config(config_file: Path | None, flags: dict[str, Any]):
+    """Defaults ← a TOML config file ← the flags given (None: not given), validated once."""
+    from sgn_lab.run.config import parse, read_file
+
+    data = read_file(config_file) if config_file is not None else {}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if isinstance(given.get("instruments"), str):
+        given["instruments"] = [i.strip() for i in given["instruments"].split(",") if i.strip()]
+    return parse({**data, **given})
 
 
 def _progress() -> Progress:
@@ -63,211 +109,153 @@ def _progress() -> Progress:
     )
 
 
-def _run_with_progress(config, out: Path, resume: bool, progress: Progress) -> Path:
-    from sgn_lab.train import run_measurement
-
-    task = progress.add_task(config.run_name, total=None)
+def _advance(progress: Progress, name: str) -> Callable[[int, int], None]:
+    task = progress.add_task(name, total=None)
 
     def advance(step: int, total: int) -> None:
         progress.update(task, completed=step, total=total)
 
+    return advance
+
+
+def _notify(progress: Progress) -> Callable[[str], None]:
     def notify(text: str) -> None:
         progress.console.print(text, markup=False, highlight=False)
 
-    path = run_measurement(config, out, resume=resume, progress=advance, notify=notify)
-    progress.update(task, completed=progress.tasks[task].total or 0)
-    return path
+    return notify
+
+
+def _cell(row: Any, key: str, fmt: str) -> str:
+    value = row[key]
+    if value != value:
+        return "–"
+    text = fmt.format(value)
+    error = row.get(ERRORS.get(key, ""), float("nan"))
+    return text + (f" ± {fmt.format(error)}" if error == error else "")
 
 
 def _summary_table(metrics, title: str) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
     present = [c for c in SUMMARY_COLUMNS if c[0] in metrics.columns]
-    if "run" in metrics.columns:
-        table.add_column("run", no_wrap=True)
     for _, header, _ in present:
         table.add_column(header, justify="right", no_wrap=True)
     for _, row in metrics.iterrows():
-        cells = [str(row["run"])] if "run" in metrics.columns else []
-        for key, _, fmt in present:
-            value = row[key]
-            cells.append(fmt.format(value) if value == value else "–")
-        table.add_row(*cells)
+        table.add_row(*(_cell(row, key, fmt) for key, _, fmt in present))
     return table
 
 
-# Options shared by `measure` and `compare` (every default is RunConfig's).
-TaskOpt = Annotated[str | None, Opt(help="Task: mnist1d, digits, gaussian-mixture, linreg, "
-                                    "teacher-student, npz:FILE, cifar10:DIR. (default: mnist1d)")]
-NTrainOpt = Annotated[int | None, Opt(help="Subsample the training set to this many points.")]
-ModelOpt = Annotated[str | None, Opt(help="Model: linear, mlp, cnn, resnet. (default: mlp)")]
-WidthOpt = Annotated[int | None, Opt(help="Hidden width (channels for CNNs). (default: 128)")]
-DepthOpt = Annotated[int | None, Opt(help="Hidden layers / blocks. (default: 2)")]
-LrOpt = Annotated[float | None, Opt(help="Learning rate η. (default: 0.1)")]
-BatchOpt = Annotated[int | None, Opt(help="Minibatch size B. (default: 64)")]
-StepsOpt = Annotated[int | None, Opt(help="Training steps. (default: 1000)")]
-EpochsOpt = Annotated[float | None, Opt(help="Training epochs (overrides --steps).")]
-EveryOpt = Annotated[int | None, Opt(help="Measure every k steps. (default: 100)")]
-SamplesOpt = Annotated[int | None, Opt(help="Per-sample gradients per measurement, n. "
-                                       "(default: 512)")]
-FreshOpt = Annotated[bool | None, Opt("--fresh-probe/--fixed-probe",
-                                      help="New probe samples at each measurement. "
-                                      "(default: fixed)")]
-RepeatsOpt = Annotated[int | None, Opt(help="Per-step update noise over R minibatch draws "
-                                       "(0: off). (default: 32)")]
-CurvOpt = Annotated[bool | None, Opt("--curvature/--no-curvature",
-                                     help="Measure λ_max(H), tr H, tr(HS). (default: off)")]
-ChunkOpt = Annotated[int | None, Opt(help="Samples per pass: vmap chunks; the Gram path builds "
-                                     "its Gram from pairs of such chunks.")]
-GradsOpt = Annotated[str | None, Opt(help="Per-sample gradients: auto (the Gram path, checked "
-                                     "against vmap at the first measurement; vmap with "
-                                     "--curvature), vmap (materialised) or gram (unchecked). "
-                                     "(default: auto)")]
-DeviceOpt = Annotated[str | None, Opt(help="auto, cpu or cuda. (default: auto)")]
-MomentumOpt = Annotated[float | None, Opt(help="Heavy-ball momentum (momentum, gaussian, "
-                                          "covariance, symmetric).")]
-Beta0Opt = Annotated[float | None, Opt(help="PNM/AdaPNM β0 >= 0 (positive-negative "
-                                       "weight). (default: 1.0)")]
-Beta1Opt = Annotated[float | None, Opt(help="β1 of PNM/AdaPNM/Adam. (default: 0.9)")]
-Beta2Opt = Annotated[float | None, Opt(help="β2 of AdaPNM/Adam. (default: 0.999)")]
-SigmaOpt = Annotated[float | None, Opt(help="Gaussian injection σ.")]
-SigmaTraceOpt = Annotated[float | None, Opt(help="Gaussian injection matched to the SGN: "
-                                            "σ² = c·tr(S)/d, re-set at every measurement.")]
-SmallBatchOpt = Annotated[int | None, Opt(help="Covariance noise: emulated small batch B_S "
-                                          "(the training batch is B_L). (default: B/8)")]
-VariantOpt = Annotated[str | None, Opt(help="Covariance noise: full or diagonal. (default: full)")]
-NoiseOpt = Annotated[float | None, Opt(help="S-SGD weight-noise scale. (default: 0.01)")]
-BetaMaxOpt = Annotated[float | None, Opt(help="Adaptive heavy ball: largest β. (default: 0.99)")]
-WdOpt = Annotated[float | None, Opt(help="Weight decay.")]
-ConfigOpt = Annotated[Path | None, Opt(help="TOML config file; flags given override it.")]
-ResumeOpt = Annotated[bool, Opt(help="Continue an interrupted run in --out (a complete run "
-                                "is left as it is).")]
+ConfigOpt = Annotated[Path | None, Opt(help="TOML config file (flat keys, or [task], [model], "
+                                       "[optimizer], [training], [probe], [output] tables); "
+                                       "flags given override it.")]
+ResumeOpt = Annotated[bool, Opt(help="Continue the interrupted run in --out (a complete run is "
+                                "left as it is). Alone, it resumes the saved run as it is; with "
+                                "settings that differ from it, it stops and lists them.")]
 
 
 @app.command()
+@run_options()
 def measure(
-    out: Annotated[Path | None, Opt(help="Run directory. (default: runs/METHOD-sSEED)")] = None,
+    out: Annotated[Path | None, Opt(help="Run directory. (default: runs/<run name>)")] = None,
     config: ConfigOpt = None,
     resume: ResumeOpt = False,
-    task: TaskOpt = None,
-    n_train: NTrainOpt = None,
-    model: ModelOpt = None,
-    width: WidthOpt = None,
-    depth: DepthOpt = None,
-    method: Annotated[str | None, Opt(help="Method: sgd, momentum, adam, gaussian, covariance, "
-                                      "symmetric, pnm, adapnm, adaptive-hb. "
-                                      "(default: pnm)")] = None,
-    lr: LrOpt = None,
-    batch_size: BatchOpt = None,
-    steps: StepsOpt = None,
-    epochs: EpochsOpt = None,
-    measure_every: EveryOpt = None,
-    probe_samples: SamplesOpt = None,
-    fresh_probe: FreshOpt = None,
-    update_repeats: RepeatsOpt = None,
-    curvature: CurvOpt = None,
-    grads: GradsOpt = None,
-    chunk_size: ChunkOpt = None,
-    device: DeviceOpt = None,
-    seed: Annotated[int | None, Opt(help="Seed of data split, model, order and draws. "
-                                    "(default: 0)")] = None,
-    momentum: MomentumOpt = None,
-    beta0: Beta0Opt = None,
-    beta1: Beta1Opt = None,
-    beta2: Beta2Opt = None,
-    sigma: SigmaOpt = None,
-    sigma_trace_factor: SigmaTraceOpt = None,
-    small_batch: SmallBatchOpt = None,
-    variant: VariantOpt = None,
-    noise: NoiseOpt = None,
-    beta_max: BetaMaxOpt = None,
-    weight_decay: WdOpt = None,
+    **flags: Any,
 ) -> None:
     """Train a model on a task with one method and measure its SGN as training goes."""
-    # First statement: locals() holds exactly the command's parameters here.
-    flags = {k: v for k, v in locals().items() if k not in ("out", "config", "resume")}
-    from sgn_lab.results import load_run
+    from sgn_lab.run.loop import plan, run_measurement
+    from sgn_lab.run.rundir import load_run, writable_dir
 
-    run_config = _config_from(config, flags)
-    out = out or Path("runs") / run_config.run_name
+    plain = resume and config is None and all(v is None for v in flags.values())
+    asked = None if plain else _config(config, flags)
+    if out is None:
+        if asked is None:
+            raise ValueError("--resume alone continues the run in --out: give --out")
+        out = Path("runs") / asked.run_name
+    writable_dir(out)
+    run_config = plan(asked, out, resume=resume)
     console.print(
-        f"[bold]sgn-lab measure[/bold] {run_config.run_name}: {run_config.model} on "
-        f"{run_config.task}, {run_config.method} lr={run_config.lr} B={run_config.batch_size}, "
-        f"n={run_config.probe_samples} per measurement -> {out}"
+        f"[bold]sgn-lab measure[/bold] {escape(run_config.run_name)}: {run_config.model.name} "
+        f"on {escape(run_config.task.name)}, {run_config.label} lr={run_config.optimizer.lr} "
+        f"B={run_config.training.batch_size}, n={run_config.probe.probe_samples} per "
+        f"measurement, instruments {','.join(run_config.probe.instruments)} -> {escape(str(out))}"
     )
     with _progress() as progress:
-        _run_with_progress(run_config, out, resume, progress)
+        run_measurement(run_config, out, resume=True, progress=_advance(
+            progress, run_config.run_name), notify=_notify(progress))
     run = load_run(out)
-    console.print(_summary_table(run.metrics.drop(columns="run"), "SGN over training"))
+    console.print(_summary_table(run.metrics, "SGN over training (B_simple ± jackknife "
+                                              "standard error)"))
     written = ", ".join(f.name for f in sorted(out.iterdir()) if not f.name.startswith("."))
-    console.print(f"wrote {out}/ ({written})")
+    console.print(f"wrote {escape(str(out))}/ ({written})")
 
 
 @app.command()
+@run_options(skip=("method", "seed", "name"))
 def compare(
-    methods: Annotated[str, Opt(help="Comma-separated methods, e.g. sgd,momentum,pnm.")] = (
-        "sgd,momentum,pnm"
-    ),
+    methods: Annotated[str, Opt(help="Comma-separated methods, each with hyperparameters of its "
+                                "own after colons: sgd,momentum,pnm:beta0=2,pnm:beta0=0.5:lr=0.05."
+                                )] = "sgd,momentum,pnm",
     seeds: Annotated[str, Opt(help="Comma-separated seeds, e.g. 0,1,2.")] = "0",
-    out: Annotated[Path, Opt(help="Directory; one run directory per method and seed.")] = Path(
-        "runs/compare"
-    ),
+    out: Annotated[Path, Opt(help="Directory; one run directory per method and seed, named by "
+                             "the method, the hyperparameters that tell it apart and the "
+                             "seed.")] = Path("runs/compare"),
     config: ConfigOpt = None,
     resume: ResumeOpt = False,
-    task: TaskOpt = None,
-    n_train: NTrainOpt = None,
-    model: ModelOpt = None,
-    width: WidthOpt = None,
-    depth: DepthOpt = None,
-    lr: LrOpt = None,
-    batch_size: BatchOpt = None,
-    steps: StepsOpt = None,
-    epochs: EpochsOpt = None,
-    measure_every: EveryOpt = None,
-    probe_samples: SamplesOpt = None,
-    fresh_probe: FreshOpt = None,
-    update_repeats: RepeatsOpt = None,
-    curvature: CurvOpt = None,
-    grads: GradsOpt = None,
-    chunk_size: ChunkOpt = None,
-    device: DeviceOpt = None,
-    weight_decay: WdOpt = None,
+    **flags: Any,
 ) -> None:
     """Run several methods (and seeds) on one task into one directory; print a summary."""
-    # First statement: locals() holds exactly the command's parameters here.
-    flags = {k: v for k, v in locals().items()
-             if k not in ("methods", "seeds", "out", "config", "resume")}
-    from sgn_lab.results import load_runs
+    from sgn_lab.run.loop import run_series
+    from sgn_lab.run.rundir import load_runs, writable_dir
 
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    seed_list = _parse_ints("seeds", seeds)
-    configs = [
-        _config_from(config, {**flags, "method": m, "seed": s})
-        for m in method_list
-        for s in seed_list
-    ]
+    specs = [_method_spec(item) for item in methods.split(",") if item.strip()]
+    if not specs:
+        raise ValueError("--methods is empty")
+    configs = [_config(config, {**flags, **spec, "seed": seed})
+               for spec in specs for seed in _parse_ints("seeds", seeds)]
+    writable_dir(out)
     with _progress() as progress:
-        for run_config in configs:
-            _run_with_progress(run_config, out / run_config.run_name, resume, progress)
-    metrics, _ = load_runs(out)
+        run_series(configs, out, resume=resume,
+                   progress=lambda c: _advance(progress, c.resolved().run_name),
+                   notify=_notify(progress))
+    metrics, _ = load_runs(*(out / c.resolved().run_name for c in configs))
     final = metrics.sort_values("step").groupby("run").tail(1)
-    summary = (
-        final.groupby("method", sort=False)[[c for c, _, _ in SUMMARY_COLUMNS if c in final]]
-        .agg(["mean", "std"])
-    )
-    table = Table(title=f"final measurement, mean ± sd over seeds {seeds}", box=box.SIMPLE_HEAD)
-    table.add_column("method")
     shown = [c for c in SUMMARY_COLUMNS if c[0] in final and c[0] != "step"]
+    summary = final.groupby("label", sort=False)[[c for c, _, _ in shown]].agg(["mean", "std"])
+    table = Table(title=f"final measurement, mean ± sd over seeds {seeds}", box=box.SIMPLE_HEAD)
+    table.add_column("run")
     for _, header, _ in shown:
         table.add_column(header, justify="right", no_wrap=True)
-    for method_name, row in summary.iterrows():
-        cells = [str(method_name)]
+    for label, row in summary.iterrows():
+        cells = [str(label)]
         for key, _, fmt in shown:
             mean, sd = row[(key, "mean")], row[(key, "std")]
             text = fmt.format(mean) if mean == mean else "–"
             cells.append(text + (f" ± {fmt.format(sd)}" if sd == sd else ""))
         table.add_row(*cells)
     console.print(table)
-    console.print(f"wrote {len(configs)} runs under {out}/")
+    console.print(f"wrote {len(configs)} runs under {escape(str(out))}/")
+
+
+def _method_spec(item: str) -> dict[str, Any]:
+    """'pnm:beta0=2:lr=0.05' -> {'method': 'pnm', 'beta0': 2.0, 'lr': 0.05}."""
+    method, *pairs = [part.strip() for part in item.strip().split(":")]
+    spec: dict[str, Any] = {"method": method}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--methods: {pair!r} in {item!r} is not key=value")
+        if key not in FIELDS or FIELDS[key][0] != "optimizer" or key == "method":
+            raise ValueError(f"--methods: {key!r} in {item!r} is no hyperparameter of a method")
+        spec[key] = _number(value)
+    return spec
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
 
 
 @app.command()
@@ -279,15 +267,15 @@ def plot(
 ) -> None:
     """Figures of runs: trace, noise scale, effective rank, accuracy; spectra (PNG and PDF)."""
     from sgn_lab.plots import plot_run
-    from sgn_lab.results import load_runs
+    from sgn_lab.run.rundir import load_runs, writable_dir
 
     metrics, spectra = load_runs(*runs)
     if metrics.empty:
         raise ValueError(f"no measurements in {', '.join(map(str, runs))}")
-    out = out or runs[0] / "figures"
+    out = writable_dir(out or runs[0] / "figures")
     step_list = _parse_ints("steps", steps) if steps else None
     for path in plot_run(metrics, spectra, out, steps=step_list):
-        console.print(f"wrote {path}")
+        console.print(f"wrote {escape(str(path))}")
 
 
 @app.command()
@@ -303,17 +291,15 @@ def scaling(
     seed: Annotated[int, Opt(help="Seed of every draw.")] = 0,
 ) -> None:
     """Theory against measurement: a sweep with confidence intervals, as a table and figure."""
+    from sgn_lab.run.rundir import writable_dir
     from sgn_lab.scaling import SWEEPS, run_sweep
 
     if sweep not in SWEEPS:
         raise ValueError(f"unknown sweep {sweep!r}; choose one of {', '.join(SWEEPS)}")
+    writable_dir(out)
     with _progress() as progress:
-        task = progress.add_task(f"sweep {sweep}", total=None)
-
-        def advance(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
-        table = run_sweep(sweep, out=out, quick=quick, seed=seed, progress=advance)
+        table = run_sweep(sweep, out=out, quick=quick, seed=seed,
+                          progress=_advance(progress, f"sweep {sweep}"))
     shown = Table(title=f"{sweep} sweep: measured ± 95% CI half-width against theory",
                   box=box.SIMPLE_HEAD, padding=(0, 1))
     for column in ("quantity", "x", "measured", "theory", "rel. error"):
@@ -327,7 +313,7 @@ def scaling(
             f"{row['theory']:.4g}", f"{rel:+.1%}" if rel == rel else "–",
         )
     console.print(shown)
-    console.print(f"wrote {out}/scaling_{sweep}.csv, .png and .pdf")
+    console.print(f"wrote {escape(str(out))}/scaling_{sweep}.csv, .png and .pdf")
 
 
 @app.command()
@@ -337,24 +323,27 @@ def figures(
     ),
     quick: Annotated[bool, Opt(help="Smaller models and fewer steps, same code.")] = False,
     only: Annotated[str | None, Opt(help="Comma-separated figure names (default: all).")] = None,
-    experiments: Annotated[Path, Opt(help="Folder of the figure configs.")] = Path("experiments"),
+    experiments: Annotated[Path | None, Opt(help="Folder of figure configs of one's own "
+                                            "(default: the configs shipped with "
+                                            "sgn-lab).")] = None,
 ) -> None:
-    """Regenerate the paper figures from the configs in experiments/."""
-    from sgn_lab.figures import FIGURES, make_figure
+    """Regenerate the paper figures from their configs (from any working directory)."""
+    from sgn_lab.figures import CONFIGS, FIGURES, make_figure, read_figure_config
+    from sgn_lab.run.rundir import writable_dir
 
     names = [n.strip() for n in only.split(",") if n.strip()] if only else list(FIGURES)
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
         raise ValueError(f"unknown figure {unknown[0]!r}; choose from {', '.join(FIGURES)}")
+    folder = experiments or CONFIGS
+    for name in names:  # every config readable before the first figure starts
+        read_figure_config(folder, name, quick=quick)
+    writable_dir(out)
     with _progress() as progress:
         for name in names:
-            task = progress.add_task(f"figure {name}", total=None)
-
-            def advance(done: int, total: int, task=task) -> None:
-                progress.update(task, completed=done, total=total)
-
-            csv = make_figure(name, out, experiments=experiments, quick=quick, progress=advance)
-            progress.update(task, description=f"figure {name}: {csv.with_suffix('.pdf')}")
+            advance = _advance(progress, f"figure {name}")
+            csv = make_figure(name, out, experiments=folder, quick=quick, progress=advance)
+            console.print(f"figure {name}: {escape(str(csv.with_suffix('.pdf')))}")
 
 
 def _parse_ints(name: str, text: str) -> list[int]:
@@ -367,15 +356,20 @@ def _parse_ints(name: str, text: str) -> list[int]:
     return values
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: temporary files are removed on the way out
+
+
 def main() -> None:
-    """Entry point: bad input ends with a one-line message and a non-zero exit, no traceback."""
+    """Entry point: bad input ends with a one-line message and exit code 2, no traceback."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = app(standalone_mode=False)
     except typer.TyperException as exc:  # usage errors: unknown option, bad type, ...
         exc.show()
         sys.exit(exc.exit_code)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, OSError) as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("interrupted: finished measurements are saved; rerun with --resume")

@@ -10,7 +10,7 @@ The public API (stable names)::
     run = sgn_lab.load_run("runs/demo")   # .config (dict), .metrics, .spectra (pandas)
 """
 
-__version__ = "0.1.0"  # before the imports: sgn_lab.train records it in each run
+__version__ = "0.1.0"  # before the imports: each run records it
 
 from sgn_lab.curvature import (
     CurvatureStats,
@@ -31,16 +31,26 @@ from sgn_lab.grads import (
     per_sample_gram_coverage,
 )
 from sgn_lab.noise import NoiseStats, isotropic_spectrum, minibatch_factor, noise_stats
-from sgn_lab.probe import NoiseProbe, ProbeResult
-from sgn_lab.results import Run, load_run, load_runs
+from sgn_lab.run import (
+    Instrument,
+    Measurement,
+    NoiseProbe,
+    ProbeResult,
+    Run,
+    RunConfig,
+    load_run,
+    load_runs,
+    run_measurement,
+)
 from sgn_lab.streaming import Moments, streaming_moments, streaming_noise_stats
 from sgn_lab.tails import ShapeStats, shape_stats, tail_index
-from sgn_lab.train import RunConfig, run_measurement
 
 __all__ = [
     "CurvatureStats",
     "GramCoverage",
     "GramMismatchError",
+    "Instrument",
+    "Measurement",
     "Moments",
     "NoiseProbe",
     "NoiseStats",

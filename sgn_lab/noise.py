@@ -49,9 +49,13 @@ class NoiseStats:
         ``trace`` = tr(S) (unbiased); ``diag_variance`` (d,) = diag(S); ``mean`` (d,) = ḡ;
         ``mean_sq_norm`` = |ḡ|²; ``grad_sq_norm`` = |ḡ|² - tr(S)/n, the unbiased estimate of
         the squared norm |G|² of the full-data gradient; ``noise_scale`` = tr(S)/|G|², the
-        simple noise scale B_simple of McCandlish et al. (2018). The last two are noisy when
-        |G|² is small next to tr(S)/n, and can come out negative: averaging ``trace`` and
-        ``grad_sq_norm`` over several measurements before dividing is the remedy.
+        simple noise scale B_simple of McCandlish et al. (2018). Both are noisy when |G|² is
+        small next to tr(S)/n: ``grad_sq_norm_se`` and ``noise_scale_se`` are their jackknife
+        standard errors over the n samples (infinite when a leave-one-out |G|² is not
+        positive: the ratio is then undetermined), and an estimate |G|² ≤ 0 gives
+        ``noise_scale`` = ``noise_to_signal`` = NaN rather than a meaningless negative ratio
+        (``grad_sq_norm`` keeps the estimate). Averaging ``trace`` and ``grad_sq_norm`` over
+        several measurements before dividing is the remedy.
     Minibatch noise (when ``batch_size`` is given)
         ``minibatch_trace`` = tr Cov[g_B] = tr(S)·(1/B - 1/N) without replacement, or
         tr(S)·(1 - 1/N)/B with replacement (N = ``dataset_size``; 1/N -> 0 when it is not
@@ -78,7 +82,9 @@ class NoiseStats:
     trace: float
     mean_sq_norm: float
     grad_sq_norm: float
+    grad_sq_norm_se: float
     noise_scale: float
+    noise_scale_se: float
     batch_size: float
     dataset_size: float
     minibatch_trace: float
@@ -168,6 +174,7 @@ def noise_stats(
         n, d, mean, diag_variance, trace, mean_sq_norm, eigenvalues = _gram_moments(
             gram, dim, mean, diag_variance
         )
+        errors = jackknife_from_gram(gram)
         tails = nan_tails
     else:
         G = _as_matrix(grads)
@@ -178,6 +185,9 @@ def noise_stats(
             raise ValueError(f"non-finite value in the per-sample gradient of sample {row}")
         mean, diag_variance, gram_or_cov = centred_moments(G)
         eigenvalues = _nonzero_descending(torch.linalg.eigvalsh(gram_or_cov) / (n - 1), n, d)
+        total = mean.to(G.device) * n  # Σ_i g_i, float64
+        G64 = G.to(torch.float64)
+        errors = jackknife((G64 * G64).sum(dim=1), G64 @ total, float(total @ total), n)
         trace = float(diag_variance.sum())
         mean_sq_norm = float(mean @ mean)
         if shape and n >= 8 and trace > 0:
@@ -186,13 +196,6 @@ def noise_stats(
             tails = nan_tails
         if isinstance(grads, dict):
             layers, layer_eigenvalues = _layer_table(grads)
-    grad_sq_norm = mean_sq_norm - trace / n
-
-    if batch_size is not None:
-        factor = minibatch_factor(batch_size, dataset_size=dataset_size, replacement=replacement)
-        minibatch_trace = trace * factor
-    else:
-        minibatch_trace = math.nan
     iso_eigenvalues = isotropic_spectrum(trace, d, n, seed=seed)
     spectrum = spectrum_summary(eigenvalues, window=powerlaw_window)
     iso = spectrum_summary(iso_eigenvalues, window=powerlaw_window)
@@ -200,14 +203,8 @@ def noise_stats(
     return NoiseStats(
         n=n,
         dim=d,
-        trace=trace,
-        mean_sq_norm=mean_sq_norm,
-        grad_sq_norm=grad_sq_norm,
-        noise_scale=_ratio(trace, grad_sq_norm),
-        batch_size=math.nan if batch_size is None else batch_size,
-        dataset_size=math.nan if dataset_size is None else dataset_size,
-        minibatch_trace=minibatch_trace,
-        noise_to_signal=_ratio(minibatch_trace, grad_sq_norm),
+        **magnitudes(trace, mean_sq_norm, n, errors, batch_size=batch_size,
+                     dataset_size=dataset_size, replacement=replacement),
         **spectrum,
         **{f"isotropic_{k}": iso[k] for k in _ISOTROPIC_FIELDS},
         **tails,
@@ -218,6 +215,63 @@ def noise_stats(
         layers=layers,
         layer_eigenvalues=layer_eigenvalues,
     )
+
+
+def magnitudes(trace: float, mean_sq_norm: float, n: int, jackknife: tuple[float, float], *,
+               batch_size: int | None, dataset_size: int | None, replacement: bool
+               ) -> dict[str, float]:
+    """The magnitude fields of :class:`NoiseStats` from tr S, |ḡ|², n and the jackknife's
+    standard errors of |G|² and B_simple (:func:`jackknife`)."""
+    grad_sq_norm = mean_sq_norm - trace / n
+    signal = grad_sq_norm if grad_sq_norm > 0 else math.nan  # a ratio to |G|² ≤ 0 means nothing
+    if batch_size is not None:
+        factor = minibatch_factor(batch_size, dataset_size=dataset_size, replacement=replacement)
+        minibatch_trace = trace * factor
+    else:
+        minibatch_trace = math.nan
+    return {
+        "trace": trace,
+        "mean_sq_norm": mean_sq_norm,
+        "grad_sq_norm": grad_sq_norm,
+        "grad_sq_norm_se": jackknife[0],
+        "noise_scale": _ratio(trace, signal),
+        "noise_scale_se": jackknife[1] if signal == signal else math.nan,
+        "batch_size": math.nan if batch_size is None else batch_size,
+        "dataset_size": math.nan if dataset_size is None else dataset_size,
+        "minibatch_trace": minibatch_trace,
+        "noise_to_signal": _ratio(minibatch_trace, signal),
+    }
+
+
+def jackknife_from_gram(K: Tensor) -> tuple[float, float]:
+    """:func:`jackknife` from the uncentred Gram K_ij = g_i·g_j."""
+    K = K.to(torch.float64)
+    return jackknife(torch.diagonal(K), K.sum(dim=1), float(K.sum()), K.shape[0])
+
+
+def jackknife(sq_norms: Tensor, dots: Tensor, total_sq: float, n: int) -> tuple[float, float]:
+    """Jackknife standard errors of |G|² and of B_simple over the n samples.
+
+    From |g_k|² (``sq_norms``), g_k·Σ_i g_i (``dots``) and |Σ_i g_i|² alone, in O(n): without
+    sample k, Σ|g_i|² loses |g_k|², |Σ g_i|² becomes |Σ g_i|² − 2 g_k·Σ g_i + |g_k|², and
+    tr S, |ḡ|², |G|² = |ḡ|² − tr S/m and B = tr S/|G|² follow for m = n − 1. The standard
+    error is sqrt((n−1)/n · Σ_k (θ_{−k} − mean θ_{−k})²). B's is infinite when a
+    leave-one-out |G|² is not positive.
+    """
+    if n < 3:
+        return math.nan, math.nan
+    sq, dot = sq_norms.double().cpu(), dots.double().cpu()
+    m = n - 1
+    sum_sq = float(sq.sum()) - sq
+    total = total_sq - 2 * dot + sq
+    trace = (sum_sq - total / m) / (m - 1)
+    signal = total / m**2 - trace / m
+
+    def se(values: Tensor) -> float:
+        return math.sqrt((n - 1) / n * float(((values - values.mean()) ** 2).sum()))
+
+    scale = se(trace / signal) if bool((signal > 0).all()) else math.inf
+    return se(signal), scale
 
 
 def _check_samples(n: int) -> None:

@@ -119,6 +119,9 @@ METRIC_LABELS: dict[str, str] = {
     "k": "rank k",
     "eigenvalue": "eigenvalue λ_k of S",
     "run": "run",
+    "label": "run (method, hyperparameters)",
+    "task": "task",
+    "model": "model",
     "method": "method",
     "seed": "seed",
     "kind": "spectrum",
@@ -141,7 +144,9 @@ METRIC_LABELS: dict[str, str] = {
     "trace": "tr S (SGN trace)",
     "mean_sq_norm": "|ḡ|² (mean gradient)",
     "grad_sq_norm": "|G|² (unbiased)",
+    "grad_sq_norm_se": "standard error of |G|² (jackknife)",
     "noise_scale": "B_simple = tr S / |G|²",
+    "noise_scale_se": "standard error of B_simple (jackknife)",
     "dataset_size": "data-set size N",
     "minibatch_trace": "tr Cov[g_B] (minibatch noise)",
     "noise_to_signal": "tr Cov[g_B] / |G|²",
@@ -397,6 +402,8 @@ def plot_metrics(
                 reference_drawn |= _draw_metric_reference(
                     ax, metrics, x, "isotropic_effective_rank", log=ax.get_yscale() == "log"
                 )
+            if f"{col}_se" in metrics.columns:
+                _draw_standard_errors(ax, metrics, x, col, hue, palette)
             ax.set_xlabel(metric_label(x))
             ax.set_ylabel(metric_label(col))
             if notes:
@@ -662,6 +669,11 @@ def plot_run(
             if c in metrics.columns and np.isfinite(_numeric(metrics[c])).any()
         ]
         columns = (*DEFAULT_COLUMNS, *extra)
+    if "label" in metrics.columns and metrics["label"].nunique() > metrics["method"].nunique():
+        # Runs of one method with other hyperparameters: their full identity tells them apart.
+        metrics = metrics.assign(method=metrics["label"])
+        if spectra is not None and "label" in spectra.columns:
+            spectra = spectra.assign(method=spectra["label"])
     figures = [("metrics", plot_metrics(metrics, columns=columns))]
     if spectra is not None and "kind" in spectra.columns:
         # The update-noise spectra (kind "update") have a figure of their own.
@@ -797,6 +809,23 @@ def _draw_metric_reference(
             zorder=1,
         )
     return True
+
+
+def _draw_standard_errors(ax: Axes, metrics: pd.DataFrame, x: str, col: str, hue: str,
+                          palette: dict[Any, Any]) -> None:
+    """±1 standard error of ``col`` (its ``<col>_se`` column, the jackknife's) as a band, for
+    each hue level measured by a single run (several runs show their spread instead)."""
+    for level, part in metrics.groupby(hue, sort=False):
+        if "run" in part.columns and part["run"].nunique() > 1:
+            continue
+        part = part.sort_values(x)
+        value, error = _numeric(part[col]), _numeric(part[f"{col}_se"])
+        ok = np.isfinite(value) & np.isfinite(error)
+        if ok.any():
+            low = np.maximum(value - error, value * 1e-3) if ax.get_yscale() == "log" else (
+                value - error)
+            ax.fill_between(_numeric(part[x])[ok], low[ok], (value + error)[ok],
+                            color=palette.get(level, REFERENCE_COLOR), alpha=0.18, linewidth=0)
 
 
 def _empty_panel(ax: Axes, reason: str) -> None:

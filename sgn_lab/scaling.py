@@ -76,7 +76,7 @@ normal confidence interval ``[ci_low, ci_high]`` (mean ± 1.96·sd/√R over R i
 draws, chains or data sets; the delta method for ratios; the jackknife for spectral
 figures), ``theory`` and ``rel_error`` = (measured − theory)/theory (NaN where the theory is
 0). Everything is deterministic under ``seed``: each grid point and repeat draws from its own
-seed, :func:`sgn_lab.probe.derived_seed` of (seed, sweep, point, purpose).
+seed, :func:`sgn_lab.seeds.derive` of (seed, sweep, point, purpose).
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ from sgn_lab.data import load_task
 from sgn_lab.grads import flatten_grads, per_sample_grads
 from sgn_lab.noise import spectrum_summary
 from sgn_lab.optim import PNM, CovarianceNoiseSGD, GaussianNoiseSGD
-from sgn_lab.probe import derived_seed
-from sgn_lab.results import write_table
+from sgn_lab.run.rundir import write_table
+from sgn_lab.seeds import derive as derived_seed
 
 __all__ = [
     "COLUMNS",

@@ -40,7 +40,14 @@ from torch import Tensor, nn
 
 from sgn_lab.grads import per_sample_gram
 from sgn_lab.grads.vmap import _as_tuple, _num_samples, per_sample_grads, trainable_dim
-from sgn_lab.noise import NoiseStats, minibatch_factor, noise_stats, spectrum_summary
+from sgn_lab.noise import (
+    NoiseStats,
+    jackknife_from_gram,
+    magnitudes,
+    minibatch_factor,
+    noise_stats,
+    spectrum_summary,
+)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Inputs = Tensor | Sequence[Tensor]
@@ -290,7 +297,7 @@ def streaming_noise_stats(
         scale = moments.trace / stats.trace if stats.trace > 0 else 1.0
         return dataclasses.replace(
             stats,
-            **_magnitudes(moments, batch_size, dataset_size, replacement),
+            **_magnitudes(moments, batch_size, dataset_size, replacement, K),
             isotropic_eigenvalues=stats.isotropic_eigenvalues * scale,
         )
 
@@ -520,26 +527,15 @@ def _cross_gram(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
 
 
 def _magnitudes(
-    moments: Moments, batch_size: int | None, dataset_size: int | None, replacement: bool
+    moments: Moments, batch_size: int | None, dataset_size: int | None, replacement: bool,
+    gram: Tensor | None = None,
 ) -> dict[str, object]:
-    """The NoiseStats fields that come from the exact moments (same formulas as noise_stats)."""
-    trace, n = moments.trace, moments.n
-    mean_sq_norm = float(moments.mean @ moments.mean)
-    grad_sq_norm = mean_sq_norm - trace / n
-    if batch_size is not None:
-        factor = minibatch_factor(batch_size, dataset_size=dataset_size, replacement=replacement)
-        minibatch_trace = trace * factor
-    else:
-        minibatch_trace = math.nan
+    """The NoiseStats fields that come from the exact moments (noise_stats's formulas); the
+    jackknife errors from the exact Gram when there is one (NaN with a sketch)."""
+    errors = jackknife_from_gram(gram) if gram is not None else (math.nan, math.nan)
     return {
-        "trace": trace,
-        "mean_sq_norm": mean_sq_norm,
-        "grad_sq_norm": grad_sq_norm,
-        "noise_scale": _ratio(trace, grad_sq_norm),
-        "batch_size": math.nan if batch_size is None else batch_size,
-        "dataset_size": math.nan if dataset_size is None else dataset_size,
-        "minibatch_trace": minibatch_trace,
-        "noise_to_signal": _ratio(minibatch_trace, grad_sq_norm),
+        **magnitudes(moments.trace, float(moments.mean @ moments.mean), moments.n, errors,
+                     batch_size=batch_size, dataset_size=dataset_size, replacement=replacement),
         "mean": moments.mean,
         "diag_variance": moments.diag_variance,
     }
@@ -614,10 +610,6 @@ def _model_device(model: nn.Module) -> torch.device:
         if p.requires_grad:
             return p.device
     raise ValueError("the model has no parameter with requires_grad=True")
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b != 0 and not math.isnan(a) else math.nan
 
 
 def _check_chunk_size(chunk_size: int) -> None:

@@ -43,8 +43,10 @@ def test_short_measure_run_prints_real_numbers(tmp_path, monkeypatch, capsys):
     "args, message",
     [
         (["measure", "--task", "nope"], "unknown task 'nope'"),
-        (["measure", "--batch-size", "-3"], "batch_size must be a positive integer, got -3"),
-        (["measure", "--device", "tpu"], "unknown device 'tpu'"),
+        (["measure", "--batch-size", "-3"], "config key 'batch_size': input should be greater "
+                                            "than or equal to 1, got -3"),
+        (["measure", "--device", "tpu"], "config key 'device': input should be 'auto', 'cpu' or "
+                                         "'cuda', got 'tpu'"),
         (["measure", "--model", "resnet9000"], "unknown model 'resnet9000'"),
     ],
 )

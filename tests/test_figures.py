@@ -6,29 +6,29 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from sgn_lab.figures import FIGURES, make_figure, read_figure_config
-from sgn_lab.results import load_run
+from sgn_lab.figures import CONFIGS, FIGURES, make_figure, read_figure_config
+from sgn_lab.run.rundir import load_run
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"  # the analysis notebook
 
 
 def test_every_figure_has_a_config_with_quick_and_full_modes():
     for name in FIGURES:
-        quick = read_figure_config(EXPERIMENTS, name, quick=True)
-        full = read_figure_config(EXPERIMENTS, name, quick=False)
+        quick = read_figure_config(CONFIGS, name, quick=True)
+        full = read_figure_config(CONFIGS, name, quick=False)
         assert quick["mode"] == "quick" and full["mode"] == "full" and quick != full
 
 
 def test_unknown_figure_and_missing_config_are_named(tmp_path):
     with pytest.raises(ValueError, match="unknown figure 'nope'"):
-        read_figure_config(EXPERIMENTS, "nope", quick=True)
+        read_figure_config(CONFIGS, "nope", quick=True)
     with pytest.raises(FileNotFoundError, match="spectrum.toml"):
         read_figure_config(tmp_path, "spectrum", quick=True)
 
 
 def make_small_spectrum(out):
     # The quick config, made smaller still: the tests check the plumbing, not the science.
-    config = read_figure_config(EXPERIMENTS, "spectrum", quick=True)
+    config = read_figure_config(CONFIGS, "spectrum", quick=True)
     config["run"].update(steps=40, measure_every=20, probe_samples=32, width=16)
     from sgn_lab.figures import spectrum
 
@@ -55,7 +55,7 @@ def test_spectrum_figure_writes_table_and_images(spectrum_figure):
 
 def test_make_figure_reuses_a_complete_run_and_refuses_other_settings(spectrum_figure):
     with pytest.raises(ValueError, match="other settings"):
-        make_figure("spectrum", spectrum_figure, experiments=EXPERIMENTS, quick=True)
+        make_figure("spectrum", spectrum_figure, experiments=CONFIGS, quick=True)
 
 
 def test_analysis_notebook_runs_on_quick_data(spectrum_figure, monkeypatch):
@@ -77,7 +77,7 @@ TINY_RUN = {"width": 8, "steps": 4, "measure_every": 2, "probe_samples": 16,
 
 
 def tiny_config(name, **edits):
-    return {**read_figure_config(EXPERIMENTS, name, quick=True), **edits}
+    return {**read_figure_config(CONFIGS, name, quick=True), **edits}
 
 
 def assert_images(out, name):
@@ -112,7 +112,7 @@ def test_methods_figure_reports_the_gap_of_every_method_task_and_seed(tmp_path):
     from sgn_lab.figures import methods
 
     config = tiny_config("methods", seeds=[0, 1])
-    config["tasks"] = {task: {**fields, **TINY_RUN, "measure_every": 4, "update_repeats": 0}
+    config["tasks"] = {task: {**fields, **TINY_RUN, "measure_every": 4}
                        for task, fields in config["tasks"].items()}
     config["methods"] = {m: config["methods"][m] for m in ("sgd", "pnm")}
     table = pd.read_csv(methods.make(config, tmp_path))
@@ -130,7 +130,7 @@ def test_symmetric_figure_has_each_method_at_each_batch_size(tmp_path):
     from sgn_lab.figures import symmetric
 
     config = tiny_config("symmetric", batch_sizes=[8, 32])
-    config["base"] = {**config["base"], **TINY_RUN, "measure_every": 4, "update_repeats": 0}
+    config["base"] = {**config["base"], **TINY_RUN, "measure_every": 4}
     table = pd.read_csv(symmetric.make(config, tmp_path))
     assert_images(tmp_path, "symmetric")
     assert sorted(zip(table["method"], table["batch_size"], strict=True)) == [
@@ -144,7 +144,7 @@ def test_tails_figure_tracks_each_setting_over_training(tmp_path):
     from sgn_lab.figures import tails
 
     config = tiny_config("tails")
-    config["runs"] = {label: {**fields, **TINY_RUN, "update_repeats": 0}
+    config["runs"] = {label: {**fields, **TINY_RUN}
                       for label, fields in config["runs"].items()}
     table = pd.read_csv(tails.make(config, tmp_path))
     assert_images(tmp_path, "tails")

@@ -92,7 +92,10 @@ def test_minibatch_trace_matches_monte_carlo_of_actual_batches(replacement):
     sq = ((means - G.mean(axis=0)) ** 2).sum(axis=1)  # exact full-data mean is known here
     se = sq.std(ddof=1) / math.sqrt(R)
     assert abs(sq.mean() - r.minibatch_trace) < 5 * se
-    assert r.noise_to_signal == pytest.approx(r.minibatch_trace / r.grad_sq_norm)
+    if r.grad_sq_norm > 0:
+        assert r.noise_to_signal == pytest.approx(r.minibatch_trace / r.grad_sq_norm)
+    else:  # |G|² estimated ≤ 0 (zero-mean data): no meaningful ratio
+        assert math.isnan(r.noise_to_signal) and math.isnan(r.noise_scale)
 
 
 def test_minibatch_factor_closed_forms_and_errors():
@@ -258,8 +261,9 @@ def test_to_dict_is_a_flat_row_keyed_by_attribute_names():
     row = r.to_dict()
     for key in ("trace", "noise_scale", "effective_rank", "participation_ratio", "stable_rank",
                 "powerlaw_exponent", "isotropic_effective_rank", "tail_index", "kurtosis",
-                "minibatch_trace", "noise_to_signal", "n", "dim"):
-        assert row[key] == getattr(r, key)
+                "minibatch_trace", "noise_to_signal", "n", "dim", "noise_scale_se",
+                "grad_sq_norm_se"):
+        assert row[key] == getattr(r, key) or math.isnan(getattr(r, key)), key
     assert all(isinstance(v, int | float) for v in row.values())
     assert "mean" not in row and "eigenvalues" not in row and "layers" not in row
     assert isinstance(r, NoiseStats)

@@ -15,9 +15,10 @@ from sgn_lab.cli.app import app, main
 from sgn_lab.grads import flatten_grads, per_sample_grads
 from sgn_lab.noise import minibatch_factor, noise_stats
 from sgn_lab.optim import PNM, pnm_noise_factor
-from sgn_lab.probe import NoiseProbe, update_noise
-from sgn_lab.results import load_checkpoint, load_run
-from sgn_lab.train import RunConfig, run_measurement
+from sgn_lab.run import NoiseProbe, update_noise
+from sgn_lab.run.config import RunConfig, parse
+from sgn_lab.run.loop import run_measurement
+from sgn_lab.run.rundir import load_checkpoint, load_run
 
 runner = CliRunner()
 
@@ -29,7 +30,7 @@ SMALL = ["--task", "gaussian-mixture", "--model", "mlp", "--width", "16", "--dep
 def small_config(**overrides) -> RunConfig:
     base = dict(task="gaussian-mixture", model="mlp", width=16, depth=1, steps=30,
                 measure_every=10, probe_samples=24, batch_size=16, device="cpu", method="pnm")
-    return RunConfig(**{**base, **overrides})
+    return parse({**base, **overrides})
 
 
 def run_main(monkeypatch, capsys, *args):
@@ -51,19 +52,23 @@ def test_measure_end_to_end_writes_documented_files_and_columns(tmp_path):
 
     run = load_run(out)
     assert run.complete
-    assert run.config["method"] == "pnm" and run.config["beta0"] == 0.5
-    assert run.config["steps"] == 20 and run.config["seed"] == 0
+    assert run.config["optimizer"] == {"method": "pnm", "lr": 0.1, "beta0": 0.5, "beta1": 0.9,
+                                       "weight_decay": 0.0}  # every hyperparameter, resolved
+    assert run.config["training"]["steps"] == 20 and run.config["training"]["seed"] == 0
+    assert run.config["run"] == "pnm-beta0=0.5-s0"
     metrics = run.metrics
     assert list(metrics["step"]) == [0, 10, 20]
     stats_columns = noise_stats(torch.randn(10, 3, dtype=torch.float64)).to_dict().keys()
-    expected = {"run", "method", "seed", "lr", "beta0", "step", "epoch", "train_loss",
+    expected = {"run", "label", "task", "model", "method", "seed", "lr", "batch_size", "beta0",
+                "beta1", "weight_decay", "step", "epoch", "train_loss",
                 "train_accuracy", "test_loss", "test_accuracy", "update_trace",
                 "update_effective_rank", *stats_columns}
     assert expected <= set(metrics.columns), expected - set(metrics.columns)
     assert (metrics["method"] == "pnm").all() and (metrics["n"] == 24).all()
     assert (metrics["trace"] > 0).all() and (metrics["update_trace"] > 0).all()
     spectra = run.spectra
-    assert {"run", "method", "seed", "step", "kind", "k", "eigenvalue"} <= set(spectra.columns)
+    assert list(spectra.columns) == ["run", "label", "method", "seed", "step", "kind", "k",
+                                     "eigenvalue"]
     assert set(spectra["kind"]) == {"sgn", "isotropic", "update"}
     update = spectra[(spectra["step"] == 10) & (spectra["kind"] == "update")]
     update10 = metrics.loc[metrics["step"] == 10, "update_trace"].item()
@@ -97,7 +102,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, stop_step,
                         tmp_path / "cut", progress=_interrupt_at(stop_step))
     partial = load_run(tmp_path / "cut")
     assert not partial.complete and partial.metrics["step"].max() == (stop_step - 1) // 10 * 10
-    resumed = load_run(run_measurement(RunConfig(), tmp_path / "cut", resume=True))
+    resumed = load_run(run_measurement(None, tmp_path / "cut", resume=True))
 
     assert resumed.complete
     drop = ["measure_seconds"]
@@ -112,7 +117,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, stop_step,
 def test_resume_of_a_complete_run_changes_nothing(tmp_path):
     out = run_measurement(small_config(steps=10), tmp_path / "r")
     before = (out / "metrics.csv").read_bytes()
-    run_measurement(RunConfig(), out, resume=True)
+    run_measurement(None, out, resume=True)
     assert (out / "metrics.csv").read_bytes() == before
 
 
@@ -125,7 +130,7 @@ def test_toml_config_with_flags_overriding_it(tmp_path):
                                  "--out", str(out), *SMALL[:8], "--device", "cpu",
                                  "--probe-samples", "16"])
     assert result.exit_code == 0, result.output
-    saved = load_run(out).config
+    saved = load_run(out).config["optimizer"]
     assert (saved["method"], saved["lr"], saved["momentum"]) == ("momentum", 0.02, 0.8)
     assert list(load_run(out).metrics["step"]) == [0, 5, 10]
     # The saved config re-runs the same thing.
@@ -145,7 +150,7 @@ def test_compare_writes_one_run_per_method_and_seed(tmp_path):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["pnm-s0", "pnm-s1", "sgd-s0", "sgd-s1"]
     assert "final measurement" in result.output and "pnm" in result.output
-    assert load_run(out / "pnm-s1").config["seed"] == 1
+    assert load_run(out / "pnm-s1").config["training"]["seed"] == 1
 
 
 def test_plot_writes_png_and_pdf(tmp_path):
@@ -160,11 +165,14 @@ def test_plot_writes_png_and_pdf(tmp_path):
     "args, message",
     [
         (["--method", "lbfgs"], "unknown method 'lbfgs'"),
-        (["--batch-size", "-3"], "batch_size must be a positive integer, got -3"),
+        (["--batch-size", "-3"], "config key 'batch_size': input should be greater than or "
+                                 "equal to 1, got -3"),
         (["--task", "npz:/nonexistent/data.npz"], "/nonexistent/data.npz"),
         (["--method", "sgd", "--beta0", "0.5"], "beta0 does not apply to method 'sgd'"),
-        (["--device", "tpu"], "unknown device 'tpu'"),
-        (["--steps", "-1"], "steps must be >= 0, got -1"),
+        (["--device", "tpu"], "config key 'device': input should be 'auto', 'cpu' or 'cuda', "
+                              "got 'tpu'"),
+        (["--steps", "-1"], "config key 'steps': input should be greater than or equal to 0, "
+                            "got -1"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
@@ -326,7 +334,7 @@ def test_measure_grads_flag_and_resume_in_gram_mode(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_measurement(small_config(grads="gram", steps=20), tmp_path / "cut",
                         progress=_interrupt_at(15))
-    resumed = load_run(run_measurement(RunConfig(), tmp_path / "cut", resume=True))
+    resumed = load_run(run_measurement(None, tmp_path / "cut", resume=True))
     drop = ["measure_seconds"]
     pd.testing.assert_frame_equal(full.metrics.drop(columns=drop),
                                   resumed.metrics.drop(columns=drop), check_exact=True)

@@ -1,4 +1,4 @@
-"""Paper figures: one TOML config in ``experiments/`` and one recipe module here per figure.
+"""Paper figures: one TOML config in ``configs/`` and one recipe module here per figure.
 
 A recipe is a module with ``make(config, out, *, progress) -> Path`` that runs what the figure
 needs (measurement runs, sweeps), writes ``<name>.csv`` (the table behind the figure) and
@@ -32,6 +32,9 @@ FIGURES: dict[str, str] = {
 }
 
 MODES = ("quick", "full")
+# The figures' configs ship with the package, so that `sgn-lab figures` finds them from any
+# working directory; --experiments DIR points at a folder of one's own instead.
+CONFIGS = Path(__file__).parent / "configs"
 
 
 def read_figure_config(experiments: str | Path, name: str, *, quick: bool) -> dict[str, Any]:
@@ -54,7 +57,7 @@ def make_figure(
     name: str,
     out: str | Path,
     *,
-    experiments: str | Path = "experiments",
+    experiments: str | Path = CONFIGS,
     quick: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:

@@ -1,4 +1,4 @@
-"""Shared by the recipes: measurement runs from a figure's config, reused when complete."""
+"""Shared by the recipes: a figure's measurement runs, through the one loop of sgn_lab.run."""
 
 from __future__ import annotations
 
@@ -6,58 +6,47 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sgn_lab.results import Run, load_run
-from sgn_lab.train import RunConfig, run_measurement
+import pandas as pd
+
+from sgn_lab.run.config import RunConfig, parse
+from sgn_lab.run.loop import run_series
+from sgn_lab.run.rundir import Run, load_run
 
 
-def figure_run(
-    out: Path,
-    name: str,
-    settings: dict[str, Any],
-    *,
-    progress: Callable[[int, int], None] | None = None,
-) -> Run:
-    """Run (or resume, or reuse) the measurement run ``out/runs/<name>`` and load it.
+def figure_configs(name: str, settings: dict[str, dict[str, Any]]) -> dict[str, RunConfig]:
+    """Label -> the config of run ``<name>-<label>`` from its flat fields (on the CPU)."""
+    return {label: parse({"device": "cpu", **fields, "name": f"{name}-{label}"})
+            for label, fields in settings.items()}
 
-    ``settings`` are :class:`RunConfig` fields. A complete run with the same settings is
-    reused as it is, so re-making a figure (or another figure sharing the run) costs nothing,
-    and an interrupted one continues where it stopped.
-    """
-    path = out / "runs" / name
-    config = RunConfig.from_dict({"device": "cpu", **settings})
-    if (path / "config.json").is_file():
-        saved = load_run(path).config
-        if any(saved.get(k) != v for k, v in config.to_dict().items()):
-            raise ValueError(
-                f"{path} holds a run with other settings; remove it or choose another --out"
-            )
-    run_measurement(config, path, resume=True, progress=progress)
+
+def figure_run(out: Path, name: str, settings: dict[str, Any], *,
+               progress: Callable[[int, int], None] | None = None) -> Run:
+    """The run ``out/runs/<name>`` with ``settings`` (flat config fields), loaded."""
+    config = parse({"device": "cpu", **settings, "name": name})
+    path, = run_series([config], out / "runs",
+                       progress=(lambda c: progress) if progress else None)
     return load_run(path)
 
 
-def figure_runs(
-    out: Path,
-    name: str,
-    settings: dict[str, dict[str, Any]],
-    *,
-    progress: Callable[[int, int], None] | None = None,
-):
-    """Every run of ``settings`` (label -> RunConfig fields): metrics and spectra, labelled.
+def figure_runs(out: Path, name: str, settings: dict[str, dict[str, Any]], *,
+                progress: Callable[[int, int], None] | None = None):
+    """Every run of ``settings`` (label -> flat config fields): metrics and spectra, labelled.
 
-    Returns (metrics, spectra, final) where ``final`` holds the last measurement of each run;
-    each table has a ``setting`` column with the label.
+    Runs live in ``out/runs/<name>-<label>``: a complete run with the same config is reused, an
+    interrupted one resumed, one with other settings an error (:func:`run_series`). Returns
+    (metrics, spectra, final) where ``final`` holds the last measurement of each run; each table
+    has a ``setting`` column with the label.
     """
-    import pandas as pd
-
-    metrics, spectra = [], []
-    for index, (label, fields) in enumerate(settings.items()):
-        run = figure_run(out, f"{name}-{label}", fields)
-        metrics.append(run.metrics.assign(setting=label))
-        spectra.append(run.spectra.assign(setting=label))
-        if progress is not None:
-            progress(index + 1, len(settings))
-    metrics = pd.concat(metrics, ignore_index=True)
-    spectra = pd.concat(spectra, ignore_index=True)
+    configs = figure_configs(name, settings)
+    paths = run_series(list(configs.values()), out / "runs",
+                       done=progress if progress else None)
+    runs = [load_run(p) for p in paths]
+    metrics = pd.concat([r.metrics.assign(setting=label) for label, r in zip(configs, runs,
+                                                                              strict=True)],
+                        ignore_index=True)
+    spectra = pd.concat([r.spectra.assign(setting=label) for label, r in zip(configs, runs,
+                                                                              strict=True)],
+                        ignore_index=True)
     final = metrics.sort_values("step", kind="stable").groupby("setting", sort=False).tail(1)
     return metrics, spectra, final.reset_index(drop=True)
 

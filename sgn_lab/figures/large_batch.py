@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from sgn_lab.figures._runs import expand, figure_runs
 from sgn_lab.plots import METRIC_LABELS, plot_style, save_figure
-from sgn_lab.results import write_table
+from sgn_lab.run.rundir import write_table
 
 
 def make(

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sgn_lab.plots import plot_scaling, save_figure
-from sgn_lab.results import write_table
+from sgn_lab.run.rundir import write_table
 from sgn_lab.scaling import run_sweep
 
 

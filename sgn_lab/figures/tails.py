@@ -13,7 +13,7 @@ from typing import Any
 
 from sgn_lab.figures._runs import figure_runs
 from sgn_lab.plots import plot_metrics, save_figure
-from sgn_lab.results import write_table
+from sgn_lab.run.rundir import write_table
 
 COLUMNS = ("tail_index", "normality_reject_fraction", "kurtosis", "test_accuracy")
 

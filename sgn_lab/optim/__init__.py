@@ -59,12 +59,17 @@ def heavy_ball(
 
 @dataclass(frozen=True)
 class Method:
-    """A named optimizer: how to build it and what its ``step`` takes."""
+    """A named optimizer: how to build it, what its ``step`` takes, and its run-level
+    hyperparameters (besides lr) with their defaults (:data:`SETTINGS`)."""
 
     name: str
     factory: Callable[..., Optimizer]
     step_input: str
     summary: str
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return SETTINGS[self.name]
 
     def hyperparameters(self) -> list[str]:
         """Names of the keyword arguments the factory accepts (besides ``params``)."""
@@ -93,6 +98,48 @@ METHODS: dict[str, Method] = {
                "adaptive heavy-ball momentum (Sun et al. 2021)"),
     )
 }
+
+
+# Each method's run-level hyperparameters (besides lr: the names of the CLI flags, config keys
+# and metrics columns) and their defaults, which are the optimizers' own. None: computed from
+# the run — covariance noise's small batch is B/8 of the training batch, and Gaussian
+# injection's trace matching is off.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "sgd": {"weight_decay": 0.0},
+    "momentum": {"momentum": 0.9, "weight_decay": 0.0},
+    "adam": {"beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0},
+    "gaussian": {"sigma": 0.0, "sigma_trace_factor": None, "momentum": 0.0,
+                 "weight_decay": 0.0},
+    "covariance": {"small_batch": None, "variant": "full", "momentum": 0.0,
+                   "weight_decay": 0.0},
+    "symmetric": {"noise": 0.01, "momentum": 0.0, "weight_decay": 0.0},
+    "pnm": {"beta0": 1.0, "beta1": 0.9, "weight_decay": 0.0},
+    "adapnm": {"beta0": 1.0, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0},
+    "adaptive-hb": {"beta_max": 0.99, "weight_decay": 0.0},
+}
+
+
+def optimizer_kwargs(method: str, lr: float, settings: dict[str, Any], *, batch_size: int,
+                     seed: int) -> dict[str, Any]:
+    """The factory's keyword arguments from the run-level hyperparameters of ``method``.
+
+    β's become the optimizers' ``betas`` tuples (PNM: (β1, β0); AdaPNM: (β1, β2, β0); Adam:
+    (β1, β2)); covariance noise's large batch is the training batch; an optimizer with its own
+    generator gets ``seed``.
+    """
+    rest = {k: v for k, v in settings.items() if k != "sigma_trace_factor"}
+    kwargs: dict[str, Any] = {"lr": lr}
+    if method == "pnm":
+        kwargs["betas"] = (rest.pop("beta1"), rest.pop("beta0"))
+    elif method == "adapnm":
+        kwargs["betas"] = (rest.pop("beta1"), rest.pop("beta2"), rest.pop("beta0"))
+    elif method == "adam":
+        kwargs["betas"] = (rest.pop("beta1"), rest.pop("beta2"))
+    if method == "covariance":
+        kwargs["large_batch"] = batch_size
+    if "seed" in METHODS[method].hyperparameters():
+        kwargs["seed"] = seed
+    return {**kwargs, **rest}
 
 
 def train_step(
@@ -157,6 +204,7 @@ def build_optimizer(name: str, params: Iterable[Any], **hyperparameters: Any) ->
 __all__ = [
     "METHODS",
     "PNM",
+    "SETTINGS",
     "STEP_INPUTS",
     "AdaPNM",
     "AdaptiveHeavyBall",
@@ -166,6 +214,7 @@ __all__ = [
     "SymmetricNoiseSGD",
     "build_optimizer",
     "heavy_ball",
+    "optimizer_kwargs",
     "pnm_noise_factor",
     "train_step",
 ]

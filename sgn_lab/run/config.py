@@ -1,0 +1,285 @@
+"""The typed configuration of a measurement run: one nested schema, validated once.
+
+A run is ``task``, ``model``, ``optimizer`` (the method and its hyperparameters), ``training``,
+``probe`` and ``output``. Every key has one name, the same as a TOML key (flat, or nested in its
+section's table), a CLI flag (``--batch-size``), a ``config.json`` key and a ``metrics.csv``
+column; :data:`FIELDS` lists them with their help text, and the CLI builds its options from it.
+
+Validation is pydantic's, strict: ``batch_size = true`` or ``steps = "20"`` is an error that
+names the key, the value and the type expected (:func:`parse`), never a silent conversion.
+:meth:`RunConfig.resolved` fills in the method's own defaults for every hyperparameter it takes,
+so ``config.json`` and ``metrics.csv`` hold every value the run used.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sgn_lab.models import MODELS
+from sgn_lab.optim import METHODS, SETTINGS
+
+GRADS_PATHS = ("auto", "vmap", "gram")
+DEVICES = ("auto", "cpu", "cuda")
+INSTRUMENT_NAMES = ("sgn", "tails", "curvature", "updates", "eval")
+DEFAULT_INSTRUMENTS = ("sgn", "tails", "updates", "eval")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+class TaskSection(_Section):
+    name: str = Field("mnist1d", description="Task: mnist1d, digits, gaussian-mixture, linreg, "
+                      "teacher-student (options as linreg:dim=50), npz:FILE, cifar10:DIR.")
+    n_train: int | None = Field(None, ge=2, description="Subsample the training set to this "
+                                "many samples.")
+
+
+class ModelSection(_Section):
+    name: str = Field("mlp", description=f"Model: {', '.join(MODELS)}.")
+    width: int = Field(128, ge=1, description="Hidden width (channels for CNNs).")
+    depth: int = Field(2, ge=1, description="Hidden layers / blocks.")
+
+    @model_validator(mode="after")
+    def _known(self) -> ModelSection:
+        if self.name not in MODELS:
+            raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(MODELS)}")
+        return self
+
+
+class OptimizerSection(_Section):
+    """The method and its hyperparameters; those the method does not take stay None."""
+
+    method: str = Field("pnm", description=f"Method: {', '.join(METHODS)}.")
+    lr: float = Field(0.1, gt=0, description="Learning rate η.")
+    momentum: float | None = Field(None, ge=0, description="Heavy-ball momentum.")
+    beta0: float | None = Field(None, ge=0, description="PNM/AdaPNM β0 (positive-negative "
+                                "weight).")
+    beta1: float | None = Field(None, ge=0, lt=1, description="β1 of PNM/AdaPNM/Adam.")
+    beta2: float | None = Field(None, ge=0, lt=1, description="β2 of AdaPNM/Adam.")
+    sigma: float | None = Field(None, ge=0, description="Gaussian injection σ.")
+    sigma_trace_factor: float | None = Field(
+        None, gt=0, description="Gaussian injection matched to the SGN: σ² = c·tr(S)/d, re-set "
+        "at every measurement (default: off).")
+    small_batch: int | None = Field(None, ge=1, description="Covariance noise: emulated small "
+                                    "batch B_S (the training batch is B_L; default B/8).")
+    variant: Literal["full", "diagonal"] | None = Field(None, description="Covariance noise: "
+                                                         "full or diagonal.")
+    noise: float | None = Field(None, gt=0, description="S-SGD weight-noise scale.")
+    beta_max: float | None = Field(None, ge=0, lt=1, description="Adaptive heavy ball: largest "
+                                   "β.")
+    weight_decay: float | None = Field(None, ge=0, description="Weight decay.")
+
+    @model_validator(mode="after")
+    def _applies(self) -> OptimizerSection:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of "
+                             f"{', '.join(METHODS)}")
+        for name in HYPERPARAMETERS:
+            value = getattr(self, name)
+            if value is not None and name not in METHODS[self.method].settings:
+                takes = [m for m in METHODS if name in METHODS[m].settings]
+                raise ValueError(f"{name} does not apply to method {self.method!r} (only to "
+                                 f"{', '.join(takes)})")
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """The method's hyperparameters (besides lr) with their values, None left unresolved."""
+        return {name: getattr(self, name) for name in METHODS[self.method].settings}
+
+
+class TrainingSection(_Section):
+    batch_size: int = Field(64, ge=1, description="Minibatch size B.")
+    steps: int = Field(1000, ge=0, description="Training steps.")
+    epochs: float | None = Field(None, gt=0, description="Training epochs (overrides --steps).")
+    seed: int = Field(0, ge=0, description="Seed of data split, model, order and draws.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto, cpu or cuda.")
+
+
+class ProbeSection(_Section):
+    measure_every: int = Field(100, ge=1, description="Measure every k steps.")
+    probe_samples: int = Field(512, ge=2, description="Per-sample gradients per measurement, "
+                               "n.")
+    fresh_probe: bool = Field(False, description="New probe samples at each measurement "
+                              "(default: one fixed probe set).")
+    instruments: tuple[str, ...] = Field(
+        DEFAULT_INSTRUMENTS, description="Instruments to run, comma-separated: "
+        f"{', '.join(INSTRUMENT_NAMES)}.")
+    update_repeats: int = Field(32, ge=2, description="Minibatch draws R of the updates "
+                                "instrument (per-step update noise).")
+    grads: Literal["auto", "vmap", "gram"] = Field(
+        "auto", description="Per-sample gradients: auto (the Gram path, checked against vmap "
+        "at the first measurement; vmap with the curvature instrument), vmap (materialised) "
+        "or gram (unchecked).")
+    chunk_size: int | None = Field(None, ge=1, description="Samples per pass: vmap chunks; the "
+                                   "Gram path builds its Gram from pairs of such chunks.")
+
+    @model_validator(mode="after")
+    def _known(self) -> ProbeSection:
+        unknown = [i for i in self.instruments if i not in INSTRUMENT_NAMES]
+        if unknown:
+            raise ValueError(f"unknown instrument {unknown[0]!r}; choose from "
+                             f"{', '.join(INSTRUMENT_NAMES)}")
+        if self.grads == "gram" and "curvature" in self.instruments:
+            raise ValueError("the curvature instrument needs per-sample gradients: grads "
+                             "'vmap' or 'auto'")
+        return self
+
+
+class OutputSection(_Section):
+    name: str | None = Field(None, description="Run name (default: the method, the "
+                             "hyperparameters that differ from its defaults, and the seed).")
+
+
+HYPERPARAMETERS = tuple(name for name in OptimizerSection.model_fields
+                        if name not in ("method", "lr"))
+
+
+class RunConfig(_Section):
+    """Everything that defines a measurement run (``config.json`` of the run holds it)."""
+
+    task: TaskSection = TaskSection()
+    model: ModelSection = ModelSection()
+    optimizer: OptimizerSection = OptimizerSection()
+    training: TrainingSection = TrainingSection()
+    probe: ProbeSection = ProbeSection()
+    output: OutputSection = OutputSection()
+
+    def resolved(self) -> RunConfig:
+        """Every hyperparameter the method takes, its default where not given."""
+        settings = self.optimizer.settings()
+        defaults = method_defaults(self.optimizer.method, self.training.batch_size)
+        filled = {k: defaults[k] if v is None else v for k, v in settings.items()}
+        return self.model_copy(update={"optimizer": self.optimizer.model_copy(update=filled)})
+
+    @property
+    def label(self) -> str:
+        """The method and every optimizer value that differs from its default (lr included):
+        what tells two runs of one method apart, e.g. ``pnm-beta0=2``."""
+        opt = self.resolved().optimizer
+        defaults = {"lr": OptimizerSection.model_fields["lr"].default,
+                    **method_defaults(opt.method, self.training.batch_size)}
+        parts = [f"{k}={_short(getattr(opt, k))}" for k in ("lr", *opt.settings())
+                 if getattr(opt, k) != defaults[k]]
+        return "-".join([opt.method, *parts])
+
+    @property
+    def run_name(self) -> str:
+        return self.output.name or f"{self.label}-s{self.training.seed}"
+
+    def flat(self) -> dict[str, Any]:
+        """Every key by its flat name (a TOML file or the CLI flags, without sections)."""
+        return {flat: getattr(getattr(self, section), key)
+                for flat, (section, key) in FIELDS.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested, as ``config.json`` holds it: the optimizer with the hyperparameters its
+        method takes only."""
+        data = self.model_dump(mode="json")
+        takes = ("method", "lr", *METHODS[self.optimizer.method].settings)
+        data["optimizer"] = {k: v for k, v in data["optimizer"].items() if k in takes}
+        return data
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def method_defaults(method: str, batch_size: int) -> dict[str, Any]:
+    """The defaults of ``method``'s hyperparameters for training batch ``batch_size``."""
+    defaults = dict(SETTINGS[method])
+    if "small_batch" in defaults and defaults["small_batch"] is None:
+        defaults["small_batch"] = max(1, batch_size // 8)  # the covariance noise's B_S
+    return defaults
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    name: field.annotation for name, field in RunConfig.model_fields.items()
+}
+# Flat name -> (section, key): a section's key by its own name, but a section's "name" by the
+# section's (task, model), the optimizer's method as "method", and the output's as "name".
+FIELDS: dict[str, tuple[str, str]] = {}
+for _section, _model in SECTIONS.items():
+    for _key in _model.model_fields:
+        _flat = _section if _key == "name" and _section in ("task", "model") else _key
+        FIELDS[_flat] = (_section, _key)
+
+
+def help_text(flat: str) -> str:
+    section, key = FIELDS[flat]
+    field = SECTIONS[section].model_fields[key]
+    default = field.default
+    shown = ",".join(default) if isinstance(default, tuple) else default
+    return f"{field.description} (default: {shown})" if default is not None else str(
+        field.description)
+
+
+def parse(data: dict[str, Any]) -> RunConfig:
+    """A config from flat and/or nested keys (TOML, JSON, ``config.json``, CLI flags).
+
+    Raises ValueError naming the key, the value and the expected type or range.
+    """
+    nested: dict[str, dict[str, Any]] = {}
+    unknown = []
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for inner, v in value.items():
+                nested.setdefault(key, {})[inner] = v
+        elif key in FIELDS:
+            section, inner = FIELDS[key]
+            nested.setdefault(section, {})[inner] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(sorted(unknown))}")
+    if isinstance(nested.get("probe", {}).get("instruments"), list):
+        nested["probe"]["instruments"] = tuple(nested["probe"]["instruments"])
+    try:
+        return RunConfig(**nested)
+    except ValidationError as exc:
+        raise ValueError(describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    """One line for the first error of a pydantic validation: key, value, expectation."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"] if not isinstance(part, int)]
+    key = loc[-1] if loc else ""
+    section = loc[0] if loc else ""
+    flat = next((f for f, (s, k) in FIELDS.items() if (s, k) == (section, key)), key)
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("value_error", "assertion_error") or not flat:
+        return message
+    value = error.get("input")
+    shown = repr(value) if not (isinstance(value, float) and math.isnan(value)) else "nan"
+    return f"config key {flat!r}: {message[0].lower()}{message[1:]}, got {shown}"
+
+
+def differences(saved: RunConfig, asked: RunConfig) -> list[str]:
+    """The flat keys whose values differ between two configs, as 'key: saved -> asked'."""
+    a, b = saved.resolved().flat(), asked.resolved().flat()
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in FIELDS if a[k] != b[k]]
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """The keys of a TOML config file (JSON too: a run's own ``config.json`` re-runs it)."""
+    import json
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot parse config file {path}: {exc}") from None
+    return {k: v for k, v in data.items() if k not in ("complete", "run", "sgn_lab_version")}

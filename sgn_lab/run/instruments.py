@@ -1,0 +1,205 @@
+"""Instruments: each family of measured quantities, switched on by name.
+
+An instrument is a name and a call ``instrument(measurement) -> dict`` of table columns; it
+may add spectra with ``measurement.add_spectrum(kind, eigenvalues)``, and says whether it
+needs the (n, d) per-sample gradients (``needs_grads``, else the Gram path serves). The
+:class:`Measurement` it receives computes what instruments share — the probe batch, its
+per-sample gradients or Gram, the noise statistics — once, on first use.
+
+=========== ===================================================================== =========
+name        columns                                                               needs G
+=========== ===================================================================== =========
+eval        train_loss, train_accuracy, test_loss, test_accuracy                  no
+sgn         every :class:`~sgn_lab.NoiseStats` scalar (trace, noise_scale with     no
+            its error, effective_rank, ...); spectra ``sgn`` and ``isotropic``
+tails       tail_index, normality_pvalue, normality_reject_fraction, kurtosis     no [1]
+curvature   hessian_top_eigenvalue, hessian_trace, trace_hs, curvature_alignment  yes
+updates     update_trace, update_effective_rank, update_mean_sq_norm; spectrum    no
+            ``update`` (per-step update noise over R minibatch draws)
+=========== ===================================================================== =========
+
+[1] With the Gram path, from the per-sample gradients of the first ``shape_samples`` probe
+samples.
+
+A user's instrument is any object with ``name``, ``needs_grads`` and that call, passed to
+:class:`~sgn_lab.NoiseProbe` in ``instruments``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from sgn_lab.curvature import curvature_stats
+from sgn_lab.grads import GramCoverage, gram_result
+from sgn_lab.grads.vmap import _seeded, flatten_grads, per_sample_grads
+from sgn_lab.noise import NoiseStats, noise_stats
+from sgn_lab.seeds import Purpose, seed_for
+from sgn_lab.tails import shape_stats
+
+if TYPE_CHECKING:
+    from sgn_lab.run.probe import NoiseProbe
+
+SPECTRUM_KINDS = ("sgn", "isotropic", "update")
+
+
+class Instrument(Protocol):
+    name: str
+    needs_grads: bool
+
+    def __call__(self, measurement: Measurement) -> dict[str, Any]: ...
+
+
+class Measurement:
+    """One measurement: the probe batch, and what the instruments share, computed on demand."""
+
+    def __init__(self, probe: NoiseProbe, step: int, epoch: float) -> None:
+        self.probe, self.step, self.epoch = probe, step, epoch
+        self.device = next(probe.model.parameters()).device
+        idx = probe.probe_indices(step)
+        self.x = probe.x_train[idx].to(self.device)
+        self.y = probe.y_train[idx].to(self.device)
+        self.spectra: list[pd.DataFrame] = []
+        self.coverage: GramCoverage | None = None
+
+    def seed(self, purpose: Purpose) -> int:
+        return seed_for(self.probe.seed, self.step, purpose)
+
+    @cached_property
+    def grads(self) -> dict[str, Tensor]:
+        """Per-sample gradients of the probe batch (vmap)."""
+        p = self.probe
+        return per_sample_grads(p.model, p.loss_fn, self.x, self.y, chunk_size=p.chunk_size,
+                                batchnorm=p.batchnorm, seed=self.seed(Purpose.GRADS))
+
+    @cached_property
+    def noise(self) -> NoiseStats:
+        """SGN statistics of the probe batch, by the probe's path (vmap or Gram)."""
+        p = self.probe
+        minibatch = {"batch_size": p.batch_size, "dataset_size": len(p.x_train),
+                     "seed": self.seed(Purpose.STATS)}
+        if p.grads == "vmap":
+            return noise_stats(self.grads, shape=False, **minibatch)
+        with _seeded(self.seed(Purpose.GRADS), self.device):
+            result = gram_result(p.model, p.loss_fn, self.x, self.y, with_mean=True,
+                                 batchnorm=p.batchnorm, chunk_size=p.chunk_size,
+                                 verify=p.take_verify())
+        self.coverage = result.coverage
+        mean = result.mean
+        assert mean is not None
+        return noise_stats(gram=result.gram, dim=mean.numel(), mean=mean, **minibatch)
+
+    def add_spectrum(self, kind: str, eigenvalues: Tensor) -> None:
+        self.spectra.append(pd.DataFrame({
+            "step": self.step, "kind": kind, "k": np.arange(1, eigenvalues.numel() + 1),
+            "eigenvalue": eigenvalues.detach().double().cpu().numpy()}))
+
+
+@dataclass(frozen=True)
+class Eval:
+    """Mean loss and accuracy on the training set and, when given, the test set."""
+
+    name: str = "eval"
+    needs_grads: bool = False
+
+    def __call__(self, m: Measurement) -> dict[str, Any]:
+        p = m.probe
+        row = {}
+        row["train_loss"], row["train_accuracy"] = p.evaluate(p.x_train, p.y_train)
+        if p.x_test is not None and p.y_test is not None:
+            row["test_loss"], row["test_accuracy"] = p.evaluate(p.x_test, p.y_test)
+        return row
+
+
+@dataclass(frozen=True)
+class SGN:
+    """The noise statistics of :func:`sgn_lab.noise_stats` and the two spectra."""
+
+    name: str = "sgn"
+    needs_grads: bool = False
+
+    def __call__(self, m: Measurement) -> dict[str, Any]:
+        stats = m.noise
+        m.add_spectrum("sgn", stats.eigenvalues)
+        m.add_spectrum("isotropic", stats.isotropic_eigenvalues)
+        row = stats.to_dict()
+        for key in _TAIL_COLUMNS:  # the tails instrument's
+            row.pop(key, None)
+        return row
+
+
+_TAIL_COLUMNS = ("tail_index", "normality_pvalue", "normality_reject_fraction", "kurtosis")
+
+
+@dataclass(frozen=True)
+class Tails:
+    """Tail index and Gaussianity of the noise (:func:`sgn_lab.shape_stats`)."""
+
+    name: str = "tails"
+    needs_grads: bool = False
+
+    def __call__(self, m: Measurement) -> dict[str, Any]:
+        p = m.probe
+        if p.grads == "vmap":  # all n probe samples, centred as noise_stats centres them
+            G = flatten_grads(m.grads)
+            if len(G) < 8 or not m.noise.trace > 0:
+                return dict.fromkeys(_TAIL_COLUMNS, math.nan)
+            mean = G.sum(dim=0, dtype=torch.float64) / len(G)
+            return shape_stats(G.to(torch.float64) - mean, seed=m.seed(Purpose.STATS)).to_dict()
+        count = min(len(m.x), p.shape_samples)  # the Gram path: a subset's gradients
+        if count < 8:
+            return dict.fromkeys(_TAIL_COLUMNS, math.nan)
+        seed = m.seed(Purpose.GRADS)
+        G = flatten_grads(per_sample_grads(
+            p.model, p.loss_fn, m.x[:count], m.y[:count], chunk_size=p.chunk_size,
+            batchnorm=p.batchnorm, seed=seed)).to(torch.float64)
+        centred = G - G.mean(dim=0)
+        if not bool(centred.abs().max() > 0):
+            return dict.fromkeys(_TAIL_COLUMNS, math.nan)
+        return shape_stats(centred, seed=seed).to_dict()
+
+
+@dataclass(frozen=True)
+class Curvature:
+    """λ_max(H), tr H, tr(HS) and the alignment ratio (:func:`sgn_lab.curvature_stats`)."""
+
+    name: str = "curvature"
+    needs_grads: bool = True
+
+    def __call__(self, m: Measurement) -> dict[str, Any]:
+        p = m.probe
+        return curvature_stats(p.model, p.loss_fn, m.x, m.y, flatten_grads(m.grads),
+                               seed=m.seed(Purpose.CURVATURE), chunk_size=p.chunk_size
+                               ).to_dict()
+
+
+@dataclass(frozen=True)
+class Updates:
+    """The per-step update noise: R one-step copies of (model, optimizer)."""
+
+    name: str = "updates"
+    needs_grads: bool = False
+
+    def __call__(self, m: Measurement) -> dict[str, Any]:
+        from sgn_lab.run.probe import update_noise
+
+        p = m.probe
+        updates = update_noise(p.model, p.optimizer, p.method, p.loss_fn, p.x_train,
+                               p.y_train, batch_size=p.batch_size, repeats=p.update_repeats,
+                               seed=m.seed(Purpose.UPDATES))
+        stats = noise_stats(updates, shape=False)
+        m.add_spectrum("update", stats.eigenvalues)
+        return {"update_trace": stats.trace, "update_effective_rank": stats.effective_rank,
+                "update_mean_sq_norm": stats.mean_sq_norm}
+
+
+# The built-in instruments by name, in the order their columns appear in a row.
+INSTRUMENTS: dict[str, Instrument] = {i.name: i for i in (Eval(), SGN(), Tails(), Curvature(),
+                                                          Updates())}

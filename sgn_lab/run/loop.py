@@ -1,0 +1,262 @@
+"""The one training loop behind ``sgn-lab measure``, ``compare`` and ``figures``.
+
+:func:`run_measurement` trains the model on the task with the method and writes a run
+directory (:mod:`sgn_lab.run.rundir`) as it goes: after each measurement the tables and a
+checkpoint are rewritten atomically, so a run killed at any point resumes from its last
+measurement (``resume=True``) and ends with the same numbers as one that never stopped.
+:func:`run_series` runs several configs into one folder with the same rule for each: a
+complete run with the same config is kept, an interrupted one resumed, and a run with another
+config is never overwritten or mixed in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from sgn_lab.data import load_task
+from sgn_lab.models import build_model, loss_for
+from sgn_lab.optim import build_optimizer, optimizer_kwargs, train_step
+from sgn_lab.run.config import RunConfig, differences, parse
+from sgn_lab.run.probe import NoiseProbe
+from sgn_lab.run.rundir import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    COVERAGE_FILE,
+    METRICS_FILE,
+    SPECTRA_FILE,
+    load_checkpoint,
+    load_run,
+    locked,
+    read_config,
+    save_checkpoint,
+    without_status,
+    write_json,
+    write_table,
+)
+from sgn_lab.seeds import Purpose, seed_for
+
+Progress = Callable[[int, int], None]
+Notify = Callable[[str], None]
+
+
+def saved_config(out: str | Path) -> RunConfig | None:
+    """The config of the run in ``out``, or None when there is none."""
+    out = Path(out)
+    if not (out / CONFIG_FILE).is_file():
+        return None
+    return parse(without_status(read_config(out)))
+
+
+def plan(config: RunConfig | None, out: str | Path, *, resume: bool) -> RunConfig:
+    """The config a run in ``out`` will use, checked against what is there before any work.
+
+    A new directory runs ``config`` (the defaults when None). With a run there already:
+    without ``resume`` that is an error; with it, the saved config is used, and a ``config``
+    that differs from it is an error listing the differing keys.
+    """
+    saved = saved_config(out)
+    if saved is None:
+        return (config or RunConfig()).resolved()
+    if not resume:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose "
+                         "another --out")
+    if config is not None:
+        changed = differences(saved, config)
+        if changed:
+            raise ValueError(f"{out} holds a run with other settings ({'; '.join(changed)}); "
+                             "resume it as it is (only --out and --resume), or choose another "
+                             "--out")
+    return saved.resolved()
+
+
+def run_measurement(
+    config: RunConfig | None,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: Progress | None = None,
+    notify: Notify | None = None,
+) -> Path:
+    """Train and measure as ``config`` says (see :func:`plan`), writing the run directory.
+
+    ``progress(step, total)`` is called after every step; ``notify(text)`` once with the Gram
+    path's coverage report (each parameter's route), which also goes to ``coverage.csv``.
+    A complete run is left as it is. Returns the run directory.
+    """
+    out = Path(out)
+    with locked(out):
+        config = plan(config, out, resume=resume)
+        if (out / CONFIG_FILE).is_file() and read_config(out).get("complete"):
+            return out  # plan() made sure it is the run asked for
+        _train(config, out, resume=resume, progress=progress, notify=notify)
+    return out
+
+
+def run_series(
+    configs: Sequence[RunConfig],
+    root: str | Path,
+    *,
+    resume: bool = True,
+    progress: Callable[[RunConfig], Progress | None] | None = None,
+    done: Progress | None = None,
+    notify: Notify | None = None,
+) -> list[Path]:
+    """Run each config into ``root/<its run name>`` (compare, figures): complete runs with the
+    same config are kept, interrupted ones resumed, other settings are an error. The names are
+    checked to be distinct, and every directory against its config, before the first run.
+
+    ``progress(config)`` gives a run's step callback; ``done(runs done, runs)`` follows the
+    series.
+    """
+    root = Path(root)
+    names = [c.resolved().run_name for c in configs]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ValueError(f"two runs would share the name {clash[0]!r}: give them different "
+                         "hyperparameters or seeds")
+    for config in configs:  # every directory checked before the first run starts
+        plan(config, root / config.resolved().run_name, resume=resume)
+    paths = []
+    for index, config in enumerate(configs):
+        paths.append(run_measurement(config, root / config.resolved().run_name, resume=resume,
+                                     progress=progress(config) if progress else None,
+                                     notify=notify))
+        if done is not None:
+            done(index + 1, len(configs))
+    return paths
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present; an unavailable 'cuda' is an error."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def identity_columns(config: RunConfig) -> dict[str, Any]:
+    """The identifying columns of every metrics row: the run, its label, task, model, method,
+    seed, and every optimizer hyperparameter the method takes (defaults resolved)."""
+    opt = config.optimizer
+    return {
+        "run": config.run_name, "label": config.label, "task": config.task.name,
+        "model": config.model.name, "method": opt.method, "seed": config.training.seed,
+        "lr": opt.lr, "batch_size": config.training.batch_size, **opt.settings(),
+    }
+
+
+def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | None,
+           notify: Notify | None) -> None:
+    training, probe_cfg, opt = config.training, config.probe, config.optimizer
+    device = resolve_device(training.device)
+    task = load_task(config.task.name, seed=training.seed, n_train=config.task.n_train)
+    n_train = len(task.x_train)
+    if training.batch_size > n_train:
+        raise ValueError(f"batch_size={training.batch_size} exceeds the {n_train} training "
+                         "samples")
+    steps_per_epoch = n_train // training.batch_size
+    total = (training.steps if training.epochs is None
+             else round(training.epochs * steps_per_epoch))
+
+    torch.manual_seed(training.seed)
+    model = build_model(config.model.name, task.input_shape, task.num_classes or 1,
+                        width=config.model.width, depth=config.model.depth).to(device)
+    loss_fn = loss_for(task.num_classes)
+    kwargs = optimizer_kwargs(opt.method, opt.lr, opt.settings(),
+                              batch_size=training.batch_size,
+                              seed=seed_for(training.seed, 0, Purpose.OPTIMIZER))
+    optimizer = build_optimizer(opt.method, model.named_parameters(), **kwargs)
+    instruments = list(probe_cfg.instruments)
+    probe = NoiseProbe(
+        model, loss_fn, task.x_train, task.y_train, x_test=task.x_test, y_test=task.y_test,
+        every=probe_cfg.measure_every, samples=probe_cfg.probe_samples,
+        fresh=probe_cfg.fresh_probe, batch_size=training.batch_size, instruments=instruments,
+        update_repeats=probe_cfg.update_repeats if "updates" in instruments else 0,
+        optimizer=optimizer, method=opt.method, grads=probe_cfg.grads,
+        chunk_size=probe_cfg.chunk_size, seed=training.seed,
+    )
+    data_gen = torch.Generator().manual_seed(seed_for(training.seed, 0, Purpose.DATA_ORDER))
+    order, position, start = torch.randperm(n_train, generator=data_gen), 0, 0
+    metrics, spectra = pd.DataFrame(), pd.DataFrame()
+
+    checkpoint_path = out / CHECKPOINT_FILE
+    resumed_at = None
+    if resume and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        data_gen.set_state(state["data_generator"])
+        order, position, start = state["order"], state["position"], state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        resumed_at = start
+        # Rows after the checkpoint (written before a kill) are measured again.
+        run = load_run(out)
+        if not run.metrics.empty:
+            metrics = run.metrics[run.metrics["step"] <= start].reset_index(drop=True)
+        if not run.spectra.empty:
+            spectra = run.spectra[run.spectra["step"] <= start].reset_index(drop=True)
+    from sgn_lab import __version__
+
+    status = {**config.to_dict(), "run": config.run_name, "sgn_lab_version": __version__}
+    write_json(out / CONFIG_FILE, {**status, "complete": False})
+
+    identity = identity_columns(config)
+    for step in range(start, total + 1):
+        if (probe.due(step) or step == total) and step != resumed_at:
+            result = probe.measure(step, epoch=step / steps_per_epoch)
+            if probe.coverage is not None and not (out / COVERAGE_FILE).is_file():
+                write_table(out / COVERAGE_FILE, probe.coverage.to_frame())
+                if notify is not None:
+                    notify(probe.coverage.summary())
+            if opt.sigma_trace_factor is not None and result.noise is not None:
+                # Isotropic noise of the SGN's magnitude: σ² = c·tr(S)/d, re-matched at every
+                # measurement (σ lives in the optimizer state, so a resume keeps it).
+                optimizer.set_sigma_from_trace(opt.sigma_trace_factor * result.noise.trace)
+            row = pd.DataFrame([{**identity, **result.row}])
+            metrics = row if metrics.empty else pd.concat([metrics, row], ignore_index=True)
+            tidy = result.spectra.assign(**{k: identity[k] for k in ("run", "label", "method",
+                                                                     "seed")})
+            tidy = tidy[["run", "label", "method", "seed", "step", "kind", "k", "eigenvalue"]]
+            spectra = tidy if spectra.empty else pd.concat([spectra, tidy], ignore_index=True)
+            write_table(out / METRICS_FILE, metrics)
+            write_table(out / SPECTRA_FILE, spectra)
+            _save(checkpoint_path, model, optimizer, data_gen, order, position, step, device)
+        if step == total:
+            break
+        if position + training.batch_size > n_train:
+            order, position = torch.randperm(n_train, generator=data_gen), 0
+        idx = order[position : position + training.batch_size]
+        position += training.batch_size
+        loss = train_step(opt.method, optimizer, model, loss_fn, task.x_train[idx].to(device),
+                          task.y_train[idx].to(device))
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training diverged: loss {loss} at step {step} (method {opt.method}, "
+                f"lr {opt.lr}); lower the learning rate")
+        if progress is not None:
+            progress(step + 1, total)
+    write_json(out / CONFIG_FILE, {**status, "complete": True})
+
+
+def _save(path, model, optimizer, data_gen, order, position, step, device) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "data_generator": data_gen.get_state(),
+        "order": order,
+        "position": position,
+        "step": step,
+        "torch_rng": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    save_checkpoint(path, state)
