@@ -291,15 +291,19 @@ def scaling(
     seed: Annotated[int, Opt(help="Seed of every draw.")] = 0,
 ) -> None:
     """Theory against measurement: a sweep with confidence intervals, as a table and figure."""
-    from sgn_lab.run.rundir import writable_dir
-    from sgn_lab.scaling import SWEEPS, run_sweep
+    from sgn_lab.plots import plot_scaling, save_figure
+    from sgn_lab.run.rundir import writable_dir, write_table
+    from sgn_lab.sweeps import SWEEPS, run_sweep
 
     if sweep not in SWEEPS:
         raise ValueError(f"unknown sweep {sweep!r}; choose one of {', '.join(SWEEPS)}")
     writable_dir(out)
     with _progress() as progress:
-        table = run_sweep(sweep, out=out, quick=quick, seed=seed,
+        table = run_sweep(sweep, quick=quick, seed=seed,
                           progress=_advance(progress, f"sweep {sweep}"))
+    figure = plot_scaling(table)  # built before anything is written
+    write_table(out / f"scaling_{sweep}.csv", table)
+    save_figure(figure, out / f"scaling_{sweep}")
     shown = Table(title=f"{sweep} sweep: measured ± 95% CI half-width against theory",
                   box=box.SIMPLE_HEAD, padding=(0, 1))
     for column in ("quantity", "x", "measured", "theory", "rel. error"):

@@ -12,14 +12,6 @@ The public API (stable names)::
 
 __version__ = "0.1.0"  # before the imports: each run records it
 
-from sgn_lab.curvature import (
-    CurvatureStats,
-    curvature_stats,
-    hessian_top_eigenvalue,
-    hessian_trace,
-    hessian_vector_product,
-    trace_hs,
-)
 from sgn_lab.grads import (
     GramCoverage,
     GramMismatchError,
@@ -30,7 +22,6 @@ from sgn_lab.grads import (
     per_sample_gram,
     per_sample_gram_coverage,
 )
-from sgn_lab.noise import NoiseStats, isotropic_spectrum, minibatch_factor, noise_stats
 from sgn_lab.run import (
     Instrument,
     Measurement,
@@ -42,8 +33,17 @@ from sgn_lab.run import (
     load_runs,
     run_measurement,
 )
-from sgn_lab.streaming import Moments, streaming_moments, streaming_noise_stats
-from sgn_lab.tails import ShapeStats, shape_stats, tail_index
+from sgn_lab.stats.curvature import (
+    CurvatureStats,
+    curvature_stats,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    hessian_vector_product,
+    trace_hs,
+)
+from sgn_lab.stats.noise import NoiseStats, isotropic_spectrum, minibatch_factor, noise_stats
+from sgn_lab.stats.streaming import Moments, streaming_moments, streaming_noise_stats
+from sgn_lab.stats.tails import ShapeStats, shape_stats, tail_index
 
 __all__ = [
     "CurvatureStats",

@@ -8,7 +8,7 @@ from typing import Any
 
 from sgn_lab.plots import plot_scaling, save_figure
 from sgn_lab.run.rundir import write_table
-from sgn_lab.scaling import run_sweep
+from sgn_lab.sweeps import run_sweep
 
 
 def make(
@@ -17,7 +17,7 @@ def make(
     """Run the sweep named by ``config["sweep"]`` and write ``<name>.csv``, ``.png``, ``.pdf``.
 
     Config keys: ``sweep`` (batch or beta0), ``seed``, ``quick_sweep`` (the sweep's own quick
-    grid) and ``options`` (passed to :func:`sgn_lab.scaling.run_sweep`).
+    grid) and ``options`` (passed to :func:`sgn_lab.sweeps.run_sweep`).
     """
     table = run_sweep(
         config["sweep"], quick=bool(config.get("quick_sweep", False)),

@@ -37,12 +37,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from sgn_lab.curvature import curvature_stats
 from sgn_lab.grads import GramCoverage, gram_result
 from sgn_lab.grads.vmap import _seeded, flatten_grads, per_sample_grads
-from sgn_lab.noise import NoiseStats, noise_stats
 from sgn_lab.seeds import Purpose, seed_for
-from sgn_lab.tails import shape_stats
+from sgn_lab.stats.curvature import curvature_stats
+from sgn_lab.stats.noise import NoiseStats, noise_stats
+from sgn_lab.stats.tails import shape_stats
 
 if TYPE_CHECKING:
     from sgn_lab.run.probe import NoiseProbe

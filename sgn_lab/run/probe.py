@@ -13,10 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from sgn_lab.grads import GramCoverage
-from sgn_lab.noise import NoiseStats
 from sgn_lab.run.config import GRADS_PATHS
 from sgn_lab.run.instruments import INSTRUMENTS, Instrument, Measurement
 from sgn_lab.seeds import Purpose, derive, seed_for
+from sgn_lab.stats.noise import NoiseStats
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

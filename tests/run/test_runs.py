@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 import sgn_lab
 from sgn_lab.cli.app import app, main
 from sgn_lab.grads import flatten_grads, per_sample_grads
-from sgn_lab.noise import minibatch_factor, noise_stats
 from sgn_lab.optim import PNM, pnm_noise_factor
 from sgn_lab.run import NoiseProbe, update_noise
 from sgn_lab.run.config import RunConfig, parse
 from sgn_lab.run.loop import run_measurement
 from sgn_lab.run.rundir import load_checkpoint, load_run
+from sgn_lab.stats.noise import minibatch_factor, noise_stats
 
 runner = CliRunner()
 

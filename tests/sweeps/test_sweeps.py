@@ -1,4 +1,4 @@
-"""Tests of sgn_lab.scaling: each sweep's measurements against the exact theory, with CIs.
+"""Tests of sgn_lab.sweeps: each sweep's measurements against the exact theory, with CIs.
 
 The quick sweeps (module fixtures, each run once) are the default tests; the full sweeps are
 marked slow. Statistical assertions use each row's own 95% CI, widened to 99.9% (×3.29/1.96)
@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from sgn_lab import theory
 from sgn_lab.plots import METRIC_LABELS, plot_scaling
-from sgn_lab.scaling import COLUMNS, SWEEPS, Z95, SweepConfig, run_sweep, sweep_config
+from sgn_lab.sweeps import COLUMNS, SWEEPS, Z95, SweepConfig, run_sweep, sweep_config
 
 Z999 = 3.2905267314919255  # two-sided 99.9%
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -148,10 +148,17 @@ def test_same_seed_same_table(name: str, options: dict) -> None:
     assert not np.array_equal(first["measured"].to_numpy(), other["measured"].to_numpy())
 
 
-def test_files_are_written(tmp_path, sigma_table: pd.DataFrame) -> None:
-    table = run_sweep("sigma", quick=True, out=tmp_path / "deep" / "out")
+def test_the_command_writes_the_table_and_the_figure(tmp_path, sigma_table: pd.DataFrame,
+                                                     monkeypatch) -> None:
+    from sgn_lab.cli.app import main
+
     folder = tmp_path / "deep" / "out"
-    pd.testing.assert_frame_equal(table, sigma_table)
+    monkeypatch.setattr("sys.argv", ["sgn-lab", "scaling", "--sweep", "sigma", "--quick",
+                                     "--out", str(folder)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    table = sigma_table
     back = pd.read_csv(folder / "scaling_sigma.csv")
     assert tuple(back.columns) == COLUMNS
     pd.testing.assert_frame_equal(back, table, check_exact=False, rtol=1e-12)

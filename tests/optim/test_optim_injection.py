@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from sgn_lab.grads import flatten_grads, per_sample_grads, trainable_dim
-from sgn_lab.noise import noise_stats
 from sgn_lab.optim.injection import CovarianceNoiseSGD, GaussianNoiseSGD
+from sgn_lab.stats.noise import noise_stats
 
 DT = torch.float64
 SEED = 1234

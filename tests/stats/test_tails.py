@@ -1,4 +1,4 @@
-"""Tests for sgn_lab.tails: tail index, standardisation and Gaussianity of gradient noise.
+"""Tests for sgn_lab.stats.tails: tail index, standardisation and Gaussianity of gradient noise.
 
 Statistical tolerances are derived from the sample sizes (see `_inv_alpha_se`), and every
 random input comes from a fixed seed, so each test is deterministic and can fail.
@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy import stats
 
-from sgn_lab.tails import ShapeStats, shape_stats, standardize_noise, tail_index
+from sgn_lab.stats.tails import ShapeStats, shape_stats, standardize_noise, tail_index
 
 K = 100_000  # levy_stable draws 1e5 values in ~20 ms; se(1/alpha-hat) is then ~0.012.
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sgn_lab.grads import flatten_grads, per_sample_grads
-from sgn_lab.noise import (
+from sgn_lab.stats.noise import (
     NoiseStats,
     isotropic_spectrum,
     minibatch_factor,
@@ -66,7 +66,7 @@ def test_float32_input_is_accumulated_in_float64():
 
 def test_gram_streaming_over_column_blocks(monkeypatch):
     # Force several column blocks: the Gram matrix accumulated block by block must be exact.
-    import sgn_lab.noise as noise
+    import sgn_lab.stats.noise as noise
 
     monkeypatch.setattr(noise, "_BLOCK_ELEMENTS", 7 * 20)
     rng = np.random.default_rng(2)

@@ -9,10 +9,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import sgn_lab.grads.gram as gram
-import sgn_lab.streaming as streaming
+import sgn_lab.stats.streaming as streaming
 from sgn_lab.grads import flatten_grads, per_sample_grads
-from sgn_lab.noise import noise_stats
-from sgn_lab.streaming import (
+from sgn_lab.stats.noise import noise_stats
+from sgn_lab.stats.streaming import (
     Moments,
     sketched_isotropic_spectrum,
     streaming_moments,

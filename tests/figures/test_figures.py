@@ -9,7 +9,7 @@ from nbclient import NotebookClient
 from sgn_lab.figures import CONFIGS, FIGURES, make_figure, read_figure_config
 from sgn_lab.run.rundir import load_run
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"  # the analysis notebook
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"  # the analysis notebook
 
 
 def test_every_figure_has_a_config_with_quick_and_full_modes():

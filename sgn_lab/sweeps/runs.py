@@ -79,14 +79,12 @@ figures), ``theory`` and ``rel_error`` = (measured − theory)/theory (NaN where
 seed, :func:`sgn_lab.seeds.derive` of (seed, sweep, point, purpose).
 """
 
+
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,230 +95,25 @@ from torch import Tensor, nn
 from sgn_lab import theory
 from sgn_lab.data import load_task
 from sgn_lab.grads import flatten_grads, per_sample_grads
-from sgn_lab.noise import spectrum_summary
 from sgn_lab.optim import PNM, CovarianceNoiseSGD, GaussianNoiseSGD
-from sgn_lab.run.rundir import write_table
 from sgn_lab.seeds import derive as derived_seed
-
-__all__ = [
-    "COLUMNS",
-    "SWEEPS",
-    "Z95",
-    "SweepConfig",
-    "run_config",
-    "run_sweep",
-    "sweep_config",
-]
-
-SWEEPS: tuple[str, ...] = ("batch", "beta0", "sigma", "large-batch")
-"""Names of the sweeps, as ``sgn-lab scaling --sweep NAME`` takes them."""
-
-COLUMNS: tuple[str, ...] = (
-    "sweep", "x", "quantity", "measured", "ci_low", "ci_high", "theory", "rel_error",
+from sgn_lab.stats.noise import spectrum_summary
+from sgn_lab.sweeps.config import (
+    _DIAGONAL,
+    _DRAWS,
+    _DTYPE,
+    _ISOTROPIC,
+    _OPTIMIZER,
+    _PROBLEM,
+    _ROTATION,
+    COLUMNS,
+    SWEEPS,
+    Z95,
+    Progress,
+    SweepConfig,
+    _check_sweep,
+    sweep_config,
 )
-"""Columns of every sweep table, in this order."""
-
-Z95 = 1.959963984540054
-"""Two-sided 95% normal quantile: the CI is measured ± Z95·(standard error)."""
-
-Progress = Callable[[int, int], Any]
-
-# Purposes of derived seeds (the last key of derived_seed).
-_PROBLEM, _ROTATION, _DRAWS, _OPTIMIZER, _DIAGONAL, _ISOTROPIC = range(6)
-_DTYPE = torch.float64
-
-
-# --------------------------------------------------------------------------------------------
-# configuration
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """Everything one sweep needs; build it with :func:`sweep_config` (per-sweep defaults).
-
-    Fields a sweep does not use are ``None``. Linear regression: ``dim`` d, ``condition``
-    (λ_max/λ_min of H, eigenvalues log-spaced from 1), ``noise_std`` σ (label noise),
-    ``distance`` |δ| of the fixed state w = w* + δ (δ in a random direction), ``rotate``
-    (rotate H, w* by a random orthogonal matrix). Sampling: ``dataset_size`` N, ``batch_size``
-    B, ``small_batch`` B_S, ``repeats`` R (data sets, chains or draws), ``draws`` (minibatches
-    per data set), ``groups`` (jackknife groups). Optimizers: ``lr``, ``beta1``, ``burn_in``,
-    ``steps``. ``grid``: the x values.
-    """
-
-    sweep: str
-    grid: tuple[float, ...]
-    repeats: int
-    seed: int = 0
-    quick: bool = False
-    dim: int = 20
-    condition: float = 100.0
-    noise_std: float = 0.5
-    distance: float | None = None
-    rotate: bool = False
-    dataset_size: int | None = None
-    batch_size: int | None = None
-    small_batch: int | None = None
-    draws: int | None = None
-    groups: int | None = None
-    lr: float | None = None
-    beta1: float | None = None
-    burn_in: int | None = None
-    steps: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields a sweep uses, as plain values (for a config file or a log)."""
-        used = ("sweep", "seed", "quick", *_OPTIONS.get(self.sweep, ()))
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in used}
-        out["grid"] = list(self.grid)
-        return out
-
-
-def _batch_grid(n: int, dense: int) -> tuple[int, ...]:
-    """Powers of 2 below N/2 (dense: every one; else every other), then N − N/4, N − N/8, ..."""
-    powers = [2**k for k in range(int(math.log2(n // 2)) + 1)]
-    near = sorted({n - n // 2**k for k in range(2, 9) if n // 2**k >= 4})
-    return tuple(sorted(set(powers[::dense] + near)))
-
-
-# Per sweep: the options it takes, and its defaults (full run, and quick = a smoke test that
-# still resolves the theory: the tests run it).
-_COMMON = ("grid", "repeats", "dim", "condition", "noise_std")
-_OPTIONS: dict[str, tuple[str, ...]] = {
-    "batch": (*_COMMON, "distance", "dataset_size", "draws"),
-    "beta0": (*_COMMON, "batch_size", "lr", "beta1", "burn_in", "steps"),
-    "sigma": (*_COMMON, "distance", "batch_size", "lr"),
-    "large-batch": (*_COMMON, "distance", "rotate", "dataset_size", "small_batch", "groups", "lr"),
-}
-_DEFAULTS: dict[str, dict[bool, dict[str, Any]]] = {
-    "batch": {
-        False: dict(grid=_batch_grid(2048, 1), repeats=400, draws=128, dataset_size=2048,
-                    dim=20, condition=100.0, noise_std=0.5, distance=1.0),
-        True: dict(grid=_batch_grid(512, 2), repeats=200, draws=256, dataset_size=512,
-                   dim=10, condition=100.0, noise_std=0.5, distance=1.0),
-    },
-    "beta0": {
-        False: dict(grid=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0), repeats=256, dim=10, condition=10.0,
-                    noise_std=0.5, batch_size=4, lr=0.3, beta1=0.9, burn_in=1000, steps=4000),
-        True: dict(grid=(0.0, 1.0, 3.0), repeats=128, dim=6, condition=10.0, noise_std=0.5,
-                   batch_size=4, lr=0.3, beta1=0.9, burn_in=800, steps=1000),
-    },
-    "sigma": {
-        False: dict(grid=(0.0, 0.025, 0.05, 0.1, 0.2, 0.4), repeats=8000, dim=20,
-                    condition=100.0, noise_std=0.5, distance=1.0, batch_size=32, lr=0.1),
-        True: dict(grid=(0.0, 0.05, 0.2), repeats=4000, dim=10, condition=100.0, noise_std=0.5,
-                   distance=1.0, batch_size=32, lr=0.1),
-    },
-    "large-batch": {
-        False: dict(grid=(32, 64, 128, 256, 512, 1024), repeats=4000, groups=50, dim=20,
-                    condition=100.0, noise_std=0.5, distance=1.0, rotate=True,
-                    dataset_size=2048, small_batch=16, lr=0.1),
-        True: dict(grid=(64, 256), repeats=1500, groups=30, dim=8, condition=100.0,
-                   noise_std=0.5, distance=1.0, rotate=True, dataset_size=512, small_batch=16,
-                   lr=0.1),
-    },
-}
-
-
-def sweep_config(name: str, *, quick: bool = False, seed: int = 0, **options: Any) -> SweepConfig:
-    """The configuration of sweep ``name``: its defaults (``quick``: the small variant for
-    tests and smoke runs), overridden by ``options``.
-
-    Raises ValueError for an unknown sweep, an option the sweep does not take, or an invalid
-    value (each message names it).
-    """
-    _check_sweep(name)
-    allowed = _OPTIONS[name]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"sweep {name!r} takes no option {unknown[0]!r}; its options are {', '.join(allowed)}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"invalid seed: {seed!r} (must be a non-negative integer)")
-    values = {**_DEFAULTS[name][bool(quick)], **options}
-    values["grid"] = _check_grid(name, values["grid"], values)
-    config = SweepConfig(sweep=name, seed=seed, quick=bool(quick), **values)
-    _check_config(config)
-    return config
-
-
-def _check_sweep(name: Any) -> None:
-    if name not in SWEEPS:
-        raise ValueError(f"unknown sweep {name!r}; choose one of {', '.join(SWEEPS)}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"invalid {name}: {value!r} (must be an integer >= {minimum})")
-
-
-def _check_float(name: str, value: Any, minimum: float, *, strict: bool = False) -> None:
-    ok = isinstance(value, int | float | np.number) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (value > minimum if strict else value >= minimum)
-    if not ok:
-        relation = ">" if strict else ">="
-        raise ValueError(
-            f"invalid {name}: {value!r} (must be a finite number {relation} {minimum})"
-        )
-
-
-def _check_grid(name: str, grid: Any, values: dict[str, Any]) -> tuple[float, ...]:
-    if isinstance(grid, str | bytes) or not isinstance(grid, Sequence | np.ndarray):
-        raise ValueError(f"invalid grid: {grid!r} (must be a sequence of numbers)")
-    points = list(grid)
-    if not points:
-        raise ValueError("invalid grid: it is empty")
-    if len(set(points)) != len(points):
-        raise ValueError(f"invalid grid: {points!r} has repeated values")
-    if name in ("batch", "large-batch"):
-        n = values["dataset_size"]
-        _check_int("dataset_size", n, 2)
-        low = 1 if name == "batch" else values["small_batch"] + 1
-        high = n - 1 if name == "batch" else n
-        for b in points:
-            integral = isinstance(b, int | np.integer) or (
-                isinstance(b, float) and b.is_integer()
-            )
-            if isinstance(b, bool) or not integral or not low <= b <= high:
-                what, given = (
-                    ("batch size", f"dataset_size={n}") if name == "batch" else
-                    ("large batch B_L", f"small_batch={low - 1}, dataset_size={n}")
-                )
-                raise ValueError(
-                    f"invalid grid value {b!r}: a {what} must be an integer in [{low}, {high}] "
-                    f"({given})"
-                )
-        return tuple(int(b) for b in sorted(points))
-    for v in points:
-        _check_float(f"grid value ({'beta0' if name == 'beta0' else 'sigma'})", v, 0.0)
-    return tuple(float(v) for v in sorted(points))
-
-
-def _check_config(c: SweepConfig) -> None:
-    _check_int("repeats", c.repeats, 2)
-    _check_int("dim", c.dim, 1)
-    _check_float("condition", c.condition, 1.0)
-    _check_float("noise_std", c.noise_std, 0.0)
-    for name in ("distance",):
-        if getattr(c, name) is not None:
-            _check_float(name, getattr(c, name), 0.0)
-    for name, minimum in (("dataset_size", 2), ("batch_size", 1), ("small_batch", 1),
-                          ("draws", 1), ("burn_in", 0), ("steps", 2)):
-        if getattr(c, name) is not None:
-            _check_int(name, getattr(c, name), minimum)
-    if c.lr is not None:
-        _check_float("lr", c.lr, 0.0, strict=True)
-    if c.beta1 is not None and not (isinstance(c.beta1, int | float) and 0 <= c.beta1 < 1):
-        raise ValueError(f"invalid beta1: {c.beta1!r} (must lie in [0, 1))")
-    if c.groups is not None:
-        _check_int("groups", c.groups, 2)
-        if c.groups > c.repeats:
-            raise ValueError(f"invalid groups: {c.groups!r} (must be <= repeats={c.repeats})")
-    if not isinstance(c.rotate, bool):
-        raise ValueError(f"invalid rotate: {c.rotate!r} (must be True or False)")
-    if c.steps is not None and c.steps % 2:
-        raise ValueError(f"invalid steps: {c.steps!r} (must be even: PNM alternates buffers)")
-
 
 # --------------------------------------------------------------------------------------------
 # entry points
@@ -329,7 +122,6 @@ def _check_config(c: SweepConfig) -> None:
 def run_sweep(
     name: str,
     *,
-    out: str | os.PathLike[str] | None = None,
     quick: bool = False,
     seed: int = 0,
     progress: Progress | None = None,
@@ -341,10 +133,6 @@ def run_sweep(
     ----------
     name
         ``"batch"``, ``"beta0"``, ``"sigma"`` or ``"large-batch"`` (see the module docstring).
-    out
-        Folder for ``scaling_<name>.csv`` (written atomically) and the figure
-        ``scaling_<name>.png`` / ``.pdf`` (:func:`sgn_lab.plots.plot_scaling`); None: nothing
-        is written.
     quick
         The small variant (fewer points, draws and dimensions): seconds instead of a minute,
         still resolving the theory to a few percent; the tests run it.
@@ -364,15 +152,10 @@ def run_sweep(
         rel_error; sorted by quantity (in the sweep's order) then x.
     """
     config = sweep_config(name, quick=quick, seed=seed, **options)
-    return run_config(config, out=out, progress=progress)
+    return run_config(config, progress=progress)
 
 
-def run_config(
-    config: SweepConfig,
-    *,
-    out: str | os.PathLike[str] | None = None,
-    progress: Progress | None = None,
-) -> pd.DataFrame:
+def run_config(config: SweepConfig, *, progress: Progress | None = None) -> pd.DataFrame:
     """Run a sweep from its :class:`SweepConfig` (see :func:`run_sweep`)."""
     if not isinstance(config, SweepConfig):
         raise TypeError(f"config must be a SweepConfig, got {type(config).__name__}")
@@ -382,13 +165,6 @@ def run_config(
     runner = _RUNNERS[config.sweep]
     rows = runner(config, progress or (lambda done, total: None))
     table = _tidy(config.sweep, rows)
-    if out is not None:
-        from sgn_lab.plots import plot_scaling, save_figure
-
-        folder = Path(out)
-        fig = plot_scaling(table)  # built first: bad input writes nothing
-        write_table(folder / f"scaling_{config.sweep}.csv", table)
-        save_figure(fig, folder / f"scaling_{config.sweep}")
     return table
 
 
@@ -776,3 +552,4 @@ _RUNNERS: dict[str, Callable[[SweepConfig, Progress], list[dict[str, Any]]]] = {
     "sigma": _sweep_sigma,
     "large-batch": _sweep_large_batch,
 }
+

@@ -1,4 +1,4 @@
-"""Tests for sgn_lab.curvature against explicit float64 Hessians and hand-built noise."""
+"""Tests for sgn_lab.stats.curvature against explicit float64 Hessians and hand-built noise."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from sgn_lab.curvature import (
+from sgn_lab.stats.curvature import (
     CurvatureStats,
     curvature_stats,
     hessian_top_eigenvalue,

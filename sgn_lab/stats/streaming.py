@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from sgn_lab.grads import per_sample_gram
 from sgn_lab.grads.vmap import _as_tuple, _num_samples, per_sample_grads, trainable_dim
-from sgn_lab.noise import (
+from sgn_lab.stats.noise import (
     NoiseStats,
     jackknife_from_gram,
     magnitudes,

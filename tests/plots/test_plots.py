@@ -21,9 +21,6 @@ from matplotlib.colors import is_color_like, to_hex
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from sgn_lab import plots
-from sgn_lab.curvature import CurvatureStats
-from sgn_lab.noise import NoiseStats
 from sgn_lab.plots import (
     DEFAULT_COLUMNS,
     LOG_METRICS,
@@ -38,6 +35,9 @@ from sgn_lab.plots import (
     plot_style,
     save_figure,
 )
+from sgn_lab.plots import runs as plots
+from sgn_lab.stats.curvature import CurvatureStats
+from sgn_lab.stats.noise import NoiseStats
 
 ALL_METHODS = (
     "sgd",

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from sgn_lab.tails import shape_stats
+from sgn_lab.stats.tails import shape_stats
 
 TOP_ENERGY_KS = (1, 5, 10)
 _BLOCK_ELEMENTS = 2**24  # float64 working block for streaming over columns (128 MiB)
@@ -70,7 +70,7 @@ class NoiseStats:
         shared): the reference an anisotropic spectrum is compared with.
     Shape
         ``tail_index``, ``normality_pvalue``, ``normality_reject_fraction``, ``kurtosis``:
-        see :func:`sgn_lab.tails.shape_stats`.
+        see :func:`sgn_lab.stats.tails.shape_stats`.
     Per layer (when the input was a dict)
         ``layers``: a table with one row per parameter tensor and per module (columns name,
         kind, dim, trace, trace_fraction, effective_rank, participation_ratio, stable_rank,

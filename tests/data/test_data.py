@@ -68,7 +68,7 @@ class NoNetwork:
 def mnist1d_run(tmp_path_factory):
     """Generate MNIST-1D once, from an empty working directory, with the network cut off."""
     # Other tests may have generated it already in this process: generate it here for real.
-    sgn_lab.data._mnist1d_arrays.cache_clear()
+    sgn_lab.data.tasks._mnist1d_arrays.cache_clear()
     cwd = tmp_path_factory.mktemp("mnist1d_cwd")
     guard = NoNetwork()
     rng_states = (random.getstate(), np.random.get_state())  # noqa: NPY002
@@ -245,7 +245,7 @@ def test_mnist1d_is_made_once_per_process_and_callers_cannot_change_it():
     first.x_train.zero_()
     again = load_task("mnist1d:num_samples=100", seed=9)
     assert float(again.x_train.abs().sum()) > 0
-    assert sgn_lab.data._mnist1d_arrays.cache_info().hits >= 1
+    assert sgn_lab.data.tasks._mnist1d_arrays.cache_info().hits >= 1
     other = load_task("mnist1d:num_samples=100", seed=10)
     assert not torch.equal(other.x_train, again.x_train)
 

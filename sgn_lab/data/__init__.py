@@ -1,0 +1,20 @@
+"""Tasks for measurement runs: built-in data made on this machine, and user data from files.
+
+``tasks``  the task strings (``mnist1d``, ``linreg:dim=50``, ``npz:PATH``, ...), load_task and
+           the built-in tasks
+``files``  user data: ``npz:PATH`` and ``cifar10:FOLDER``
+``split``  the seeded train/test split and the Task it makes
+"""
+
+from sgn_lab.data.files import (
+    CIFAR10_CLASSES,
+    CIFAR10_TEST_FILE,
+    CIFAR10_TRAIN_FILES,
+    load_cifar10,
+    load_npz,
+)
+from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task
+from sgn_lab.data.tasks import FILE_TASKS, TASKS, load_task
+
+__all__ = ["CIFAR10_CLASSES", "CIFAR10_TEST_FILE", "CIFAR10_TRAIN_FILES", "DEFAULT_TEST_FRACTION", "FILE_TASKS", "TASKS", "Task",
+           "load_cifar10", "load_npz", "load_task"]

@@ -1,0 +1,120 @@
+"""A task's tensors: the seeded train/test split, subsampling, and the Task they make."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sgn_lab.checks import integer
+
+DEFAULT_TEST_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class Task:
+    """A supervised data set, split into train and test.
+
+    Attributes
+    ----------
+    name
+        The task string it was loaded from (``"linreg"``, ``"npz:/data/x.npz"``, ...).
+    x_train, x_test
+        float32 inputs of shape (n_train, *input_shape) and (n_test, *input_shape).
+    y_train, y_test
+        int64 labels in ``[0, num_classes)`` of shape (n,) for classification; float32 values
+        of shape (n,) for regression.
+    num_classes
+        Number of classes; 0 for regression.
+    info
+        Facts about how the data were made, for theory and bookkeeping; keys depend on the
+        task (empty by default):
+
+        - ``linreg``: ``"H"`` (d, d) float64, the covariance of x (diagonal);
+          ``"w_star"`` (d,) float64, the true weights; ``"noise_std"`` σ, the standard
+          deviation of the label noise ε; ``"condition"`` λ_max/λ_min of H. So
+          ``y = x·w* + ε`` with ``x ~ N(0, H)`` and ``ε ~ N(0, σ²)``.
+        - ``teacher-student``: ``"teacher"``, a list of (weight (out, in), bias (out,))
+          float64 pairs in ``nn.Linear`` layout, tanh between layers and none after the last;
+          ``"label_noise"``, the standard deviation of the Gaussian noise added to its outputs.
+        - ``gaussian-mixture``: ``"centres"`` (classes, d) float64; each class is
+          ``N(centre, I)``.
+        - ``mnist1d``: ``"generator_seed"``, the seed given to the package's generator.
+        - ``npz``: ``"path"``, ``"split"`` (``"file"`` or ``"seeded"``).
+        - ``cifar10``: ``"folder"``, ``"classes"`` (label names), ``"standardize"``, and
+          ``"mean"``, ``"std"`` (per channel, in [0, 1] units, of the 50 000 training images).
+    """
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input sample, ``x_train.shape[1:]``."""
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def is_classification(self) -> bool:
+        """True when the targets are class labels (``num_classes > 0``)."""
+        return self.num_classes > 0
+
+
+def _float32(x: np.ndarray) -> Tensor:
+    return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+
+
+def _assemble(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    classes: int,
+    info: dict[str, Any],
+    *,
+    rng: np.random.Generator,
+    test_fraction: float | None,
+    n_train: int | None,
+    n_test: int | None,
+    x_test: np.ndarray | None = None,
+    y_test: np.ndarray | None = None,
+    to_inputs: Callable[[np.ndarray], Tensor] = _float32,
+) -> Task:
+    """Split (seeded, unless a test set is given), subsample, and convert to tensors."""
+    if x_test is None or y_test is None:
+        assert test_fraction is not None
+        order = rng.permutation(len(x))
+        held_out = int(round(test_fraction * len(x)))
+        if not 1 <= held_out < len(x):
+            raise ValueError(
+                f"test_fraction={test_fraction} of {len(x)} samples leaves {held_out} test and "
+                f"{len(x) - held_out} training samples; both must be at least 1"
+            )
+        test, train = order[:held_out], order[held_out:]
+        x_test, y_test = x, y
+    else:
+        train, test = np.arange(len(x)), np.arange(len(x_test))
+    # Subsets of a fixed permutation: for one seed, a smaller n_train is a subset of a larger.
+    if n_train is not None:
+        integer("n_train", n_train, 1, maximum=len(train))
+        train = train[rng.permutation(len(train))[:n_train]]
+    if n_test is not None:
+        integer("n_test", n_test, 1, maximum=len(test))
+        test = test[rng.permutation(len(test))[:n_test]]
+    y_dtype = torch.long if classes else torch.float32
+    return Task(
+        name=name,
+        x_train=to_inputs(x[train]),
+        y_train=torch.as_tensor(y[train], dtype=y_dtype),
+        x_test=to_inputs(x_test[test]),
+        y_test=torch.as_tensor(y_test[test], dtype=y_dtype),
+        num_classes=classes,
+        info=info,
+    )

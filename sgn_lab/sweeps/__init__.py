@@ -1,0 +1,11 @@
+"""Sweeps of theory against measurement behind ``sgn-lab scaling``: each a tidy table of
+measured values with 95% intervals next to the closed form of :mod:`sgn_lab.theory`.
+
+``config``  the sweeps' names, options and defaults (SweepConfig)
+``runs``    the simulations (run_sweep); figures of their tables are sgn_lab.plots.sweeps's
+"""
+
+from sgn_lab.sweeps.config import COLUMNS, SWEEPS, Z95, SweepConfig, sweep_config
+from sgn_lab.sweeps.runs import run_config, run_sweep
+
+__all__ = ["COLUMNS", "SWEEPS", "Z95", "SweepConfig", "run_config", "run_sweep", "sweep_config"]
