@@ -16,5 +16,15 @@ from sgn_lab.data.files import (
 from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task
 from sgn_lab.data.tasks import FILE_TASKS, TASKS, load_task
 
-__all__ = ["CIFAR10_CLASSES", "CIFAR10_TEST_FILE", "CIFAR10_TRAIN_FILES", "DEFAULT_TEST_FRACTION", "FILE_TASKS", "TASKS", "Task",
-           "load_cifar10", "load_npz", "load_task"]
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR10_TEST_FILE",
+    "CIFAR10_TRAIN_FILES",
+    "DEFAULT_TEST_FRACTION",
+    "FILE_TASKS",
+    "TASKS",
+    "Task",
+    "load_cifar10",
+    "load_npz",
+    "load_task",
+]
