@@ -376,6 +376,10 @@ def main() -> None:
         err_console.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
+        result = _INTERRUPTED
+    if result == _INTERRUPTED:  # click turns Ctrl-C into this exit code without a word
         err_console.print("interrupted: finished measurements are saved; rerun with --resume")
-        sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+_INTERRUPTED = 130  # 128 + SIGINT
