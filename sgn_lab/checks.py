@@ -1,37 +1,56 @@
 """Argument checks, one home: each raises a ValueError naming the argument and the value.
 
 Every function takes the argument's name first, then its value, and returns the checked value
-(as a plain Python number).
+(as a plain Python number or a float64 numpy array). Messages read
+``"<name> must be <what>, got <value>"``.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+SYMMETRY_TOLERANCE = 1e-10
+"""Relative asymmetry (and negative eigenvalue, per dimension) tolerated by :func:`symmetric`."""
 
-def integer(name: str, value: Any, minimum: int, *, maximum: int | None = None) -> int:
-    """An integer (not a bool) >= ``minimum`` and, when given, <= ``maximum`` samples."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+
+def integer(name: str, value: Any, minimum: int) -> int:
+    """An integer (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name}={value!r} exceeds the {maximum} samples available")
     return int(value)
 
 
-def number(name: str, value: Any, minimum: float, *, inclusive: bool = False) -> float:
-    """A finite number (not a bool) > ``minimum`` (>= with ``inclusive``)."""
+def number(name: str, value: Any, minimum: float | None = None, *, inclusive: bool = False
+           ) -> float:
+    """A finite real number (not a bool) > ``minimum`` (>= with ``inclusive``; any when None)."""
     ok = (
         not isinstance(value, bool)
-        and isinstance(value, (int, float, np.integer, np.floating))
+        and isinstance(value, numbers.Real)
         and math.isfinite(value)
-        and (value >= minimum if inclusive else value > minimum)
+        and (minimum is None or (value >= minimum if inclusive else value > minimum))
     )
     if not ok:
-        bound = ">=" if inclusive else ">"
-        raise ValueError(f"{name} must be a finite number {bound} {minimum}, got {value!r}")
+        bound = "" if minimum is None else f" {'>=' if inclusive else '>'} {minimum}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
+def coefficient(name: str, value: Any) -> float:
+    """A number in [0, 1): a momentum or averaging coefficient."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+    return float(value)
+
+
+def fraction(name: str, value: Any) -> float:
+    """A number strictly between 0 and 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
     return float(value)
 
 
@@ -41,16 +60,59 @@ def boolean(name: str, value: Any) -> bool:
     return value
 
 
-def fraction(name: str, value: Any) -> float:
-    """A number strictly between 0 and 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
-    return float(value)
+def choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """One of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def seed_value(name: str, value: Any) -> int:
     """A seed numpy's legacy seeding takes (mnist1d uses it): an integer in [0, 2**32)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not (
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
             0 <= value < 2**32):
         raise ValueError(f"{name} must be an integer in [0, 2**32), got {value!r}")
     return int(value)
+
+
+def samples(name: str, value: int, minimum: int = 2) -> int:
+    """A number of samples; a covariance needs at least two."""
+    if value < minimum:
+        raise ValueError(f"need at least {minimum} samples for a covariance, got {name}={value}")
+    return value
+
+
+def array(name: str, value: Any) -> np.ndarray:
+    """A finite float64 copy of an array-like or a torch tensor (detached, on the CPU)."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
+        value = value.detach().cpu().numpy()
+    try:
+        arr = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name} must be an array of numbers, got a {type(value).__name__}") from None
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got non-finite values")
+    return arr
+
+
+def symmetric(name: str, value: Any, dim: int | None = None, *, psd: bool = False) -> np.ndarray:
+    """A square symmetric (with ``psd``, positive semi-definite) float64 matrix, symmetrised
+    exactly; ``dim`` fixes its size."""
+    A = array(name, value)
+    if A.ndim != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"{name} must be a square matrix, got shape {A.shape}")
+    if dim is not None and A.shape[0] != dim:
+        raise ValueError(f"{name} must have shape ({dim}, {dim}), got {A.shape}")
+    scale = max(float(np.abs(A).max()), 1e-300) if A.size else 1.0
+    if A.size and np.abs(A - A.T).max() > SYMMETRY_TOLERANCE * scale:
+        raise ValueError(f"{name} must be symmetric, got an asymmetry of "
+                         f"{float(np.abs(A - A.T).max()):.3g}")
+    A = 0.5 * (A + A.T)
+    if psd and A.size:
+        low = float(np.linalg.eigvalsh(A)[0])
+        if low < -SYMMETRY_TOLERANCE * scale * A.shape[0]:
+            raise ValueError(
+                f"{name} must be positive semi-definite, got a smallest eigenvalue of {low:.6g}"
+            )
+    return A

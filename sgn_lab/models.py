@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from sgn_lab import checks
 
 MODELS = ("linear", "mlp", "cnn", "resnet")
 """Names of the built-in models."""
@@ -77,9 +78,9 @@ def build_model(
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     shape = _check_shape(input_shape)
-    _check_int("num_outputs", num_outputs, 1)
-    _check_int("width", width, 1)
-    _check_int("depth", depth, 1 if name in ("cnn", "resnet") else 0)
+    checks.integer("num_outputs", num_outputs, 1)
+    checks.integer("width", width, 1)
+    checks.integer("depth", depth, 1 if name in ("cnn", "resnet") else 0)
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
@@ -184,11 +185,6 @@ def half_mse(outputs: Tensor, targets: Tensor) -> Tensor:
 def loss_for(num_classes: int) -> Callable[[Tensor, Tensor], Tensor]:
     """Cross entropy for classification (num_classes > 0), ½ MSE for regression."""
     return F.cross_entropy if num_classes > 0 else half_mse
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:

@@ -26,6 +26,17 @@ class Purpose(IntEnum):
     PROJECTION = 10  # the blocks of a streamed random projection (sketch)
 
 
+class SweepPurpose(IntEnum):
+    """Purposes of the seeds a sweep derives from (seed, sweep, point, purpose)."""
+
+    PROBLEM = 0  # the random problem (data set, teacher) of a sweep
+    ROTATION = 1  # the random rotation of a quadratic's eigenbasis
+    DRAWS = 2  # the samples drawn at one point
+    OPTIMIZER = 3  # the optimizer's injected noise (full covariance)
+    DIAGONAL = 4  # the optimizer's injected noise (diagonal covariance)
+    ISOTROPIC = 5  # the isotropic reference spectrum
+
+
 def derive(seed: int, *keys: int) -> int:
     """A 62-bit seed mixed from ``seed`` and ``keys`` (numpy's SeedSequence: no two tuples
     collide), for ``torch.manual_seed`` and numpy generators alike."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from collections.abc import Callable, Iterator
 
 import torch
@@ -74,3 +75,9 @@ def relative_error(got: Tensor, want: Tensor) -> float:
     """‖got − want‖_F / ‖want‖_F in float64."""
     got, want = got.double().cpu(), want.double().cpu()
     return float(torch.linalg.norm(got - want) / torch.linalg.norm(want))
+
+
+def rejects(name: str, shown: str) -> str:
+    """The pattern of :mod:`sgn_lab.checks`'s message for argument ``name``, whose value the
+    message shows as ``shown`` (its repr)."""
+    return rf"{re.escape(name)} must .*, got {re.escape(shown)}$"

@@ -103,10 +103,10 @@ def _assemble(
         train, test = np.arange(len(x)), np.arange(len(x_test))
     # Subsets of a fixed permutation: for one seed, a smaller n_train is a subset of a larger.
     if n_train is not None:
-        integer("n_train", n_train, 1, maximum=len(train))
+        _subset_size("n_train", n_train, len(train))
         train = train[rng.permutation(len(train))[:n_train]]
     if n_test is not None:
-        integer("n_test", n_test, 1, maximum=len(test))
+        _subset_size("n_test", n_test, len(test))
         test = test[rng.permutation(len(test))[:n_test]]
     y_dtype = torch.long if classes else torch.float32
     return Task(
@@ -118,3 +118,9 @@ def _assemble(
         num_classes=classes,
         info=info,
     )
+
+
+def _subset_size(name: str, value: int, available: int) -> None:
+    integer(name, value, 1)
+    if value > available:
+        raise ValueError(f"{name}={value!r} exceeds the {available} samples available")

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from sgn_lab import checks
+
 
 class SeededOptimizer(Optimizer):
     """An Optimizer with its own ``torch.Generator``, seeded and saved with the state.
@@ -22,8 +24,8 @@ class SeededOptimizer(Optimizer):
         super().__init__(params, defaults)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))
-        elif not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"invalid seed: {seed!r} (must be a non-negative integer or None)")
+        else:
+            seed = checks.integer("seed", seed, 0)
         device = self.param_groups[0]["params"][0].device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 

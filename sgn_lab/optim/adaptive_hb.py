@@ -20,12 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from sgn_lab.optim._checks import (
-    check_choice,
-    check_nonnegative,
-    check_positive,
-    check_unit_interval,
-)
+from sgn_lab import checks
 
 __all__ = ["AdaptiveHeavyBall", "FORMS", "adaptive_beta"]
 
@@ -46,12 +41,12 @@ def adaptive_beta(lr: float, curvature: float, beta_max: float) -> float:
 
 
 def _check_group(group: dict[str, Any]) -> None:
-    check_positive("lr", group["lr"])
-    check_unit_interval("beta_max", group["beta_max"])
-    check_nonnegative("weight_decay", group["weight_decay"])
-    check_choice("form", group["form"], FORMS)
-    check_unit_interval("beta2", group["beta2"])
-    check_positive("eps", group["eps"])
+    checks.number("lr", group["lr"], 0)
+    checks.coefficient("beta_max", group["beta_max"])
+    checks.number("weight_decay", group["weight_decay"], 0, inclusive=True)
+    checks.choice("form", group["form"], FORMS)
+    checks.coefficient("beta2", group["beta2"])
+    checks.number("eps", group["eps"], 0)
 
 
 class AdaptiveHeavyBall(Optimizer):

@@ -23,11 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sgn_lab.optim._checks import (
-    check_choice,
-    check_nonnegative,
-    check_unit_interval,
-)
+from sgn_lab import checks
 from sgn_lab.optim._seeded import SeededOptimizer
 from sgn_lab.optim._sgd import heavy_ball_step
 
@@ -39,31 +35,26 @@ PerSampleGrads = Mapping[str, Tensor] | Sequence[Tensor | None]
 
 
 def _check_sgd_group(group: dict[str, Any]) -> None:
-    check_nonnegative("lr", group["lr"])
-    check_unit_interval("momentum", group["momentum"])
-    check_nonnegative("weight_decay", group["weight_decay"])
+    checks.number("lr", group["lr"], 0, inclusive=True)
+    checks.coefficient("momentum", group["momentum"])
+    checks.number("weight_decay", group["weight_decay"], 0, inclusive=True)
 
 
 def _check_gaussian_group(group: dict[str, Any]) -> None:
     _check_sgd_group(group)
-    check_nonnegative("sigma", group["sigma"])
-
-
-def _check_batch_size(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"invalid {name}: {value!r} (must be a positive integer)")
+    checks.number("sigma", group["sigma"], 0, inclusive=True)
 
 
 def _check_covariance_group(group: dict[str, Any]) -> None:
     _check_sgd_group(group)
-    _check_batch_size("small_batch", group["small_batch"])
-    _check_batch_size("large_batch", group["large_batch"])
+    checks.integer("small_batch", group["small_batch"], 1)
+    checks.integer("large_batch", group["large_batch"], 1)
     if group["small_batch"] >= group["large_batch"]:
         raise ValueError(
-            f"invalid small_batch: {group['small_batch']!r} (must be smaller than "
-            f"large_batch={group['large_batch']!r})"
+            f"small_batch must be smaller than large_batch={group['large_batch']!r}, got "
+            f"{group['small_batch']!r}"
         )
-    check_choice("variant", group["variant"], COVARIANCE_VARIANTS)
+    checks.choice("variant", group["variant"], COVARIANCE_VARIANTS)
 
 
 class GaussianNoiseSGD(SeededOptimizer):
@@ -148,10 +139,10 @@ class GaussianNoiseSGD(SeededOptimizer):
         this optimizer's parameters. Pass ``dim=stats.dim`` when the trace covers a different
         set of parameters than this optimizer holds.
         """
-        check_nonnegative("trace", trace)
+        checks.number("trace", trace, 0, inclusive=True)
         if dim is None:
             dim = sum(p.numel() for group in self.param_groups for p in group["params"])
-        _check_batch_size("dim", dim)
+        checks.integer("dim", dim, 1)
         sigma = math.sqrt(trace / dim)
         self.defaults["sigma"] = sigma
         for group in self.param_groups:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from sgn_lab.optim._checks import check_nonnegative, check_unit_interval
+from sgn_lab import checks
 
 __all__ = ["PNM", "AdaPNM", "pnm_noise_factor"]
 
@@ -31,40 +31,35 @@ def pnm_noise_factor(beta0: float) -> float:
     Under independent buffers, one PNM combination ``(1+β0)·m_t − β0·m_{t−1}`` has Γ times the
     variance of one buffer and the same mean; PNM and AdaPNM divide it by ``sqrt(Γ)``.
     """
-    check_nonnegative("beta0", beta0)
+    checks.number("beta0", beta0, 0, inclusive=True)
     return (1.0 + beta0) ** 2 + beta0**2
-
-
-def _check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"invalid {name}: {value!r} (must be True or False)")
 
 
 def _unpack_betas(betas: Any, names: tuple[str, ...]) -> tuple[float, ...]:
     if not isinstance(betas, tuple | list) or len(betas) != len(names):
-        raise ValueError(f"invalid betas: {betas!r} (must be a tuple ({', '.join(names)}))")
+        raise ValueError(f"betas must be a tuple ({', '.join(names)}), got {betas!r}")
     return tuple(betas)
 
 
 def _check_pnm_group(group: dict[str, Any]) -> None:
-    check_nonnegative("lr", group["lr"])
+    checks.number("lr", group["lr"], 0, inclusive=True)
     beta1, beta0 = _unpack_betas(group["betas"], ("beta1", "beta0"))
-    check_unit_interval("beta1", beta1)
-    check_nonnegative("beta0", beta0)
-    check_nonnegative("weight_decay", group["weight_decay"])
-    _check_flag("decoupled", group["decoupled"])
+    checks.coefficient("beta1", beta1)
+    checks.number("beta0", beta0, 0, inclusive=True)
+    checks.number("weight_decay", group["weight_decay"], 0, inclusive=True)
+    checks.boolean("decoupled", group["decoupled"])
 
 
 def _check_adapnm_group(group: dict[str, Any]) -> None:
-    check_nonnegative("lr", group["lr"])
+    checks.number("lr", group["lr"], 0, inclusive=True)
     beta1, beta2, beta0 = _unpack_betas(group["betas"], ("beta1", "beta2", "beta0"))
-    check_unit_interval("beta1", beta1)
-    check_unit_interval("beta2", beta2)
-    check_nonnegative("beta0", beta0)
-    check_nonnegative("eps", group["eps"])
-    check_nonnegative("weight_decay", group["weight_decay"])
-    _check_flag("amsgrad", group["amsgrad"])
-    _check_flag("decoupled", group["decoupled"])
+    checks.coefficient("beta1", beta1)
+    checks.coefficient("beta2", beta2)
+    checks.number("beta0", beta0, 0, inclusive=True)
+    checks.number("eps", group["eps"], 0, inclusive=True)
+    checks.number("weight_decay", group["weight_decay"], 0, inclusive=True)
+    checks.boolean("amsgrad", group["amsgrad"])
+    checks.boolean("decoupled", group["decoupled"])
 
 
 def _positive_negative(state: dict[str, Any], step: int) -> tuple[torch.Tensor, torch.Tensor]:

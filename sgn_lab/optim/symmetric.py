@@ -22,12 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sgn_lab.optim._checks import (
-    check_choice,
-    check_nonnegative,
-    check_positive,
-    check_unit_interval,
-)
+from sgn_lab import checks
 from sgn_lab.optim._seeded import SeededOptimizer
 from sgn_lab.optim._sgd import heavy_ball_step
 
@@ -37,12 +32,12 @@ NOISE_SCALES = ("relative", "absolute")
 
 
 def _check_group(group: dict[str, Any]) -> None:
-    check_positive("lr", group["lr"])
-    check_nonnegative("noise", group["noise"])
-    check_choice("scale", group["scale"], NOISE_SCALES)
-    check_unit_interval("momentum", group["momentum"])
-    check_nonnegative("weight_decay", group["weight_decay"])
-    check_positive("noise_decay", group["noise_decay"])
+    checks.number("lr", group["lr"], 0)
+    checks.number("noise", group["noise"], 0, inclusive=True)
+    checks.choice("scale", group["scale"], NOISE_SCALES)
+    checks.coefficient("momentum", group["momentum"])
+    checks.number("weight_decay", group["weight_decay"], 0, inclusive=True)
+    checks.number("noise_decay", group["noise_decay"], 0)
 
 
 class SymmetricNoiseSGD(SeededOptimizer):

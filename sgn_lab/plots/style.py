@@ -22,7 +22,6 @@ Conventions
 from __future__ import annotations
 
 import os
-import secrets
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -35,6 +34,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+from sgn_lab.atomic import atomic_write
 
 #: The methods of :mod:`sgn_lab.optim`, in the order legends list them.
 METHODS: tuple[str, ...] = (
@@ -274,7 +275,8 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> list[Path]:
             ("pdf", {"dpi": _PNG_DPI, "metadata": {"CreationDate": None}}),
         ):
             out = target.with_name(f"{target.name}.{fmt}")
-            _atomic_savefig(fig, out, fmt, extra)
+            atomic_write(out, lambda f, fmt=fmt, extra=extra: fig.savefig(
+                f, format=fmt, bbox_inches="tight", pad_inches=0.05, **extra))
             written.append(out)
     finally:
         _close(fig)
@@ -324,25 +326,6 @@ def _note(ax: Axes, text: str, *, center: bool = False) -> None:
         )
     else:
         ax.set_title(text, loc="right", fontsize="small", fontweight="normal", color="0.35")
-
-
-def _atomic_savefig(fig: Figure, out: Path, fmt: str, extra: dict[str, Any]) -> None:
-    """Render into a temporary file next to ``out``, then rename it over ``out``.
-
-    The temporary file is opened with mode 0o666 and the process umask, like any new file
-    (``tempfile.mkstemp`` would leave the figure readable by its owner only).
-    """
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format=fmt, bbox_inches="tight", pad_inches=0.05, **extra)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _close(fig: Figure) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pickle
 import secrets
 import zipfile
@@ -39,6 +38,8 @@ from typing import IO, Any
 import pandas as pd
 import torch
 from filelock import FileLock, Timeout
+
+from sgn_lab.atomic import TEMPORARY_PATTERN, atomic_write
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
@@ -97,48 +98,31 @@ def locked(path: str | Path) -> Iterator[Path]:
     except OSError as exc:
         raise _failure(path, exc) from None
     try:
-        for stale in path.glob(".*.tmp"):  # a killed writer's; under the lock, nobody's now
+        for stale in path.glob(TEMPORARY_PATTERN):  # a killed writer's: nobody's now
             stale.unlink(missing_ok=True)
         yield path
     finally:
         lock.release()
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``.
-
-    The temporary file is created like any file (mode 0666 less the umask), not 0600.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+def _write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        return atomic_write(path, write)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _failure(path, exc) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+        raise _failure(Path(path), exc) from None
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
-    return atomic_write(path, lambda f: f.write(text.encode()))
+    return _write(path, lambda f: f.write(text.encode()))
 
 
 def write_table(path: str | Path, table: pd.DataFrame) -> Path:
-    return atomic_write(path, lambda f: table.to_csv(f, index=False))
+    return _write(path, lambda f: table.to_csv(f, index=False))
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    return atomic_write(path, lambda f: torch.save(state, f))
+    return _write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

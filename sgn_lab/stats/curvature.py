@@ -31,6 +31,8 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from sgn_lab import checks
+
 __all__ = [
     "CurvatureStats",
     "curvature_stats",
@@ -138,8 +140,8 @@ def _generator(seed: int) -> torch.Generator:
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+    if chunk_size is not None:
+        checks.integer("chunk_size", chunk_size, 1)
 
 
 def _centred(obj: _Objective, per_sample: Tensor) -> Tensor:

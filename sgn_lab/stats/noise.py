@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from sgn_lab import checks
 from sgn_lab.stats.tails import shape_stats
 
 TOP_ENERGY_KS = (1, 5, 10)
@@ -179,12 +180,12 @@ def noise_stats(
     else:
         G = _as_matrix(grads)
         n, d = G.shape
-        _check_samples(n)
+        checks.samples("n", n)
         if not torch.isfinite(G).all():
             row = int((~torch.isfinite(G)).any(dim=1).nonzero()[0, 0])
             raise ValueError(f"non-finite value in the per-sample gradient of sample {row}")
         mean, diag_variance, gram_or_cov = centred_moments(G)
-        eigenvalues = _nonzero_descending(torch.linalg.eigvalsh(gram_or_cov) / (n - 1), n, d)
+        eigenvalues = nonzero_descending(torch.linalg.eigvalsh(gram_or_cov) / (n - 1), max(n, d))
         total = mean.to(G.device) * n  # Σ_i g_i, float64
         G64 = G.to(torch.float64)
         errors = jackknife((G64 * G64).sum(dim=1), G64 @ total, float(total @ total), n)
@@ -274,11 +275,6 @@ def jackknife(sq_norms: Tensor, dots: Tensor, total_sq: float, n: int) -> tuple[
     return se(signal), scale
 
 
-def _check_samples(n: int) -> None:
-    if n < 2:
-        raise ValueError(f"need at least 2 per-sample gradients for a covariance, got n={n}")
-
-
 def _gram_moments(
     gram: Tensor, dim: int | None, mean: Tensor | None, diag_variance: Tensor | None
 ) -> tuple[int, int, Tensor, Tensor, float, float, Tensor]:
@@ -287,7 +283,7 @@ def _gram_moments(
         got = tuple(gram.shape) if isinstance(gram, Tensor) else type(gram).__name__
         raise ValueError(f"gram must be a square (n, n) tensor, got {got}")
     n = gram.shape[0]
-    _check_samples(n)
+    checks.samples("n", n)
     if dim is None or dim < 1:
         raise ValueError(f"gram= needs dim, the number of parameters d >= 1; got dim={dim!r}")
     K = gram.to(torch.float64)
@@ -298,7 +294,7 @@ def _gram_moments(
     centred = centred - centred.mean(dim=1, keepdim=True)  # C K C
     centred = (centred + centred.T) / 2  # exact symmetry for eigvalsh
     trace = float(torch.diagonal(centred).sum()) / (n - 1)
-    eigenvalues = _nonzero_descending(torch.linalg.eigvalsh(centred) / (n - 1), n, dim)
+    eigenvalues = nonzero_descending(torch.linalg.eigvalsh(centred) / (n - 1), max(n, dim))
     empty = torch.empty(0, dtype=torch.float64)
     for name, value in (("mean", mean), ("diag_variance", diag_variance)):
         if value is not None and value.numel() != dim:
@@ -443,29 +439,33 @@ def isotropic_spectrum(trace: float, dim: int, n: int, *, seed: int = 0) -> Tens
     its Bartlett decomposition, so the cost is O(n³) whatever dim (10M parameters included).
     """
     rng = np.random.default_rng(seed)
-    if dim < n:
-        Z = rng.standard_normal((n, dim))
-        C = Z - Z.mean(axis=0)
-        M = C.T @ C
-    else:
-        # Bartlett: Z Zᵀ = A Aᵀ with A lower triangular, A_ii² ~ χ²(dim - i), A_ij ~ N(0, 1).
-        A = np.tril(rng.standard_normal((n, n)), -1)
-        A[np.diag_indices(n)] = np.sqrt(rng.chisquare(np.arange(dim, dim - n, -1)))
-        W = A @ A.T
-        centring = np.eye(n) - 1.0 / n
-        M = centring @ W @ centring
+    A = wishart_factor(rng, n, dim)  # A Aᵀ = Z Zᵀ for Z (n × dim) of standard normals
+    C = A - A.mean(axis=0)  # C A, C = I − 11ᵀ/n: centred over the samples
+    M = C.T @ C if C.shape[1] < n else C @ C.T  # the smaller of the two: same non-zero spectrum
     # torch's eigvalsh: numpy's threads thrash on a loaded machine (7 s against 0.1 s at n=1024).
     eigenvalues = torch.linalg.eigvalsh(torch.from_numpy(M)) * (trace / dim / (n - 1))
-    return _nonzero_descending(eigenvalues, n, dim)
+    return nonzero_descending(eigenvalues, max(n, dim))
 
 
-def _nonzero_descending(eigenvalues: Tensor, n: int, d: int) -> Tensor:
-    lam = eigenvalues.to(torch.float64).cpu().flip(0)
+def wishart_factor(rng: np.random.Generator, p: int, dof: int) -> np.ndarray:
+    """A with A Aᵀ ~ Wishart_p(dof, I): Bartlett's lower-triangular (p × p) when dof >= p, else
+    p × dof standard normals (then A Aᵀ = Z Zᵀ directly)."""
+    if dof >= p:
+        # Bartlett: A_ii² ~ χ²(dof − i), A_ij ~ N(0, 1) below the diagonal.
+        A = np.tril(rng.standard_normal((p, p)), -1)
+        A[np.diag_indices(p)] = np.sqrt(rng.chisquare(np.arange(dof, dof - p, -1)))
+        return A
+    return rng.standard_normal((p, dof))
+
+
+def nonzero_descending(ascending: Tensor, size: int) -> Tensor:
+    """Eigenvalues (given ascending, as eigvalsh returns them) that are not rounding error,
+    descending, float64 on the CPU; ``size`` is the larger side of the matrix they came from."""
+    lam = ascending.to(torch.float64).cpu().flip(0)
     if lam.numel() == 0 or lam[0] <= 0:
         return lam[:0]
-    # Same cut-off as numpy.linalg.matrix_rank: anything below is rounding error.
-    tol = float(lam[0]) * max(n, d) * torch.finfo(torch.float64).eps
-    return lam[lam > tol]
+    # The cut-off of numpy.linalg.matrix_rank: anything below is rounding error.
+    return lam[lam > float(lam[0]) * size * torch.finfo(torch.float64).eps]
 
 
 def _as_matrix(grads: Tensor | dict[str, Tensor]) -> Tensor:
@@ -494,7 +494,7 @@ def _layer_table(grads: dict[str, Tensor]) -> tuple[pd.DataFrame, dict[str, Tens
         G = torch.cat([grads[k].reshape(grads[k].shape[0], -1) for k in names], dim=1)
         n, d = G.shape
         _, var, M = centred_moments(G)
-        lam = _nonzero_descending(torch.linalg.eigvalsh(M) / (n - 1), n, d)
+        lam = nonzero_descending(torch.linalg.eigvalsh(M) / (n - 1), max(n, d))
         summary = spectrum_summary(lam)
         trace = float(var.sum())
         rows.append(

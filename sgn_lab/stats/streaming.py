@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -38,15 +37,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sgn_lab import checks
 from sgn_lab.grads import per_sample_gram
 from sgn_lab.grads.vmap import _as_tuple, _num_samples, per_sample_grads, trainable_dim
+from sgn_lab.seeds import Purpose, derive
 from sgn_lab.stats.noise import (
     NoiseStats,
     jackknife_from_gram,
     magnitudes,
     minibatch_factor,
     noise_stats,
+    nonzero_descending,
     spectrum_summary,
+    wishart_factor,
 )
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -59,8 +62,6 @@ _BLOCK_ELEMENTS = 2**22
 # Entries of one column block of the projection R (32 MiB in float64): a block is k × w with
 # w = _SKETCH_BLOCK_ELEMENTS // k columns, so R (k × d) is never materialised whole.
 _SKETCH_BLOCK_ELEMENTS = 2**22
-# Distinct streams for the two uses of derived seeds (dropout per chunk, projection blocks).
-_CHUNK_STREAM, _PROJECTION_STREAM = 0, 1
 _TAIL_FIELDS = ("tail_index", "normality_pvalue", "normality_reject_fraction", "kurtosis")
 _F64 = torch.float64
 
@@ -118,11 +119,12 @@ def streaming_moments(
     working block of at most 2^22 entries, and the float64 accumulators (2·d). Time: one
     per-sample-gradient pass over the n samples.
     """
-    _check_chunk_size(chunk_size)
-    _check_seed(seed, allow_none=True)
+    checks.integer("chunk_size", chunk_size, 1)
+    if seed is not None:
+        checks.integer("seed", seed, 0)
     xs = _as_tuple(inputs)
     n = _num_samples(xs, targets)
-    _check_samples(n)
+    checks.samples("n", n)
     moments = _MomentAccumulator(trainable_dim(model), _model_device(model))
     for index, (lo, hi) in enumerate(_chunk_bounds(n, chunk_size)):
         moments.add(_chunk_grads(model, loss_fn, xs, targets, lo, hi, batchnorm, seed, index))
@@ -258,21 +260,14 @@ def streaming_noise_stats(
         negative ``seed``, n < 2 samples, or a bad ``batch_size``/``dataset_size``; each names
         the value.
     """
-    _check_chunk_size(chunk_size)
-    if gram not in GRAM_METHODS:
-        raise ValueError(f"unknown gram method {gram!r}; choose one of {GRAM_METHODS}")
-    if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, numbers.Integral):
-        raise ValueError(f"sketch_dim must be an integer >= 2, got {sketch_dim!r}")
-    if sketch_dim < 2:
-        raise ValueError(f"sketch_dim must be an integer >= 2, got {sketch_dim!r}")
-    if isinstance(max_gram_bytes, bool) or not isinstance(max_gram_bytes, numbers.Integral):
-        raise ValueError(f"max_gram_bytes must be a positive integer, got {max_gram_bytes!r}")
-    if max_gram_bytes < 1:
-        raise ValueError(f"max_gram_bytes must be a positive integer, got {max_gram_bytes!r}")
-    _check_seed(seed, allow_none=False)
+    checks.integer("chunk_size", chunk_size, 1)
+    checks.choice("gram", gram, GRAM_METHODS)
+    checks.integer("sketch_dim", sketch_dim, 2)
+    checks.integer("max_gram_bytes", max_gram_bytes, 1)
+    checks.integer("seed", seed, 0)
     xs = _as_tuple(inputs)
     n = _num_samples(xs, targets)
-    _check_samples(n)
+    checks.samples("n", n)
     if batch_size is not None:  # fail before the pass over the data, not after it
         minibatch_factor(batch_size, dataset_size=dataset_size, replacement=replacement)
     method = gram
@@ -341,18 +336,17 @@ def sketched_isotropic_spectrum(
     ``isotropic_spectrum(trace, k, n)``: about k eigenvalues near trace/k.
     """
     for name, value, least in (("dim", dim, 1), ("n", n, 2), ("sketch_dim", sketch_dim, 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        checks.integer(name, value, least)
     rng = np.random.default_rng(seed)
-    a1 = _wishart_factor(rng, int(sketch_dim), int(dim))
-    a2 = _wishart_factor(rng, a1.shape[1], int(n) - 1)
+    a1 = wishart_factor(rng, int(sketch_dim), int(dim))
+    a2 = wishart_factor(rng, a1.shape[1], int(n) - 1)
     b = torch.from_numpy(a1) @ torch.from_numpy(a2)
     # eig(B Bᵀ) rather than svd(B): several times faster, and only the eigenvalues above the
     # rounding cut-off (relative accuracy eps at the top) are kept either way. torch, not numpy:
     # it keeps to torch's thread setting (numpy's BLAS threads thrash on a shared machine).
     squared = torch.linalg.eigvalsh(b @ b.T)
     eigenvalues = squared * (trace / dim / (sketch_dim * (n - 1)))
-    return _nonzero_descending(eigenvalues, max(n, sketch_dim))
+    return nonzero_descending(eigenvalues, max(n, sketch_dim))
 
 
 # --- accumulators -------------------------------------------------------------------------
@@ -430,11 +424,11 @@ class _SketchAccumulator:
     def eigenvalues(self) -> Tensor:
         cov = self.scatter / (self.count - 1)
         cov = (cov + cov.T) / 2  # exact symmetry for eigvalsh
-        return _nonzero_descending(torch.linalg.eigvalsh(cov), max(self.count, self.k))
+        return nonzero_descending(torch.linalg.eigvalsh(cov), max(self.count, self.k))
 
     def _projection_block(self, param: int, block_index: int, width: int) -> Tensor:
         # One generator, reseeded per block: the block depends only on (seed, param, block).
-        self.generator.manual_seed(_derive_seed(_PROJECTION_STREAM, self.seed, param, block_index))
+        self.generator.manual_seed(derive(self.seed, Purpose.PROJECTION, param, block_index))
         R = torch.randn(
             (self.k, width), generator=self.generator, dtype=_F64, device=self.device
         )
@@ -552,7 +546,7 @@ def _chunk_grads(
     seed: int | None,
     index: int,
 ) -> dict[str, Tensor]:
-    chunk_seed = None if seed is None else _derive_seed(_CHUNK_STREAM, seed, index)
+    chunk_seed = None if seed is None else derive(seed, Purpose.CHUNK, index)
     return per_sample_grads(
         model, loss_fn, [x[lo:hi] for x in xs], targets[lo:hi],
         batchnorm=batchnorm, seed=chunk_seed,
@@ -573,30 +567,6 @@ def _column_blocks(grads: dict[str, Tensor], width: int) -> Iterator[tuple[int, 
         offset += flat.shape[1]
 
 
-def _wishart_factor(rng: np.random.Generator, p: int, dof: int) -> np.ndarray:
-    """A with A Aᵀ ~ Wishart_p(dof, I): Bartlett's (p × p) when dof >= p, else p × dof normals."""
-    if dof >= p:
-        # Bartlett: A lower triangular, A_ii² ~ χ²(dof − i), A_ij ~ N(0, 1) below the diagonal.
-        A = np.tril(rng.standard_normal((p, p)), -1)
-        A[np.diag_indices(p)] = np.sqrt(rng.chisquare(np.arange(dof, dof - p, -1)))
-        return A
-    return rng.standard_normal((p, dof))
-
-
-def _nonzero_descending(ascending: Tensor, size: int) -> Tensor:
-    lam = ascending.to(_F64).cpu().flip(0)
-    if lam.numel() == 0 or lam[0] <= 0:
-        return lam[:0]
-    # The cut-off of numpy.linalg.matrix_rank: anything below is rounding error.
-    return lam[lam > float(lam[0]) * size * torch.finfo(_F64).eps]
-
-
-def _derive_seed(*entropy: int) -> int:
-    """A 63-bit seed mixed from the integers (numpy's SeedSequence: no two tuples collide)."""
-    state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, dtype=np.uint64)
-    return int(state[0]) >> 1
-
-
 def _chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + chunk_size, n)) for lo in range(0, n, chunk_size)]
 
@@ -610,22 +580,3 @@ def _model_device(model: nn.Module) -> torch.device:
         if p.requires_grad:
             return p.device
     raise ValueError("the model has no parameter with requires_grad=True")
-
-
-def _check_chunk_size(chunk_size: int) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-
-
-def _check_seed(seed: int | None, *, allow_none: bool) -> None:
-    if seed is None and allow_none:
-        return
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-
-
-def _check_samples(n: int) -> None:
-    if n < 2:
-        raise ValueError(f"need at least 2 samples for a covariance, got n={n}")

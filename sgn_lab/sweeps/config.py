@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sgn_lab import checks
+
 SWEEPS: tuple[str, ...] = ("batch", "beta0", "sigma", "large-batch")
 """Names of the sweeps, as ``sgn-lab scaling --sweep NAME`` takes them."""
 
@@ -24,8 +26,6 @@ Z95 = 1.959963984540054
 
 Progress = Callable[[int, int], Any]
 
-# Purposes of derived seeds (the last key of derived_seed).
-_PROBLEM, _ROTATION, _DRAWS, _OPTIMIZER, _DIAGONAL, _ISOTROPIC = range(6)
 _DTYPE = torch.float64
 
 
@@ -136,8 +136,7 @@ def sweep_config(name: str, *, quick: bool = False, seed: int = 0, **options: An
         raise ValueError(
             f"sweep {name!r} takes no option {unknown[0]!r}; its options are {', '.join(allowed)}"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"invalid seed: {seed!r} (must be a non-negative integer)")
+    checks.integer("seed", seed, 0)
     values = {**_DEFAULTS[name][bool(quick)], **options}
     values["grid"] = _check_grid(name, values["grid"], values)
     config = SweepConfig(sweep=name, seed=seed, quick=bool(quick), **values)
@@ -150,32 +149,17 @@ def _check_sweep(name: Any) -> None:
         raise ValueError(f"unknown sweep {name!r}; choose one of {', '.join(SWEEPS)}")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"invalid {name}: {value!r} (must be an integer >= {minimum})")
-
-
-def _check_float(name: str, value: Any, minimum: float, *, strict: bool = False) -> None:
-    ok = isinstance(value, int | float | np.number) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (value > minimum if strict else value >= minimum)
-    if not ok:
-        relation = ">" if strict else ">="
-        raise ValueError(
-            f"invalid {name}: {value!r} (must be a finite number {relation} {minimum})"
-        )
-
-
 def _check_grid(name: str, grid: Any, values: dict[str, Any]) -> tuple[float, ...]:
     if isinstance(grid, str | bytes) or not isinstance(grid, Sequence | np.ndarray):
-        raise ValueError(f"invalid grid: {grid!r} (must be a sequence of numbers)")
+        raise ValueError(f"grid must be a sequence of numbers, got {grid!r}")
     points = list(grid)
     if not points:
-        raise ValueError("invalid grid: it is empty")
+        raise ValueError("grid must hold at least one value, got an empty grid")
     if len(set(points)) != len(points):
-        raise ValueError(f"invalid grid: {points!r} has repeated values")
+        raise ValueError(f"grid must not repeat a value, got {points!r}")
     if name in ("batch", "large-batch"):
         n = values["dataset_size"]
-        _check_int("dataset_size", n, 2)
+        checks.integer("dataset_size", n, 2)
         low = 1 if name == "batch" else values["small_batch"] + 1
         high = n - 1 if name == "batch" else n
         for b in points:
@@ -193,33 +177,33 @@ def _check_grid(name: str, grid: Any, values: dict[str, Any]) -> tuple[float, ..
                 )
         return tuple(int(b) for b in sorted(points))
     for v in points:
-        _check_float(f"grid value ({'beta0' if name == 'beta0' else 'sigma'})", v, 0.0)
+        checks.number(f"grid value ({'beta0' if name == 'beta0' else 'sigma'})", v, 0.0,
+                      inclusive=True)
     return tuple(float(v) for v in sorted(points))
 
 
 def _check_config(c: SweepConfig) -> None:
-    _check_int("repeats", c.repeats, 2)
-    _check_int("dim", c.dim, 1)
-    _check_float("condition", c.condition, 1.0)
-    _check_float("noise_std", c.noise_std, 0.0)
+    checks.integer("repeats", c.repeats, 2)
+    checks.integer("dim", c.dim, 1)
+    checks.number("condition", c.condition, 1.0, inclusive=True)
+    checks.number("noise_std", c.noise_std, 0.0, inclusive=True)
     for name in ("distance",):
         if getattr(c, name) is not None:
-            _check_float(name, getattr(c, name), 0.0)
+            checks.number(name, getattr(c, name), 0.0, inclusive=True)
     for name, minimum in (("dataset_size", 2), ("batch_size", 1), ("small_batch", 1),
                           ("draws", 1), ("burn_in", 0), ("steps", 2)):
         if getattr(c, name) is not None:
-            _check_int(name, getattr(c, name), minimum)
+            checks.integer(name, getattr(c, name), minimum)
     if c.lr is not None:
-        _check_float("lr", c.lr, 0.0, strict=True)
-    if c.beta1 is not None and not (isinstance(c.beta1, int | float) and 0 <= c.beta1 < 1):
-        raise ValueError(f"invalid beta1: {c.beta1!r} (must lie in [0, 1))")
+        checks.number("lr", c.lr, 0)
+    if c.beta1 is not None:
+        checks.coefficient("beta1", c.beta1)
     if c.groups is not None:
-        _check_int("groups", c.groups, 2)
+        checks.integer("groups", c.groups, 2)
         if c.groups > c.repeats:
-            raise ValueError(f"invalid groups: {c.groups!r} (must be <= repeats={c.repeats})")
-    if not isinstance(c.rotate, bool):
-        raise ValueError(f"invalid rotate: {c.rotate!r} (must be True or False)")
+            raise ValueError(f"groups must be <= repeats={c.repeats}, got {c.groups!r}")
+    checks.boolean("rotate", c.rotate)
     if c.steps is not None and c.steps % 2:
-        raise ValueError(f"invalid steps: {c.steps!r} (must be even: PNM alternates buffers)")
+        raise ValueError(f"steps must be even (PNM alternates buffers), got {c.steps!r}")
 
 

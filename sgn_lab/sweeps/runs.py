@@ -96,16 +96,10 @@ from sgn_lab import theory
 from sgn_lab.data import load_task
 from sgn_lab.grads import flatten_grads, per_sample_grads
 from sgn_lab.optim import PNM, CovarianceNoiseSGD, GaussianNoiseSGD
-from sgn_lab.seeds import derive as derived_seed
+from sgn_lab.seeds import SweepPurpose, derive
 from sgn_lab.stats.noise import spectrum_summary
 from sgn_lab.sweeps.config import (
-    _DIAGONAL,
-    _DRAWS,
     _DTYPE,
-    _ISOTROPIC,
-    _OPTIMIZER,
-    _PROBLEM,
-    _ROTATION,
     COLUMNS,
     SWEEPS,
     Z95,
@@ -273,12 +267,12 @@ class _Linreg:
 
 def _linreg(config: SweepConfig, sweep_key: int) -> _Linreg:
     """The problem of a sweep: H, w*, σ from ``load_task("linreg")``, then the fixed state."""
-    seed = derived_seed(config.seed, sweep_key, _PROBLEM) % 2**32  # load_task's range
+    seed = derive(config.seed, sweep_key, SweepPurpose.PROBLEM) % 2**32  # load_task's range
     task = load_task("linreg", seed=seed, n=8, dim=config.dim, condition=config.condition,
                      noise_std=config.noise_std)
     H = task.info["H"].numpy().astype(np.float64)
     w_star = task.info["w_star"].numpy().astype(np.float64)
-    rng = np.random.default_rng(derived_seed(config.seed, sweep_key, _ROTATION))
+    rng = np.random.default_rng(derive(config.seed, sweep_key, SweepPurpose.ROTATION))
     if config.rotate:
         q, r = np.linalg.qr(rng.standard_normal((config.dim, config.dim)))
         q = q * np.sign(np.diag(r))  # Haar-distributed
@@ -309,7 +303,7 @@ def _linear_model(w: Tensor) -> nn.Linear:
 
 
 def _generator(seed: int, *keys: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derived_seed(seed, *keys))
+    return torch.Generator().manual_seed(derive(seed, *keys))
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,7 +325,7 @@ def _sweep_batch(c: SweepConfig, progress: Progress) -> list[dict[str, Any]]:
     blocks = range(0, c.repeats, _BATCH_BLOCK)
     for done, start in enumerate(blocks, 1):
         stop = min(start + _BATCH_BLOCK, c.repeats)
-        gen = _generator(c.seed, key, start, _DRAWS)
+        gen = _generator(c.seed, key, start, SweepPurpose.DRAWS)
         x, y = problem.sample((stop - start, n), gen)
         grads = flatten_grads(per_sample_grads(model, _half_squared_error, x.reshape(-1, c.dim),
                                                y.reshape(-1)))
@@ -444,11 +438,11 @@ def _sweep_sigma(c: SweepConfig, progress: Progress) -> list[dict[str, Any]]:
     full_gradient = torch.from_numpy(problem.H @ problem.delta.numpy())  # ∇L(w) = Hδ
     rows: list[dict[str, Any]] = []
     for j, sigma in enumerate(c.grid):
-        gen = _generator(c.seed, key, j, _DRAWS)
+        gen = _generator(c.seed, key, j, SweepPurpose.DRAWS)
         x, y = problem.sample((c.repeats, c.batch_size), gen)
         residual = x @ w - y
         minibatch_grad = torch.einsum("rbd,rb->rd", x, residual) / c.batch_size
-        seed = derived_seed(c.seed, key, j, _OPTIMIZER)
+        seed = derive(c.seed, key, j, SweepPurpose.OPTIMIZER)
         # The step with injection, and the same step without it (σ = 0: plain SGD).
         total, without = (
             (_gaussian_step(w, minibatch_grad, c.lr, s, seed) - full_gradient)
@@ -472,7 +466,7 @@ def _sweep_large_batch(c: SweepConfig, progress: Progress) -> list[dict[str, Any
     key = SWEEPS.index("large-batch")
     problem = _linreg(c, key)
     n, d = c.dataset_size, c.dim
-    x, y = problem.sample((n,), _generator(c.seed, key, _PROBLEM, _DRAWS))
+    x, y = problem.sample((n,), _generator(c.seed, key, SweepPurpose.PROBLEM, SweepPurpose.DRAWS))
     model = _linear_model(problem.w_star + problem.delta)
     grads = flatten_grads(per_sample_grads(model, _half_squared_error, x, y)).to(_DTYPE)
     full_gradient = grads.mean(dim=0)  # G
@@ -486,7 +480,7 @@ def _sweep_large_batch(c: SweepConfig, progress: Progress) -> list[dict[str, Any
     rows: list[dict[str, Any]] = []
     for j, large in enumerate(c.grid):
         large = int(large)
-        gen = _generator(c.seed, key, j, _DRAWS)
+        gen = _generator(c.seed, key, j, SweepPurpose.DRAWS)
         weights = torch.ones(c.repeats, n, dtype=_DTYPE)
         batches = torch.multinomial(weights, large, replacement=False, generator=gen)
         injected = theory.covariance_noise_target(S, c.small_batch, large, dataset_size=n)
@@ -495,7 +489,7 @@ def _sweep_large_batch(c: SweepConfig, progress: Progress) -> list[dict[str, Any
             "full": _covariance_steps(c, grads, batches, w, "full", key, j),
             "diagonal": _covariance_steps(c, grads, batches, w, "diagonal", key, j),
             "isotropic": _gaussian_step(w, grads[batches].mean(dim=1), c.lr, sigma,
-                                        derived_seed(c.seed, key, j, _ISOTROPIC)),
+                                        derive(c.seed, key, j, SweepPurpose.ISOTROPIC)),
             "large_batch": grads[batches].mean(dim=1),  # plain SGD's step direction
         }
         for method in _LARGE_BATCH_METHODS:
@@ -521,10 +515,10 @@ def _covariance_steps(
     it updates, so stacking the draws in one tensor would make them share z.
     """
     theta = torch.nn.Parameter(w.clone())
-    purpose = _OPTIMIZER if variant == "full" else _DIAGONAL
+    purpose = SweepPurpose.OPTIMIZER if variant == "full" else SweepPurpose.DIAGONAL
     opt = CovarianceNoiseSGD([theta], lr=c.lr, small_batch=c.small_batch,
                              large_batch=int(batches.shape[1]), variant=variant,
-                             seed=derived_seed(c.seed, key, j, purpose))
+                             seed=derive(c.seed, key, j, purpose))
     out = torch.empty(len(batches), w.numel(), dtype=_DTYPE)
     with torch.no_grad():
         for r, batch in enumerate(batches):

@@ -6,13 +6,10 @@ from typing import Any
 
 import numpy as np
 
+from sgn_lab import checks
 from sgn_lab.stats.noise import minibatch_factor
 from sgn_lab.theory._inputs import (
     NoiseModel,
-    _as_array,
-    _nonnegative,
-    _positive_int,
-    _symmetric,
 )
 
 
@@ -38,11 +35,11 @@ def linreg_gradient_covariance(H: Any, delta: Any, noise_std: float) -> np.ndarr
     noise_std
         σ >= 0, the label-noise standard deviation.
     """
-    H = _symmetric(H, "H", psd=True)
-    delta = _as_array(delta, "delta")
+    H = checks.symmetric("H", H, psd=True)
+    delta = checks.array("delta", delta)
     if delta.shape != (H.shape[0],):
-        raise ValueError(f"invalid delta: shape {delta.shape} (must be ({H.shape[0]},))")
-    sigma = _nonnegative(noise_std, "noise_std")
+        raise ValueError(f"delta must have shape ({H.shape[0]},), got {delta.shape}")
+    sigma = checks.number("noise_std", noise_std, 0, inclusive=True)
     grad = H @ delta  # ∇L = Hδ
     return (sigma**2 + float(delta @ grad)) * H + np.outer(grad, grad)
 
@@ -73,13 +70,13 @@ def linreg_noise_model(H: Any, noise_std: float, batch_size: int) -> NoiseModel:
     batch_size
         B, fresh samples per step.
     """
-    H = _symmetric(H, "H", psd=True)
-    sigma2 = _nonnegative(noise_std, "noise_std") ** 2
-    factor = minibatch_factor(_positive_int(batch_size, "batch_size"))
+    H = checks.symmetric("H", H, psd=True)
+    sigma2 = checks.number("noise_std", noise_std, 0, inclusive=True) ** 2
+    factor = minibatch_factor(checks.integer("batch_size", batch_size, 1))
     d = H.shape[0]
 
     def noise_covariance(P: np.ndarray) -> np.ndarray:
-        P = _symmetric(P, "P", d)
+        P = checks.symmetric("P", P, d)
         return factor * ((sigma2 + float(np.sum(H * P))) * H + H @ P @ H)
 
     return noise_covariance

@@ -6,13 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from sgn_lab import checks
 from sgn_lab.stats.noise import minibatch_factor
-from sgn_lab.theory._inputs import (
-    _as_array,
-    _nonnegative,
-    _positive_int,
-    _symmetric,
-)
 
 
 def injected_noise_covariance(sigma: float, dim: int) -> np.ndarray:
@@ -21,8 +16,8 @@ def injected_noise_covariance(sigma: float, dim: int) -> np.ndarray:
     The injected σz, z ~ N(0, I), is independent of the minibatch noise, so covariances add:
     total = Cov[g_B] + σ²I (the "injected random noise" baseline of Xie et al. 2021).
     """
-    sigma = _nonnegative(sigma, "sigma")
-    return sigma**2 * np.eye(_positive_int(dim, "dim"))
+    sigma = checks.number("sigma", sigma, 0, inclusive=True)
+    return sigma**2 * np.eye(checks.integer("dim", dim, 1))
 
 
 def covariance_noise_target(
@@ -43,17 +38,16 @@ def covariance_noise_target(
     optimizer's ξ has covariance c·Ŝ with Ŝ their unbiased sample covariance; E Ŝ = S for a
     sample drawn without replacement, so the total holds on average over batches.
     """
-    S = _symmetric(S, "S", psd=True)
-    small = _positive_int(small_batch, "small_batch")
-    large = _positive_int(large_batch, "large_batch")
+    S = checks.symmetric("S", S, psd=True)
+    small = checks.integer("small_batch", small_batch, 1)
+    large = checks.integer("large_batch", large_batch, 1)
     if small >= large:
         raise ValueError(
-            f"invalid small_batch: {small_batch!r} (must be smaller than large_batch="
-            f"{large_batch!r})"
+            f"small_batch must be smaller than large_batch={large_batch!r}, got {small_batch!r}"
         )
-    if dataset_size is not None and _positive_int(dataset_size, "dataset_size") < large:
+    if dataset_size is not None and checks.integer("dataset_size", dataset_size, 1) < large:
         raise ValueError(
-            f"invalid dataset_size: {dataset_size!r} (must be >= large_batch={large_batch!r})"
+            f"dataset_size must be >= large_batch={large_batch!r}, got {dataset_size!r}"
         )
     if total:
         return minibatch_factor(small, dataset_size=dataset_size) * S
@@ -68,12 +62,12 @@ def symmetric_noise_gradient_quadratic(H: Any, theta: Any, eps: Any) -> np.ndarr
     leftover is the even term ½∇³L[ε, ε] + O(|ε|⁴). Computed literally as the average (not as
     Hθ), for comparison with the optimizer. ``theta`` and ``eps``: (d,) or a batch (..., d).
     """
-    H = _symmetric(H, "H")
-    theta = _as_array(theta, "theta")
-    eps = _as_array(eps, "eps")
+    H = checks.symmetric("H", H)
+    theta = checks.array("theta", theta)
+    eps = checks.array("eps", eps)
     d = H.shape[0]
     if theta.ndim == 0 or theta.shape[-1] != d:
-        raise ValueError(f"invalid theta: shape {theta.shape} (last axis must be {d})")
+        raise ValueError(f"theta's last axis must have size {d}, got shape {theta.shape}")
     if eps.shape != theta.shape:
-        raise ValueError(f"invalid eps: shape {eps.shape} (must match theta's {theta.shape})")
+        raise ValueError(f"eps must have theta's shape {theta.shape}, got {eps.shape}")
     return 0.5 * ((theta + eps) @ H + (theta - eps) @ H)

@@ -6,11 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from sgn_lab import checks
 from sgn_lab.stats.noise import minibatch_factor
-from sgn_lab.theory._inputs import (
-    _nonnegative,
-    _symmetric,
-)
 
 
 def minibatch_noise_covariance(
@@ -37,7 +34,7 @@ def minibatch_noise_covariance(
     batch_size, dataset_size, replacement
         B, N (None: infinite) and the sampling scheme.
     """
-    S = _symmetric(S, "S", psd=True)
+    S = checks.symmetric("S", S, psd=True)
     return minibatch_factor(batch_size, dataset_size=dataset_size, replacement=replacement) * S
 
 
@@ -49,5 +46,5 @@ def minibatch_noise_trace(
     replacement: bool = False,
 ) -> float:
     """tr Cov[g_B] = c·tr(S), the trace of :func:`minibatch_noise_covariance`."""
-    trace = _nonnegative(trace, "trace")
+    trace = checks.number("trace", trace, 0, inclusive=True)
     return minibatch_factor(batch_size, dataset_size=dataset_size, replacement=replacement) * trace

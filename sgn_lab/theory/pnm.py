@@ -7,13 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from sgn_lab import checks
 from sgn_lab.optim.pnm import pnm_noise_factor
 from sgn_lab.theory._inputs import (
     _curvature,
     _noise,
-    _nonnegative,
-    _positive,
-    _unit_interval,
 )
 from sgn_lab.theory.stationary import (
     Stationary,
@@ -31,7 +29,7 @@ def pnm_max_lr(H: Any, beta0: float = 1.0) -> float:
     β1 in [0, 0.99] no complex pair crosses earlier, so the bound is exact.
     """
     H = _curvature(H)
-    beta0 = _nonnegative(beta0, "beta0")
+    beta0 = checks.number("beta0", beta0, 0, inclusive=True)
     return 2.0 * math.sqrt(pnm_noise_factor(beta0)) / ((1.0 + 2.0 * beta0)
                                                        * float(np.linalg.eigvalsh(H)[-1]))
 
@@ -55,14 +53,13 @@ def pnm_update_noise_ratio(beta0: float, beta1: float, *, reference: str = "mome
     the every-other-step averaging. Finite lr couples the buffers through θ and changes this
     by O(ηh).
     """
-    gamma = pnm_noise_factor(_nonnegative(beta0, "beta0"))
-    beta1 = _unit_interval(beta1, "beta1")
+    gamma = pnm_noise_factor(checks.number("beta0", beta0, 0, inclusive=True))
+    beta1 = checks.coefficient("beta1", beta1)
+    reference = checks.choice("reference", reference, ("momentum", "sgd"))
     a = beta1**2
     if reference == "momentum":
         return gamma * (1.0 + beta1) ** 2 / (1.0 + a)
-    if reference == "sgd":
-        return gamma * (1.0 - a) / (1.0 + a)
-    raise ValueError(f"invalid reference: {reference!r} (choose one of momentum, sgd)")
+    return gamma * (1.0 - a) / (1.0 + a)
 
 
 def pnm_lag1_autocorrelation(beta0: float, beta1: float) -> float:
@@ -77,8 +74,8 @@ def pnm_lag1_autocorrelation(beta0: float, beta1: float) -> float:
     writes "≈": the formula is exact in this limit; finite lr adds O(ηh) through θ (see
     :func:`pnm_stationary`'s ``update_lag1_correlation`` for the exact finite-lr value).
     """
-    beta0 = _nonnegative(beta0, "beta0")
-    beta1 = _unit_interval(beta1, "beta1")
+    beta0 = checks.number("beta0", beta0, 0, inclusive=True)
+    beta1 = checks.coefficient("beta1", beta1)
     return -beta0 * (1.0 + beta0) * (1.0 + beta1**2) / pnm_noise_factor(beta0)
 
 
@@ -126,9 +123,9 @@ def pnm_stationary(
     H = _curvature(H)
     d = H.shape[0]
     C = _noise(C, d)
-    eta = _positive(lr, "lr")
-    beta0 = _nonnegative(beta0, "beta0")
-    beta1 = _unit_interval(beta1, "beta1")
+    eta = checks.number("lr", lr, 0)
+    beta0 = checks.number("beta0", beta0, 0, inclusive=True)
+    beta1 = checks.coefficient("beta1", beta1)
     k = eta / math.sqrt(pnm_noise_factor(beta0))
     a = beta1**2
 

@@ -8,15 +8,12 @@ from typing import Any
 
 import numpy as np
 
+from sgn_lab import checks
 from sgn_lab.theory._inputs import (
     NoiseModel,
     _curvature,
     _noise,
-    _nonnegative,
-    _positive,
     _spectral_radius,
-    _symmetric,
-    _unit_interval,
 )
 
 
@@ -87,12 +84,12 @@ def _affine_fixed_point(
     evaluations of C and of ``solve``, and one dense solve with d(d+1)/2 unknowns.
     """
     iu = np.triu_indices(d)
-    C0 = _symmetric(model(np.zeros((d, d))), "C(0)", d, psd=True)
+    C0 = checks.symmetric("C(0)", model(np.zeros((d, d))), d, psd=True)
     responses, columns = [], []
     for i, j in zip(*iu, strict=True):
         E = np.zeros((d, d))
         E[i, j] = E[j, i] = 1.0
-        L = _symmetric(model(E), "C(P)", d) - C0
+        L = checks.symmetric("C(P)", model(E), d) - C0
         responses.append(L)
         columns.append(solve(L)[iu])
     # C must be affine in P: the basis responses have to predict C at a generic P.
@@ -101,9 +98,9 @@ def _affine_fixed_point(
     R = R + R.T
     predicted = C0 + sum(R[i, j] * L for (i, j), L in zip(zip(*iu, strict=True), responses,
                                                            strict=True))
-    actual = _symmetric(model(R), "C(P)", d)
+    actual = checks.symmetric("C(P)", model(R), d)
     if not np.allclose(actual, predicted, rtol=1e-8, atol=1e-12 * max(np.abs(actual).max(), 1)):
-        raise ValueError("invalid C: a noise model must be affine in P = E[θθᵀ]")
+        raise ValueError("C must be affine in P = E[θθᵀ], got a noise model that is not")
     M = np.stack(columns, axis=1)
     # Stability without an eigen-decomposition of M (O(d⁶)): M is cone-preserving (a valid
     # model maps PSD P to PSD C, so its linear part does too), hence ρ(M) < 1 iff the fixed point
@@ -200,7 +197,7 @@ def _modal_stationary(
     d = H.shape[0]
     if callable(C):
         _, Cst = _affine_fixed_point(lambda Cn: through(k_theta, Cn), C, d, lr_text)
-        Cst = _symmetric(Cst, "C(P)", d, psd=True)
+        Cst = checks.symmetric("C(P)", Cst, d, psd=True)
     else:
         Cst = C
     return Stationary(
@@ -218,7 +215,7 @@ def heavy_ball_max_lr(H: Any, momentum: float = 0.0) -> float:
     roots stay inside the unit circle iff |β| < 1 and 0 < ηh < 2(1+β) (Jury's criterion).
     """
     H = _curvature(H)
-    beta = _unit_interval(momentum, "momentum")
+    beta = checks.coefficient("momentum", momentum)
     return 2.0 * (1.0 + beta) / float(np.linalg.eigvalsh(H)[-1])
 
 
@@ -261,8 +258,8 @@ def heavy_ball_stationary(H: Any, C: Any, lr: float, *, momentum: float = 0.0) -
     H = _curvature(H)
     d = H.shape[0]
     C = _noise(C, d)
-    eta = _positive(lr, "lr")
-    beta = _unit_interval(momentum, "momentum")
+    eta = checks.number("lr", lr, 0)
+    beta = checks.coefficient("momentum", momentum)
 
     def modes(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # Per eigenvalue h: (θ̃, ṽ) ← [[1 − ηh, −ηβ], [h, β]] (θ̃, ṽ) + [−η, 1] ξ̃.
@@ -302,7 +299,7 @@ def small_lr_stationary_covariance(H: Any, C: Any, effective_lr: float) -> np.nd
     H = _curvature(H)
     d = H.shape[0]
     C = _noise(C, d)
-    eta = _positive(effective_lr, "effective_lr")
+    eta = checks.number("effective_lr", effective_lr, 0)
     # In H's eigenbasis the equation is diagonal: P̃_ij = η·C̃_ij/(h_i + h_j).
     h, V = np.linalg.eigh(H)
     kernel = eta / (h[:, None] + h[None, :])
@@ -325,10 +322,10 @@ def sgd_stationary_variance_1d(h: float, c: float, lr: float, *, momentum: float
     gives v = ηc(1+β)/((1−β)·h·(2(1+β) − ηh)) (Liu, Ziyin & Ueda, ICML 2021). Both tend to
     η_eff·c/(2h) as η → 0 and diverge at the stability bound ηh = 2(1+β).
     """
-    h = _positive(h, "h")
-    c = _nonnegative(c, "c")
-    eta = _positive(lr, "lr")
-    beta = _unit_interval(momentum, "momentum")
+    h = checks.number("h", h, 0)
+    c = checks.number("c", c, 0, inclusive=True)
+    eta = checks.number("lr", lr, 0)
+    beta = checks.coefficient("momentum", momentum)
     if eta * h >= 2.0 * (1.0 + beta):
         raise ValueError(
             f"lr={lr!r} is past the stability bound lr < 2(1+momentum)/h = "

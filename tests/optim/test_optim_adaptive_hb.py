@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 
 import pytest
 import torch
+from helpers import rejects
 from torch import nn
 
 from sgn_lab.optim.adaptive_hb import AdaptiveHeavyBall
@@ -265,7 +265,7 @@ def test_state_dict_round_trip_continues_bit_identically(form):
 )
 def test_invalid_hyperparameters_name_the_value(kwargs, name, value):
     p = nn.Parameter(torch.zeros(2))
-    with pytest.raises(ValueError, match=re.escape(f"invalid {name}: {value}")):
+    with pytest.raises(ValueError, match=rejects(name, str(value))):
         AdaptiveHeavyBall([p], **{"lr": 0.1, **kwargs})
-    with pytest.raises(ValueError, match=re.escape(f"invalid {name}: {value}")):
+    with pytest.raises(ValueError, match=rejects(name, str(value))):
         AdaptiveHeavyBall([{"params": [p], **kwargs}], lr=0.1)

@@ -335,9 +335,9 @@ def test_set_sigma_from_trace():
     opt.set_sigma_from_trace(3.4, dim=10)
     assert [group["sigma"] ** 2 for group in opt.param_groups] == pytest.approx([0.34, 0.34])
     assert opt.set_sigma_from_trace(0.0) == 0.0
-    with pytest.raises(ValueError, match=r"invalid trace: -1\.0"):
+    with pytest.raises(ValueError, match=r"trace must .*, got -1\.0$"):
         opt.set_sigma_from_trace(-1.0)
-    with pytest.raises(ValueError, match=r"invalid dim: 0"):
+    with pytest.raises(ValueError, match=r"dim must .*, got 0$"):
         opt.set_sigma_from_trace(1.0, dim=0)
 
 
@@ -423,11 +423,11 @@ def one_param():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(lr=-0.1), r"invalid lr: -0\.1"),
-        (dict(lr=0.1, sigma=-1.0), r"invalid sigma: -1\.0"),
-        (dict(lr=0.1, momentum=1.0), r"invalid momentum: 1\.0"),
-        (dict(lr=0.1, weight_decay=-0.5), r"invalid weight_decay: -0\.5"),
-        (dict(lr=0.1, seed=-3), r"invalid seed: -3"),
+        (dict(lr=-0.1), r"lr must .*, got -0\.1$"),
+        (dict(lr=0.1, sigma=-1.0), r"sigma must .*, got -1\.0$"),
+        (dict(lr=0.1, momentum=1.0), r"momentum must .*, got 1\.0$"),
+        (dict(lr=0.1, weight_decay=-0.5), r"weight_decay must .*, got -0\.5$"),
+        (dict(lr=0.1, seed=-3), r"seed must .*, got -3$"),
     ],
 )
 def test_gaussian_invalid_hyperparameters(kwargs, match):
@@ -436,22 +436,22 @@ def test_gaussian_invalid_hyperparameters(kwargs, match):
 
 
 def test_gaussian_invalid_group_override():
-    with pytest.raises(ValueError, match=r"invalid sigma: -2"):
+    with pytest.raises(ValueError, match=r"sigma must .*, got -2$"):
         GaussianNoiseSGD([{"params": one_param()}, {"params": one_param(), "sigma": -2}], lr=0.1)
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(lr=-1.0), r"invalid lr: -1\.0"),
-        (dict(small_batch=32, large_batch=32), r"invalid small_batch: 32 .*large_batch=32"),
-        (dict(small_batch=64, large_batch=32), r"invalid small_batch: 64 .*large_batch=32"),
-        (dict(small_batch=0), r"invalid small_batch: 0"),
-        (dict(small_batch=True), r"invalid small_batch: True"),
-        (dict(large_batch=2.5), r"invalid large_batch: 2\.5"),
-        (dict(variant="foo"), r"invalid variant: 'foo'.*full, diagonal"),
-        (dict(momentum=-0.1), r"invalid momentum: -0\.1"),
-        (dict(weight_decay=-1.0), r"invalid weight_decay: -1\.0"),
+        (dict(lr=-1.0), r"lr must .*, got -1\.0$"),
+        (dict(small_batch=32, large_batch=32), r"small_batch must be .* large_batch=32, got 32"),
+        (dict(small_batch=64, large_batch=32), r"small_batch must be .* large_batch=32, got 64"),
+        (dict(small_batch=0), r"small_batch must .*, got 0$"),
+        (dict(small_batch=True), r"small_batch must .*, got True$"),
+        (dict(large_batch=2.5), r"large_batch must .*, got 2\.5$"),
+        (dict(variant="foo"), r"variant must be one of full, diagonal, got 'foo'$"),
+        (dict(momentum=-0.1), r"momentum must .*, got -0\.1$"),
+        (dict(weight_decay=-1.0), r"weight_decay must .*, got -1\.0$"),
     ],
 )
 def test_covariance_invalid_hyperparameters(kwargs, match):
@@ -461,7 +461,7 @@ def test_covariance_invalid_hyperparameters(kwargs, match):
 
 
 def test_covariance_invalid_group_override():
-    with pytest.raises(ValueError, match=r"invalid variant: 'bar'"):
+    with pytest.raises(ValueError, match=r"variant must .*, got 'bar'$"):
         CovarianceNoiseSGD([{"params": one_param(), "variant": "bar"}], lr=0.1, small_batch=4,
                            large_batch=16)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rejects
 from torch import nn
 
 from sgn_lab.optim.symmetric import SymmetricNoiseSGD
@@ -379,10 +379,10 @@ def test_state_dict_round_trip_continues_bit_identically_including_draws():
 def test_invalid_hyperparameters_name_the_value(kwargs, name, value):
     p = nn.Parameter(torch.zeros(2))
     args = {"lr": 0.1, **kwargs}
-    with pytest.raises(ValueError, match=re.escape(f"invalid {name}: {value}")):
+    with pytest.raises(ValueError, match=rejects(name, str(value))):
         SymmetricNoiseSGD([p], **args)
     # A group that overrides the hyperparameter is checked too.
-    with pytest.raises(ValueError, match=re.escape(f"invalid {name}: {value}")):
+    with pytest.raises(ValueError, match=rejects(name, str(value))):
         SymmetricNoiseSGD([{"params": [p], **kwargs}], lr=0.1)
 
 

@@ -326,3 +326,82 @@ def test_noise_stats_from_a_gram_matrix_equals_from_gradients():
         noise_stats(gram=G @ G.T)
     with pytest.raises(ValueError, match=r"square .*\(30, 200\)"):
         noise_stats(gram=G, dim=200)
+
+
+def leave_one_out(G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """|G|² and B_simple recomputed from scratch on each of the n leave-one-out samples."""
+    signal, scale = [], []
+    for k in range(len(G)):
+        rest = np.delete(G, k, axis=0)
+        trace = np.var(rest, axis=0, ddof=1).sum()
+        g2 = rest.mean(0) @ rest.mean(0) - trace / len(rest)
+        signal.append(g2)
+        scale.append(trace / g2)
+    return np.array(signal), np.array(scale)
+
+
+def jackknife_se(values: np.ndarray) -> float:
+    n = len(values)
+    return math.sqrt((n - 1) / n * ((values - values.mean()) ** 2).sum())
+
+
+@pytest.mark.parametrize("n,d", [(12, 5), (40, 300)])
+def test_jackknife_errors_match_an_explicit_leave_one_out_loop(n, d):
+    rng = np.random.default_rng(n)
+    G = rng.standard_normal((n, d)) + 0.8
+    signal, scale = leave_one_out(G)
+    stats = noise_stats(torch.from_numpy(G), shape=False)
+    assert stats.grad_sq_norm_se == pytest.approx(jackknife_se(signal), rel=1e-9)
+    assert stats.noise_scale_se == pytest.approx(jackknife_se(scale), rel=1e-9)
+    fast = noise_stats(gram=torch.from_numpy(G @ G.T), dim=d)
+    assert fast.grad_sq_norm_se == pytest.approx(stats.grad_sq_norm_se, rel=1e-9)
+    assert fast.noise_scale_se == pytest.approx(stats.noise_scale_se, rel=1e-9)
+
+
+def test_jackknife_error_matches_the_spread_over_independent_draws():
+    # R independent probes of the same distribution: the standard deviation of B_simple across
+    # them is what the jackknife estimates from one probe. The Monte Carlo standard deviation
+    # has relative error ≈ 1/sqrt(2(R-1)); allow four of those.
+    rng = np.random.default_rng(3)
+    n, d, R = 200, 20, 300
+    mu, scales = np.full(d, 0.3), np.linspace(0.5, 2.0, d)
+    draws = [noise_stats(torch.from_numpy(mu + scales * rng.standard_normal((n, d))),
+                         shape=False) for _ in range(R)]
+    tolerance = 4 / math.sqrt(2 * (R - 1))
+    for value, error in (("noise_scale", "noise_scale_se"), ("grad_sq_norm", "grad_sq_norm_se")):
+        spread = np.std([getattr(s, value) for s in draws], ddof=1)
+        estimate = np.mean([getattr(s, error) for s in draws])
+        assert abs(estimate / spread - 1) < tolerance, (value, estimate, spread)
+
+
+def test_a_non_positive_grad_norm_estimate_gives_nan_not_a_negative_noise_scale():
+    # Zero-mean noise: the unbiased |G|² estimate is negative about half the time.
+    rng = np.random.default_rng(0)
+    seen = False
+    for _ in range(20):
+        G = torch.from_numpy(rng.standard_normal((16, 10)))
+        s = noise_stats(G, batch_size=4, shape=False)
+        if s.grad_sq_norm <= 0:
+            seen = True
+            assert math.isnan(s.noise_scale) and math.isnan(s.noise_scale_se)
+            assert math.isnan(s.noise_to_signal)
+            assert s.grad_sq_norm_se > 0  # the estimate and its error stay reported
+        else:
+            assert s.noise_scale > 0
+    assert seen
+
+
+def test_noise_scale_error_is_infinite_when_a_leave_one_out_signal_is_not_positive():
+    # A weak mean: the full-sample |G|² is positive, but without one of the samples it is not.
+    # The ratio is then undetermined and its error is reported as infinite.
+    G = np.random.default_rng(1).standard_normal((10, 4)) + 0.3
+    signal, _ = leave_one_out(G)
+    assert (signal <= 0).any()
+    s = noise_stats(torch.from_numpy(G), shape=False)
+    assert s.grad_sq_norm > 0 and s.noise_scale > 0
+    assert s.noise_scale_se == math.inf
+
+
+def test_jackknife_needs_three_samples():
+    s = noise_stats(torch.tensor([[1.0, 2.0], [2.0, 1.5]], dtype=torch.float64), shape=False)
+    assert math.isnan(s.grad_sq_norm_se) and math.isnan(s.noise_scale_se)
