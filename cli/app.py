@@ -25,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain text: "[task]" is a TOML table, not markup
 )
 console = Console()
 # soft_wrap: an error stays one line however long, so scripts can grep it.
@@ -64,7 +65,7 @@ def run_options(*, skip: tuple[str, ...] = ()) -> Callable[[Callable], Callable]
     """
 
     def add(command: Callable) -> Callable:
-        signature = inspect.signature(command)
+        signature = inspect.signature(command, eval_str=True)
         params = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
         for flat, (section, key) in FIELDS.items():
             if flat in skip:

@@ -21,10 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from sgn_lab.models import MODELS
 from sgn_lab.optim import METHODS, SETTINGS
+from sgn_lab.optim.injection import COVARIANCE_VARIANTS
+from sgn_lab.run.instruments import INSTRUMENTS
+from sgn_lab.run.rundir import STATUS_KEYS
 
 GRADS_PATHS = ("auto", "vmap", "gram")
 DEVICES = ("auto", "cpu", "cuda")
-INSTRUMENT_NAMES = ("sgn", "tails", "curvature", "updates", "eval")
 DEFAULT_INSTRUMENTS = ("sgn", "tails", "updates", "eval")
 
 
@@ -56,7 +58,7 @@ class OptimizerSection(_Section):
 
     method: str = Field("pnm", description=f"Method: {', '.join(METHODS)}.")
     lr: float = Field(0.1, gt=0, description="Learning rate η.")
-    momentum: float | None = Field(None, ge=0, description="Heavy-ball momentum.")
+    momentum: float | None = Field(None, ge=0, lt=1, description="Heavy-ball momentum.")
     beta0: float | None = Field(None, ge=0, description="PNM/AdaPNM β0 (positive-negative "
                                 "weight).")
     beta1: float | None = Field(None, ge=0, lt=1, description="β1 of PNM/AdaPNM/Adam.")
@@ -67,7 +69,7 @@ class OptimizerSection(_Section):
         "at every measurement (default: off).")
     small_batch: int | None = Field(None, ge=1, description="Covariance noise: emulated small "
                                     "batch B_S (the training batch is B_L; default B/8).")
-    variant: Literal["full", "diagonal"] | None = Field(None, description="Covariance noise: "
+    variant: Literal[COVARIANCE_VARIANTS] | None = Field(None, description="Covariance noise: "
                                                          "full or diagonal.")
     noise: float | None = Field(None, gt=0, description="S-SGD weight-noise scale.")
     beta_max: float | None = Field(None, ge=0, lt=1, description="Adaptive heavy ball: largest "
@@ -97,7 +99,7 @@ class TrainingSection(_Section):
     steps: int = Field(1000, ge=0, description="Training steps.")
     epochs: float | None = Field(None, gt=0, description="Training epochs (overrides --steps).")
     seed: int = Field(0, ge=0, description="Seed of data split, model, order and draws.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto, cpu or cuda.")
+    device: Literal[DEVICES] = Field("auto", description="auto, cpu or cuda.")
 
 
 class ProbeSection(_Section):
@@ -108,10 +110,10 @@ class ProbeSection(_Section):
                               "(default: one fixed probe set).")
     instruments: tuple[str, ...] = Field(
         DEFAULT_INSTRUMENTS, description="Instruments to run, comma-separated: "
-        f"{', '.join(INSTRUMENT_NAMES)}.")
+        f"{', '.join(INSTRUMENTS)}.")
     update_repeats: int = Field(32, ge=2, description="Minibatch draws R of the updates "
                                 "instrument (per-step update noise).")
-    grads: Literal["auto", "vmap", "gram"] = Field(
+    grads: Literal[GRADS_PATHS] = Field(
         "auto", description="Per-sample gradients: auto (the Gram path, checked against vmap "
         "at the first measurement; vmap with the curvature instrument), vmap (materialised) "
         "or gram (unchecked).")
@@ -120,10 +122,10 @@ class ProbeSection(_Section):
 
     @model_validator(mode="after")
     def _known(self) -> ProbeSection:
-        unknown = [i for i in self.instruments if i not in INSTRUMENT_NAMES]
+        unknown = [i for i in self.instruments if i not in INSTRUMENTS]
         if unknown:
             raise ValueError(f"unknown instrument {unknown[0]!r}; choose from "
-                             f"{', '.join(INSTRUMENT_NAMES)}")
+                             f"{', '.join(INSTRUMENTS)}")
         if self.grads == "gram" and "curvature" in self.instruments:
             raise ValueError("the curvature instrument needs per-sample gradients: grads "
                              "'vmap' or 'auto'")
@@ -282,4 +284,4 @@ def read_file(path: str | Path) -> dict[str, Any]:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot parse config file {path}: {exc}") from None
-    return {k: v for k, v in data.items() if k not in ("complete", "run", "sgn_lab_version")}
+    return {k: v for k, v in data.items() if k not in STATUS_KEYS}

@@ -24,6 +24,20 @@ def test_help_lists_measure():
     assert "measure" in result.output
 
 
+@pytest.mark.parametrize("command", ["measure", "compare"])
+def test_every_option_has_its_help_text_as_written(command):
+    from sgn_lab.run.config import FIELDS, help_text
+
+    result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "[task], [model], [optimizer], [training], [probe], [output]" in text
+    assert "Continue the interrupted run in --out" in text
+    for flat in ("lr", "beta0", "instruments", "probe_samples"):
+        assert " ".join(help_text(flat).split()) in text, flat
+    assert len(FIELDS) > 20
+
+
 def test_short_measure_run_prints_real_numbers(tmp_path, monkeypatch, capsys):
     code, out, _ = run_main(
         monkeypatch, capsys, "measure", "--task", "gaussian-mixture", "--steps", "4",
