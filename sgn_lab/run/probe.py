@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from sgn_lab import checks
 from sgn_lab.grads import GramCoverage
 from sgn_lab.run.config import GRADS_PATHS
 from sgn_lab.run.instruments import INSTRUMENTS, Instrument, Measurement
@@ -118,18 +119,16 @@ class NoiseProbe:
         seed: int = 0,
     ) -> None:
         n_train = len(x_train)
-        if every < 1:
-            raise ValueError(f"every must be a positive integer, got {every}")
-        if samples < 2:
-            raise ValueError(f"samples must be at least 2, got {samples}")
+        checks.integer("every", every, 1)
+        checks.integer("samples", samples, 2)
         if len(y_train) != n_train:
             raise ValueError(f"x_train has {n_train} samples but y_train has {len(y_train)}")
-        if batch_size is not None and not 1 <= batch_size <= n_train:
-            raise ValueError(f"batch_size must lie in [1, {n_train}], got {batch_size}")
-        if update_repeats == 1 or update_repeats < 0:
-            raise ValueError(f"update_repeats must be 0 (off) or >= 2, got {update_repeats}")
-        if grads not in GRADS_PATHS:
-            raise ValueError(f"unknown grads {grads!r}; choose one of {', '.join(GRADS_PATHS)}")
+        if batch_size is not None and checks.integer("batch_size", batch_size, 1) > n_train:
+            raise ValueError(f"batch_size must be at most the {n_train} training samples, got "
+                             f"{batch_size}")
+        if update_repeats != 0:  # 0: off
+            checks.integer("update_repeats", update_repeats, 2)
+        checks.choice("grads", grads, GRADS_PATHS)
         self.instruments = _schedule(instruments, curvature, update_repeats)
         names = [i.name for i in self.instruments]
         if "updates" in names and (optimizer is None or batch_size is None

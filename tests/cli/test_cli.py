@@ -117,3 +117,12 @@ def test_figures_bad_arguments_are_named(tmp_path, monkeypatch, capsys, args, me
     code, _, err = run_main(monkeypatch, capsys, "figures", *args, "--out", str(tmp_path))
     assert code == 2 and message in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_figures_finds_its_configs_from_any_working_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no experiments/ folder here
+    code, out, err = run_main(monkeypatch, capsys, "figures", "--quick", "--only", "batch",
+                              "--out", "figs")
+    assert code == 0, err
+    assert (tmp_path / "figs" / "batch.csv").is_file()
+    assert (tmp_path / "figs" / "batch.pdf").is_file()
