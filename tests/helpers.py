@@ -12,6 +12,7 @@ import copy
 import re
 from collections.abc import Callable, Iterator
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -81,3 +82,26 @@ def rejects(name: str, shown: str) -> str:
     """The pattern of :mod:`sgn_lab.checks`'s message for argument ``name``, whose value the
     message shows as ``shown`` (its repr)."""
     return rf"{re.escape(name)} must .*, got {re.escape(shown)}$"
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the ``sgn-lab`` entry point with ``args``: (exit code, stdout, stderr)."""
+    import sys
+
+    from sgn_lab.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["sgn-lab", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+CPU_AND_CUDA = [
+    "cpu",
+    pytest.param("cuda", marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    ]),
+]
+"""Device parameters: CUDA runs where a GPU is present and is skipped, with a reason, elsewhere."""

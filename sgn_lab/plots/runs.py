@@ -162,22 +162,8 @@ def plot_metrics(
                     data = data[positive]
                 else:
                     notes.append("no positive values: linear axis")
-            sns.lineplot(
-                data=data,
-                x=x,
-                y=col,
-                hue=hue,
-                hue_order=hue_order,
-                palette=palette,
-                style=style,
-                style_order=style_order,
-                dashes=dashes if dashes is not None else True,
-                estimator="mean",
-                errorbar=_ERRORBAR,
-                legend=False,
-                linewidth=1.4,
-                ax=ax,
-            )
+            _lines(ax, data, x, col, hue=hue, hue_order=hue_order, palette=palette,
+                   style=style, style_order=style_order, dashes=dashes)
             if col == "effective_rank":
                 reference_drawn |= _draw_metric_reference(
                     ax, metrics, x, "isotropic_effective_rank", log=ax.get_yscale() == "log"
@@ -304,22 +290,8 @@ def plot_spectra(
             if curve.empty:
                 _note(ax, "no SGN spectrum at these steps", center=True)
             else:
-                sns.lineplot(
-                    data=curve,
-                    x="k",
-                    y="eigenvalue",
-                    hue=hue,
-                    hue_order=hue_order,
-                    palette=palette,
-                    style=style,
-                    style_order=style_order,
-                    dashes=dashes if dashes is not None else True,
-                    estimator="mean",
-                    errorbar=_ERRORBAR,
-                    legend=False,
-                    linewidth=1.4,
-                    ax=ax,
-                )
+                _lines(ax, curve, "k", "eigenvalue", hue=hue, hue_order=hue_order,
+                       palette=palette, style=style, style_order=style_order, dashes=dashes)
             reference = part[part["kind"] == "isotropic"]
             group_cols = [c for c in ("method", "step") if c in reference.columns]
             for key, ref in reference.groupby(group_cols, sort=True):
@@ -512,3 +484,13 @@ def _draw_standard_errors(ax: Axes, metrics: pd.DataFrame, x: str, col: str, hue
                 value - error)
             ax.fill_between(_numeric(part[x])[ok], low[ok], (value + error)[ok],
                             color=palette.get(level, REFERENCE_COLOR), alpha=0.18, linewidth=0)
+
+
+def _lines(ax: Axes, data: pd.DataFrame, x: str, y: str, *, hue: str, hue_order: list[str],
+           palette: Any, style: str | None, style_order: list[Any] | None,
+           dashes: Any) -> None:
+    """One line per hue (and style) level: the mean over seeds, ± one sd as a band."""
+    sns.lineplot(data=data, x=x, y=y, hue=hue, hue_order=hue_order, palette=palette,
+                 style=style, style_order=style_order,
+                 dashes=dashes if dashes is not None else True, estimator="mean",
+                 errorbar=_ERRORBAR, legend=False, linewidth=1.4, ax=ax)

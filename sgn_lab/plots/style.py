@@ -36,19 +36,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from sgn_lab.atomic import atomic_write
+from sgn_lab.optim import METHODS as OPTIMIZERS
 
-#: The methods of :mod:`sgn_lab.optim`, in the order legends list them.
-METHODS: tuple[str, ...] = (
-    "sgd",
-    "momentum",
-    "adam",
-    "gaussian",
-    "covariance",
-    "symmetric",
-    "pnm",
-    "adapnm",
-    "adaptive-hb",
-)
+#: The methods of :mod:`sgn_lab.optim` (its registry), in the order legends list them.
+METHODS: tuple[str, ...] = tuple(OPTIMIZERS)
 
 #: Fixed colour of each method (matplotlib's tab10 without its grey), the same in every figure.
 METHOD_COLORS: dict[str, str] = {

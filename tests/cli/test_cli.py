@@ -1,21 +1,13 @@
 """The `sgn-lab` command: a short real run, and bad input ending in one line and exit 2."""
 
-import sys
 
 import pytest
+from helpers import run_main
 from typer.testing import CliRunner
 
-from sgn_lab.cli.app import app, main
+from sgn_lab.cli.app import app
 
 runner = CliRunner()
-
-
-def run_main(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["sgn-lab", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_help_lists_measure():

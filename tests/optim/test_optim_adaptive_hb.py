@@ -8,23 +8,14 @@ import math
 
 import pytest
 import torch
-from helpers import rejects
+from helpers import CPU_AND_CUDA, rejects
 from torch import nn
 
 from sgn_lab.optim.adaptive_hb import AdaptiveHeavyBall
 
 F64 = torch.float64
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        ],
-    ),
-]
+DEVICES = CPU_AND_CUDA
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

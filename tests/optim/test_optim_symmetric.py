@@ -9,23 +9,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rejects
+from helpers import CPU_AND_CUDA, rejects
 from torch import nn
 
 from sgn_lab.optim.symmetric import SymmetricNoiseSGD
 
 F64 = torch.float64
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        ],
-    ),
-]
+DEVICES = CPU_AND_CUDA
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

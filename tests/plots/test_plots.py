@@ -21,6 +21,7 @@ from matplotlib.colors import is_color_like, to_hex
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
+import sgn_lab.optim
 from sgn_lab.plots import (
     DEFAULT_COLUMNS,
     LOG_METRICS,
@@ -39,17 +40,7 @@ from sgn_lab.plots import runs as plots
 from sgn_lab.stats.curvature import CurvatureStats
 from sgn_lab.stats.noise import NoiseStats
 
-ALL_METHODS = (
-    "sgd",
-    "momentum",
-    "adam",
-    "gaussian",
-    "covariance",
-    "symmetric",
-    "pnm",
-    "adapnm",
-    "adaptive-hb",
-)
+ALL_METHODS = tuple(sgn_lab.optim.METHODS)  # the registry: each one needs a colour
 STEPS = (0, 100, 200, 300, 400)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

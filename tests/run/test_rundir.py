@@ -4,13 +4,12 @@ corrupt files, resume rules, and one line with exit code 2 from every command.""
 import os
 import signal
 import stat
-import sys
 
 import pandas as pd
 import pytest
 from filelock import FileLock
+from helpers import run_main
 
-from sgn_lab.cli.app import main
 from sgn_lab.run.config import parse
 from sgn_lab.run.loop import run_measurement, run_series
 from sgn_lab.run.rundir import (
@@ -27,14 +26,6 @@ SMALL = {"task": "gaussian-mixture", "width": 8, "depth": 1, "steps": 6, "measur
 FLAGS = ["--task", "gaussian-mixture", "--width", "8", "--depth", "1", "--steps", "6",
          "--measure-every", "3", "--probe-samples", "12", "--batch-size", "8", "--device", "cpu",
          "--update-repeats", "3"]
-
-
-def run_main(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["sgn-lab", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def one_line_exit_2(code, out, err, *fragments):

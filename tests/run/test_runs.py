@@ -1,17 +1,17 @@
 """Measurement runs: the CLI end to end, run directories, resume, NoiseProbe, update noise."""
 
 import math
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import run_main
 from torch import nn
 from typer.testing import CliRunner
 
 import sgn_lab
-from sgn_lab.cli.app import app, main
+from sgn_lab.cli.app import app
 from sgn_lab.grads import flatten_grads, per_sample_grads
 from sgn_lab.optim import PNM, pnm_noise_factor
 from sgn_lab.run import NoiseProbe, update_noise
@@ -31,14 +31,6 @@ def small_config(**overrides) -> RunConfig:
     base = dict(task="gaussian-mixture", model="mlp", width=16, depth=1, steps=30,
                 measure_every=10, probe_samples=24, batch_size=16, device="cpu", method="pnm")
     return parse({**base, **overrides})
-
-
-def run_main(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["sgn-lab", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_measure_end_to_end_writes_documented_files_and_columns(tmp_path):
