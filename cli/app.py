@@ -83,23 +83,31 @@ def run_options(*, skip: tuple[str, ...] = ()) -> Callable[[Callable], Callable]
 
 
 def _option_type(annotation: Any) -> type:
-    """The CLI type of a config field: its type without None; Literal and tuples as str."""
+    """The CLI type of a config field: its type without None; Literal, tuples and dicts as
+    str (``a,b`` and ``k=v,k=v``)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return _option_type(args[0])
-    if typing.get_origin(annotation) in (typing.Literal, tuple):
+    if typing.get_origin(annotation) in (typing.Literal, tuple, dict):
         return str
     return annotation
 
 
 def _config(config_file: Path | None, flags: dict[str, Any]):
     """Defaults ← a TOML config file ← the flags given (None: not given), validated once."""
+    from sgn_lab.checks import parse_options
     from sgn_lab.run.config import parse, read_file
 
     data = read_file(config_file) if config_file is not None else {}
     given = {k: v for k, v in flags.items() if v is not None}
-    if isinstance(given.get("instruments"), str):
-        given["instruments"] = [i.strip() for i in given["instruments"].split(",") if i.strip()]
+    for flat, value in given.items():
+        kind = typing.get_origin(SECTIONS[FIELDS[flat][0]].model_fields[FIELDS[flat][1]]
+                                 .annotation)
+        if kind is tuple and isinstance(value, str):
+            given[flat] = [item.strip() for item in value.split(",") if item.strip()]
+        elif kind is dict and isinstance(value, str):
+            given[flat] = (parse_options(value, where=f"--{flat.replace('_', '-')}")
+                           if value else {})
     return parse({**data, **given})
 
 
@@ -238,6 +246,8 @@ def compare(
 
 def _method_spec(item: str) -> dict[str, Any]:
     """'pnm:beta0=2:lr=0.05' -> {'method': 'pnm', 'beta0': 2.0, 'lr': 0.05}."""
+    from sgn_lab.checks import parse_value
+
     method, *pairs = [part.strip() for part in item.strip().split(":")]
     spec: dict[str, Any] = {"method": method}
     for pair in pairs:
@@ -246,17 +256,8 @@ def _method_spec(item: str) -> dict[str, Any]:
             raise ValueError(f"--methods: {pair!r} in {item!r} is not key=value")
         if key not in FIELDS or FIELDS[key][0] != "optimizer" or key == "method":
             raise ValueError(f"--methods: {key!r} in {item!r} is no hyperparameter of a method")
-        spec[key] = _number(value)
+        spec[key] = parse_value(value)
     return spec
-
-
-def _number(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            continue
-    return text
 
 
 @app.command()

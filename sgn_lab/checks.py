@@ -116,3 +116,29 @@ def symmetric(name: str, value: Any, dim: int | None = None, *, psd: bool = Fals
                 f"{name} must be positive semi-definite, got a smallest eigenvalue of {low:.6g}"
             )
     return A
+
+
+def parse_options(text: str, *, where: str) -> dict[str, Any]:
+    """``"dim=50,condition=1e3"`` -> ``{"dim": 50, "condition": 1000.0}`` (:func:`parse_value`
+    for each value); ``where`` names the text in messages (``"task 'linreg:dim=5'"``)."""
+    options: dict[str, Any] = {}
+    for item in text.split(","):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not key or not value:
+            raise ValueError(f"bad option {item!r} in {where}; write key=value,key=value")
+        if key in options:
+            raise ValueError(f"option {key!r} given twice in {where}")
+        options[key] = parse_value(value)
+    return options
+
+
+def parse_value(text: str) -> Any:
+    """A value written as text: ``true``/``false``, an int, a float, or else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

@@ -3,6 +3,8 @@
 ``tasks``  the task strings (``mnist1d``, ``linreg:dim=50``, ``npz:PATH``, ...), load_task and
            the built-in tasks
 ``files``  user data: ``npz:PATH`` and ``cifar10:FOLDER``
+``language``  language tasks: ``text:PATH`` and the synthetic ``markov`` language; one sample
+           is one window of T tokens
 ``split``  the seeded train/test split and the Task it makes
 """
 
@@ -13,6 +15,7 @@ from sgn_lab.data.files import (
     load_cifar10,
     load_npz,
 )
+from sgn_lab.data.language import TOKEN_KINDS, load_text, markov_entropy_rate, markov_stationary
 from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task
 from sgn_lab.data.tasks import FILE_TASKS, TASKS, load_task
 
@@ -23,8 +26,12 @@ __all__ = [
     "DEFAULT_TEST_FRACTION",
     "FILE_TASKS",
     "TASKS",
+    "TOKEN_KINDS",
     "Task",
     "load_cifar10",
     "load_npz",
     "load_task",
+    "load_text",
+    "markov_entropy_rate",
+    "markov_stationary",
 ]

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from sgn_lab.checks import integer
+from sgn_lab.models.losses import LossFn, loss_for
 
 DEFAULT_TEST_FRACTION = 0.25
 
@@ -19,17 +20,25 @@ DEFAULT_TEST_FRACTION = 0.25
 class Task:
     """A supervised data set, split into train and test.
 
+    A sample is one row of ``x_*`` with the same row of ``y_*``. For a language task
+    (:attr:`is_sequence`) a sample is one *window*: T input tokens and the T next tokens as its
+    targets; its loss is the mean of its T per-token cross entropies, and a batch's loss is the
+    mean over its windows. Training, per-sample gradients, the Gram path and evaluation all use
+    this definition, so a per-sample gradient of a language task is one window's gradient.
+
     Attributes
     ----------
     name
         The task string it was loaded from (``"linreg"``, ``"npz:/data/x.npz"``, ...).
     x_train, x_test
-        float32 inputs of shape (n_train, *input_shape) and (n_test, *input_shape).
+        float32 inputs of shape (n_train, *input_shape) and (n_test, *input_shape); for a
+        language task, int64 token ids of shape (n, T).
     y_train, y_test
         int64 labels in ``[0, num_classes)`` of shape (n,) for classification; float32 values
-        of shape (n,) for regression.
+        of shape (n,) for regression; for a language task, int64 next-token ids (n, T), row i
+        being the input window x_i shifted by one token.
     num_classes
-        Number of classes; 0 for regression.
+        Number of classes; 0 for regression. For a language task, the vocabulary size.
     info
         Facts about how the data were made, for theory and bookkeeping; keys depend on the
         task (empty by default):
@@ -47,6 +56,16 @@ class Task:
         - ``npz``: ``"path"``, ``"split"`` (``"file"`` or ``"seeded"``).
         - ``cifar10``: ``"folder"``, ``"classes"`` (label names), ``"standardize"``, and
           ``"mean"``, ``"std"`` (per channel, in [0, 1] units, of the 50 000 training images).
+        - ``markov``: ``"transition"`` P (V, V) and ``"stationary"`` π (V,), float64;
+          ``"entropy_rate"`` −Σ_i π_i Σ_j P_ij log P_ij in nats per token, the floor of the
+          expected test loss of any model; ``"vocab_size"`` V; ``"context"`` T;
+          ``"concentration"`` (the Dirichlet α of P's rows).
+        - ``text``: ``"path"``, ``"tokens"`` (``"byte"`` or ``"char"``), ``"context"`` T,
+          ``"vocab"`` (the characters, sorted by code point, for ``"char"``; None for bytes),
+          ``"vocab_size"``.
+    loss
+        The task's mean-reduced loss ``loss(outputs, targets)``; None: the default for its
+        targets (:attr:`loss_fn`).
     """
 
     name: str
@@ -56,6 +75,20 @@ class Task:
     y_test: Tensor
     num_classes: int
     info: dict[str, Any] = field(default_factory=dict)
+    loss: LossFn | None = None
+
+    @property
+    def is_sequence(self) -> bool:
+        """True when every target is a sequence of tokens, (n, T): a language task."""
+        return self.y_train.dim() == 2 and not self.y_train.is_floating_point()
+
+    @property
+    def loss_fn(self) -> LossFn:
+        """``loss``, else cross entropy (classification), next-token cross entropy (token
+        sequences) or ½ MSE (regression); see :mod:`sgn_lab.models.losses`."""
+        if self.loss is not None:
+            return self.loss
+        return loss_for(self.num_classes, sequence=self.is_sequence)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

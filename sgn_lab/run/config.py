@@ -19,10 +19,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sgn_lab.data import TASKS
 from sgn_lab.models import MODELS
+from sgn_lab.models.hf import TRANSFORMERS
 from sgn_lab.optim import METHODS, SETTINGS
 from sgn_lab.optim.injection import COVARIANCE_VARIANTS
+from sgn_lab.run.build import model_kind
 from sgn_lab.run.instruments import INSTRUMENTS
+from sgn_lab.run.recorder import LOGS
 from sgn_lab.run.rundir import STATUS_KEYS
 
 GRADS_PATHS = ("auto", "vmap", "gram")
@@ -35,21 +39,33 @@ class _Section(BaseModel):
 
 
 class TaskSection(_Section):
-    name: str = Field("mnist1d", description="Task: mnist1d, digits, gaussian-mixture, linreg, "
-                      "teacher-student (options as linreg:dim=50), npz:FILE, cifar10:DIR.")
+    name: str = Field("mnist1d", description=f"Task: {', '.join(TASKS)} (options as "
+                      "linreg:dim=50), npz:FILE, text:FILE, cifar10:DIR, or your own "
+                      "pkg.module:callable.")
     n_train: int | None = Field(None, ge=2, description="Subsample the training set to this "
                                 "many samples.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword options of the task (its callable's, or a "
+        "built-in's such as context for text:FILE); on the command line k=v,k=v.")
 
 
 class ModelSection(_Section):
-    name: str = Field("mlp", description=f"Model: {', '.join(MODELS)}.")
-    width: int = Field(128, ge=1, description="Hidden width (channels for CNNs).")
-    depth: int = Field(2, ge=1, description="Hidden layers / blocks.")
+    name: str = Field("mlp", description=f"Model: {', '.join(MODELS + TRANSFORMERS)} (with "
+                      "random weights), hf:DIR (saved with save_pretrained), or your own "
+                      "pkg.module:callable.")
+    width: int = Field(128, ge=1, description="Hidden width (channels for CNNs, hidden size "
+                       "of transformers).")
+    depth: int = Field(2, ge=1, description="Hidden layers / blocks / transformer layers.")
+    heads: int = Field(4, ge=1, description="Attention heads of gpt2, bert, vit.")
+    context: int | None = Field(None, ge=1, description="Positions of gpt2, bert (default: "
+                                "the task's sequence length).")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword options of the model (its callable's, or "
+        "e.g. activation, dropout, patch_size); on the command line k=v,k=v.")
 
     @model_validator(mode="after")
     def _known(self) -> ModelSection:
-        if self.name not in MODELS:
-            raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(MODELS)}")
+        model_kind(self.name)
         return self
 
 
@@ -135,6 +151,9 @@ class ProbeSection(_Section):
 class OutputSection(_Section):
     name: str | None = Field(None, description="Run name (default: the method, the "
                              "hyperparameters that differ from its defaults, and the seed).")
+    log: tuple[Literal[LOGS], ...] = Field((), description="Live views besides the tables, "
+                                           f"comma-separated: {', '.join(LOGS)} (event files "
+                                           "in RUN/tensorboard).")
 
 
 HYPERPARAMETERS = tuple(name for name in OptimizerSection.model_fields
@@ -203,21 +222,23 @@ SECTIONS: dict[str, type[_Section]] = {
     name: field.annotation for name, field in RunConfig.model_fields.items()
 }
 # Flat name -> (section, key): a section's key by its own name, but a section's "name" by the
-# section's (task, model), the optimizer's method as "method", and the output's as "name".
+# section's (task, model), its "options" as task_options, model_options, the optimizer's
+# method as "method", and the output's name as "name".
 FIELDS: dict[str, tuple[str, str]] = {}
 for _section, _model in SECTIONS.items():
     for _key in _model.model_fields:
-        _flat = _section if _key == "name" and _section in ("task", "model") else _key
-        FIELDS[_flat] = (_section, _key)
+        _flat = {"name": _section, "options": f"{_section}_options"}.get(_key, _key)
+        FIELDS[_flat if _section in ("task", "model") else _key] = (_section, _key)
 
 
 def help_text(flat: str) -> str:
     section, key = FIELDS[flat]
     field = SECTIONS[section].model_fields[key]
     default = field.default
+    if field.default_factory is not None or default in (None, ()):
+        return str(field.description)
     shown = ",".join(default) if isinstance(default, tuple) else default
-    return f"{field.description} (default: {shown})" if default is not None else str(
-        field.description)
+    return f"{field.description} (default: {shown})"
 
 
 def parse(data: dict[str, Any]) -> RunConfig:
@@ -238,8 +259,9 @@ def parse(data: dict[str, Any]) -> RunConfig:
             unknown.append(key)
     if unknown:
         raise ValueError(f"unknown config key(s): {', '.join(sorted(unknown))}")
-    if isinstance(nested.get("probe", {}).get("instruments"), list):
-        nested["probe"]["instruments"] = tuple(nested["probe"]["instruments"])
+    for section, key in (("probe", "instruments"), ("output", "log")):
+        if isinstance(nested.get(section, {}).get(key), list):
+            nested[section][key] = tuple(nested[section][key])
     try:
         return RunConfig(**nested)
     except ValidationError as exc:

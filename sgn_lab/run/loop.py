@@ -16,28 +16,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
-from sgn_lab.data import load_task
-from sgn_lab.models import build_model, loss_for
 from sgn_lab.optim import build_optimizer, optimizer_kwargs, train_step
+from sgn_lab.run.build import build_run_model, build_task
 from sgn_lab.run.config import RunConfig, differences, parse
 from sgn_lab.run.probe import NoiseProbe
+from sgn_lab.run.recorder import RunRecorder
 from sgn_lab.run.rundir import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
-    COVERAGE_FILE,
-    METRICS_FILE,
-    SPECTRA_FILE,
     load_checkpoint,
-    load_run,
     locked,
     read_config,
     save_checkpoint,
     without_status,
-    write_json,
-    write_table,
 )
 from sgn_lab.seeds import Purpose, seed_for
 
@@ -156,7 +149,7 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
            notify: Notify | None) -> None:
     training, probe_cfg, opt = config.training, config.probe, config.optimizer
     device = resolve_device(training.device)
-    task = load_task(config.task.name, seed=training.seed, n_train=config.task.n_train)
+    task = build_task(config)
     n_train = len(task.x_train)
     if training.batch_size > n_train:
         raise ValueError(f"batch_size={training.batch_size} exceeds the {n_train} training "
@@ -166,9 +159,8 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
              else round(training.epochs * steps_per_epoch))
 
     torch.manual_seed(training.seed)
-    model = build_model(config.model.name, task.input_shape, task.num_classes or 1,
-                        width=config.model.width, depth=config.model.depth).to(device)
-    loss_fn = loss_for(task.num_classes)
+    model = build_run_model(config, task).to(device)
+    loss_fn = task.loss_fn
     kwargs = optimizer_kwargs(opt.method, opt.lr, opt.settings(),
                               batch_size=training.batch_size,
                               seed=seed_for(training.seed, 0, Purpose.OPTIMIZER))
@@ -184,7 +176,6 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
     )
     data_gen = torch.Generator().manual_seed(seed_for(training.seed, 0, Purpose.DATA_ORDER))
     order, position, start = torch.randperm(n_train, generator=data_gen), 0, 0
-    metrics, spectra = pd.DataFrame(), pd.DataFrame()
 
     checkpoint_path = out / CHECKPOINT_FILE
     resumed_at = None
@@ -198,53 +189,43 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         resumed_at = start
-        # Rows after the checkpoint (written before a kill) are measured again.
-        run = load_run(out)
-        if not run.metrics.empty:
-            metrics = run.metrics[run.metrics["step"] <= start].reset_index(drop=True)
-        if not run.spectra.empty:
-            spectra = run.spectra[run.spectra["step"] <= start].reset_index(drop=True)
     from sgn_lab import __version__
 
     status = {**config.to_dict(), "run": config.run_name, "sgn_lab_version": __version__}
-    write_json(out / CONFIG_FILE, {**status, "complete": False})
-
-    identity = identity_columns(config)
-    for step in range(start, total + 1):
-        if (probe.due(step) or step == total) and step != resumed_at:
-            result = probe.measure(step, epoch=step / steps_per_epoch)
-            if probe.coverage is not None and not (out / COVERAGE_FILE).is_file():
-                write_table(out / COVERAGE_FILE, probe.coverage.to_frame())
-                if notify is not None:
-                    notify(probe.coverage.summary())
-            if opt.sigma_trace_factor is not None and result.noise is not None:
-                # Isotropic noise of the SGN's magnitude: σ² = c·tr(S)/d, re-matched at every
-                # measurement (σ lives in the optimizer state, so a resume keeps it).
-                optimizer.set_sigma_from_trace(opt.sigma_trace_factor * result.noise.trace)
-            row = pd.DataFrame([{**identity, **result.row}])
-            metrics = row if metrics.empty else pd.concat([metrics, row], ignore_index=True)
-            tidy = result.spectra.assign(**{k: identity[k] for k in ("run", "label", "method",
-                                                                     "seed")})
-            tidy = tidy[["run", "label", "method", "seed", "step", "kind", "k", "eigenvalue"]]
-            spectra = tidy if spectra.empty else pd.concat([spectra, tidy], ignore_index=True)
-            write_table(out / METRICS_FILE, metrics)
-            write_table(out / SPECTRA_FILE, spectra)
-            _save(checkpoint_path, model, optimizer, data_gen, order, position, step, device)
-        if step == total:
-            break
-        if position + training.batch_size > n_train:
-            order, position = torch.randperm(n_train, generator=data_gen), 0
-        idx = order[position : position + training.batch_size]
-        position += training.batch_size
-        loss = train_step(opt.method, optimizer, model, loss_fn, task.x_train[idx].to(device),
-                          task.y_train[idx].to(device))
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"training diverged: loss {loss} at step {step} (method {opt.method}, "
-                f"lr {opt.lr}); lower the learning rate")
-        if progress is not None:
-            progress(step + 1, total)
-    write_json(out / CONFIG_FILE, {**status, "complete": True})
+    recorder = RunRecorder(out, config=status, identity=identity_columns(config),
+                           resume_from=resumed_at, log=config.output.log, notify=notify)
+    try:
+        for step in range(start, total + 1):
+            if (probe.due(step) or step == total) and step != resumed_at:
+                result = probe.measure(step, epoch=step / steps_per_epoch)
+                if opt.sigma_trace_factor is not None and result.noise is not None:
+                    # Isotropic noise of the SGN's magnitude: σ² = c·tr(S)/d, re-matched at
+                    # every measurement (σ lives in the optimizer state: a resume keeps it).
+                    optimizer.set_sigma_from_trace(opt.sigma_trace_factor * result.noise.trace)
+                coverage = probe.coverage
+                recorder.record(result, coverage=None if coverage is None
+                                else coverage.to_frame(),
+                                coverage_summary=None if coverage is None else coverage.summary())
+                _save(checkpoint_path, model, optimizer, data_gen, order, position, step,
+                      device)
+            if step == total:
+                break
+            if position + training.batch_size > n_train:
+                order, position = torch.randperm(n_train, generator=data_gen), 0
+            idx = order[position : position + training.batch_size]
+            position += training.batch_size
+            loss = train_step(opt.method, optimizer, model, loss_fn,
+                              task.x_train[idx].to(device), task.y_train[idx].to(device))
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"training diverged: loss {loss} at step {step} (method {opt.method}, "
+                    f"lr {opt.lr}); lower the learning rate")
+            if progress is not None:
+                progress(step + 1, total)
+    except BaseException:
+        recorder.close()
+        raise
+    recorder.finish()
 
 
 def _save(path, model, optimizer, data_gen, order, position, step, device) -> None:

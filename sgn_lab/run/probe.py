@@ -187,12 +187,16 @@ class NoiseProbe:
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor) -> tuple[float, float]:
-        """Mean loss and accuracy (NaN for regression) in eval mode, in chunks."""
+        """Mean loss and accuracy (NaN for regression) in eval mode, in chunks.
+
+        Accuracy is over every predicted target: per sample for classification, per token for
+        token sequences (targets (n, T), logits (n, T, V))."""
         device = next(self.model.parameters()).device
-        was_training = self.model.training
+        # Each module's own flag: a frozen submodule kept in eval mode stays there.
+        modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
-            total_loss, correct = 0.0, 0
+            total_loss, correct, predicted = 0.0, 0, 0
             for start in range(0, len(x), self.eval_batch):
                 xb = x[start : start + self.eval_batch].to(device)
                 yb = y[start : start + self.eval_batch].to(device)
@@ -200,9 +204,11 @@ class NoiseProbe:
                 total_loss += float(self.loss_fn(out, yb)) * len(xb)
                 if not yb.is_floating_point():
                     correct += int((out.argmax(dim=-1) == yb).sum())
+                    predicted += yb.numel()
         finally:
-            self.model.train(was_training)
-        accuracy = correct / len(x) if not y.is_floating_point() else math.nan
+            for module, training in modes:
+                module.training = training
+        accuracy = correct / predicted if predicted else math.nan
         return total_loss / len(x), accuracy
 
     def _draw_probe(self, step: int) -> Tensor:

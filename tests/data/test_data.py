@@ -35,6 +35,7 @@ EXPECTED = {
     "linreg": (1500, 500, (20,), 0),
     "teacher-student": (1500, 500, (20,), 0),
     "mnist1d": (4000, 1000, (40,), 10),
+    "markov": (1500, 500, (32,), 16),  # windows of 32 tokens over a vocabulary of 16
 }
 # Small versions for the seed tests (mnist1d takes ~1 s at its full size).
 SMALL = {
@@ -43,6 +44,7 @@ SMALL = {
     "linreg": "linreg:n=200",
     "teacher-student": "teacher-student:n=200",
     "mnist1d": "mnist1d:num_samples=200",
+    "markov": "markov:n=200",
 }
 FIELDS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -104,6 +106,11 @@ def test_built_in_task_shapes_and_dtypes(name, mnist1d_run):
     assert task.input_shape == shape
     assert task.num_classes == classes
     assert task.is_classification == (classes > 0)
+    if task.is_sequence:  # token ids in, the next tokens out
+        assert task.x_train.dtype == task.y_train.dtype == torch.long
+        assert task.y_train.shape == (n_train, *shape) and task.y_test.shape == (n_test, *shape)
+        assert torch.equal(task.x_train[:, 1:], task.y_train[:, :-1])
+        return
     assert task.x_train.dtype == task.x_test.dtype == torch.float32
     assert torch.isfinite(task.x_train).all() and torch.isfinite(task.x_test).all()
     assert task.y_train.shape == (n_train,) and task.y_test.shape == (n_test,)

@@ -1,4 +1,4 @@
-"""Built-in models and the loss that goes with a task.
+"""The built-in models: linear, MLP, CNN and ResNet, for any input shape.
 
 Every model is a plain ``nn.Module`` whose forward is a fixed composition of layers: no
 in-place operations, no ``.item()``, no branches on data values and no BatchNorm. That keeps
@@ -11,10 +11,9 @@ initialised by PyTorch's defaults from the global generator, so ``torch.manual_s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from sgn_lab import checks
 
@@ -172,19 +171,6 @@ class _GlobalMeanPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.flatten(2).mean(dim=2)
-
-
-def half_mse(outputs: Tensor, targets: Tensor) -> Tensor:
-    """½ mean squared error, so that the SGN of linear regression has its textbook form.
-
-    ``outputs`` (n, 1) or (n,) and ``targets`` (n,) give ``mean_i ½(f(x_i) - y_i)²``.
-    """
-    return 0.5 * (outputs.reshape(targets.shape) - targets).pow(2).mean()
-
-
-def loss_for(num_classes: int) -> Callable[[Tensor, Tensor], Tensor]:
-    """Cross entropy for classification (num_classes > 0), ½ MSE for regression."""
-    return F.cross_entropy if num_classes > 0 else half_mse
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:

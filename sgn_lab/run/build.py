@@ -1,0 +1,130 @@
+"""The task and the model of a run, from its config: built-in, Hugging Face, or the user's.
+
+``task.name``
+    a built-in task string (``mnist1d``, ``markov``, ``linreg:dim=50``, ``npz:PATH``,
+    ``text:PATH``, ...; :func:`sgn_lab.data.load_task`) or ``pkg.module:callable``
+    (:mod:`sgn_lab.user`); ``task.options`` are its keyword options.
+``model.name``
+    a built-in model (:data:`sgn_lab.models.MODELS`), a transformer built from a Hugging Face
+    config (``gpt2``, ``bert``, ``vit``), ``hf:PATH`` (a model saved in a local folder), or
+    ``pkg.module:callable``; ``model.options`` are its keyword options.
+
+:func:`check_fits` then runs the model on two training samples and the task's loss on its
+output, so that a model that does not fit the task stops the run at once with one line.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from sgn_lab.data import FILE_TASKS, TASKS, Task, load_task
+from sgn_lab.models import MODELS, build_model
+from sgn_lab.models.hf import TRANSFORMERS, build_transformer, load_pretrained
+from sgn_lab.user import _first_line, is_reference, user_model, user_task
+
+if TYPE_CHECKING:
+    from sgn_lab.run.config import RunConfig
+
+HF_PREFIX = "hf:"
+
+
+def model_kind(name: str) -> str:
+    """``builtin``, ``transformer``, ``pretrained`` or ``user``; ValueError for anything else."""
+    if name in MODELS:
+        return "builtin"
+    if name in TRANSFORMERS:
+        return "transformer"
+    if name.startswith(HF_PREFIX):
+        if not name[len(HF_PREFIX):]:
+            raise ValueError(f"model {name!r} needs a folder: write hf:PATH")
+        return "pretrained"
+    if is_reference(name):
+        return "user"
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS + TRANSFORMERS)}"
+                     ", hf:PATH or pkg.module:callable")
+
+
+def is_user_task(name: str) -> bool:
+    """Whether a task string names user code rather than a built-in or file task."""
+    kind = name.partition(":")[0]
+    return kind not in TASKS and kind not in FILE_TASKS and is_reference(name)
+
+
+def build_task(config: RunConfig) -> Task:
+    """The run's task, seeded with its training seed."""
+    task, seed = config.task, config.training.seed
+    if is_user_task(task.name):
+        return user_task(task.name, seed=seed, options=task.options, n_train=task.n_train)
+    return load_task(task.name, seed=seed, n_train=task.n_train, **task.options)
+
+
+def build_run_model(config: RunConfig, task: Task) -> nn.Module:
+    """The run's model for ``task``, on the CPU, checked to fit it (:func:`check_fits`)."""
+    spec = config.model
+    kind = model_kind(spec.name)
+    if kind == "builtin":
+        if task.is_sequence:
+            raise ValueError(f"model {spec.name!r} takes one target per sample; task "
+                             f"{task.name!r} has token sequences: use gpt2 or bert")
+        _check_options(build_model, spec.name, spec.options, given=("width", "depth"))
+        model = build_model(spec.name, task.input_shape, task.num_classes or 1,
+                            width=spec.width, depth=spec.depth, **spec.options)
+    elif kind == "transformer":
+        _check_options(build_transformer, spec.name, spec.options,
+                       given=("width", "depth", "heads", "context"))
+        model = build_transformer(spec.name, task, width=spec.width, depth=spec.depth,
+                                  heads=spec.heads, context=spec.context, **spec.options)
+    elif kind == "pretrained":
+        if spec.options:  # the saved config is the model: nothing to set
+            raise ValueError(f"model {spec.name!r} is loaded as saved; it takes no options, "
+                             f"got {', '.join(sorted(spec.options))}")
+        model = load_pretrained(spec.name[len(HF_PREFIX):], task)
+    else:
+        model = user_model(spec.name, task, options=spec.options)
+    check_fits(model, task, name=spec.name)
+    return model
+
+
+def _check_options(builder: Callable[..., Any], name: str, options: dict[str, Any], *,
+                   given: tuple[str, ...]) -> None:
+    """The options of a built-in model are its builder's keyword-only parameters, less those
+    the config sets itself (width, depth, ...)."""
+    takes = [p.name for p in inspect.signature(builder).parameters.values()
+             if p.kind is p.KEYWORD_ONLY and p.name not in given]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise ValueError(f"model {name!r} takes no option(s) {', '.join(unknown)}; its options "
+                         f"are {', '.join(takes)} (and {', '.join(given)} as keys of their "
+                         "own)")
+
+
+def check_fits(model: nn.Module, task: Task, *, name: str) -> None:
+    """Run ``model`` on two training samples and the task's loss on its output.
+
+    Without gradients, in eval mode and with torch's random state restored afterwards, so the
+    check changes nothing (no dropout draw, no BatchNorm statistics). Any error, or a loss
+    that is not one finite number, is one ValueError naming the model and the task.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            loss = task.loss_fn(model(task.x_train[:2]), task.y_train[:2])
+    except Exception as exc:  # noqa: BLE001 - the user's model or loss: one line
+        raise ValueError(f"model {name!r} does not fit task {task.name!r}: "
+                         f"{_first_line(exc)}") from None
+    finally:
+        for module, training in modes:
+            module.training = training
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shown = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"the loss of task {task.name!r} on model {name!r} gives {shown}, "
+                         "not one number: it must be mean-reduced over the samples")
+    if not torch.isfinite(loss).all():
+        raise ValueError(f"the loss of task {task.name!r} on model {name!r} is {float(loss)} "
+                         "before training")

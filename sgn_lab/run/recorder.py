@@ -1,0 +1,147 @@
+"""RunRecorder: a run directory written measurement by measurement.
+
+The one writer of ``metrics.csv``, ``spectra.csv``, ``coverage.csv`` and the status in
+``config.json``, shared by the training loop of ``sgn-lab measure`` and the trainer callbacks
+(:mod:`sgn_lab.integrations`), so that every run directory has the same files and columns and
+:func:`sgn_lab.load_run` reads them all. After each measurement both tables are rewritten
+atomically; rows after a resumed step (written before a kill) are dropped, to be measured
+again. ``log=("tensorboard",)`` mirrors each measurement to TensorBoard event files in
+``out/tensorboard``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from sgn_lab.run.rundir import (
+    CONFIG_FILE,
+    COVERAGE_FILE,
+    METRICS_FILE,
+    SPECTRA_FILE,
+    load_run,
+    locked,
+    write_json,
+    write_table,
+)
+
+if TYPE_CHECKING:
+    from sgn_lab.run.probe import ProbeResult
+
+LOGS = ("tensorboard",)
+"""Live views a run can write besides its tables."""
+
+TENSORBOARD_DIR = "tensorboard"
+# The identity columns copied onto every spectrum row, so that spectra of many runs concatenate.
+SPECTRUM_IDENTITY = ("run", "label", "method", "seed")
+SPECTRUM_COLUMNS = (*SPECTRUM_IDENTITY, "step", "kind", "k", "eigenvalue")
+
+
+class RunRecorder:
+    """Write measurements into the run directory ``out``.
+
+    Parameters
+    ----------
+    out
+        The run directory (created if missing).
+    config
+        What ``config.json`` holds besides the status: the run's resolved configuration.
+    identity
+        Columns put first on every metrics row (at least ``run``, ``label``, ``method`` and
+        ``seed``, which the spectra carry too).
+    resume_from
+        The step of the checkpoint a run resumes from: rows measured after it are dropped.
+        None: a new run (existing tables are replaced).
+    log
+        Live views (:data:`LOGS`): ``"tensorboard"`` writes event files to
+        ``out/tensorboard``.
+    notify
+        Called once with the Gram path's coverage report when it is first written.
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        config: Mapping[str, Any],
+        identity: Mapping[str, Any],
+        resume_from: int | None = None,
+        log: Sequence[str] = (),
+        notify: Any = None,
+    ) -> None:
+        missing = [k for k in SPECTRUM_IDENTITY if k not in identity]
+        if missing:
+            raise ValueError(f"identity lacks the column(s) {', '.join(missing)}")
+        unknown = [name for name in log if name not in LOGS]
+        if unknown:
+            raise ValueError(f"unknown log {unknown[0]!r}; choose from {', '.join(LOGS)}")
+        self.out = Path(out)
+        self.status = dict(config)
+        self.identity = dict(identity)
+        self.notify = notify
+        self.metrics, self.spectra = pd.DataFrame(), pd.DataFrame()
+        if resume_from is not None:
+            run = load_run(self.out)
+            if not run.metrics.empty:
+                kept = run.metrics["step"] <= resume_from
+                self.metrics = run.metrics[kept].reset_index(drop=True)
+            if not run.spectra.empty:
+                kept = run.spectra["step"] <= resume_from
+                self.spectra = run.spectra[kept].reset_index(drop=True)
+        self._tensorboard = None
+        if "tensorboard" in log:
+            from sgn_lab.run.tensorboard import TensorBoardLog
+
+            self._tensorboard = TensorBoardLog(self.out / TENSORBOARD_DIR,
+                                               resume_from=resume_from)
+        write_json(self.out / CONFIG_FILE, {**self.status, "complete": False})
+
+    def record(self, result: ProbeResult, *, coverage: pd.DataFrame | None = None,
+               coverage_summary: str | None = None) -> None:
+        """Add one measurement and rewrite the tables (and coverage.csv, once)."""
+        if coverage is not None and not (self.out / COVERAGE_FILE).is_file():
+            write_table(self.out / COVERAGE_FILE, coverage)
+            if self.notify is not None and coverage_summary is not None:
+                self.notify(coverage_summary)
+        # The identity is the run's (e.g. the training batch size): a measured column of the
+        # same name never overwrites it.
+        measured = {k: v for k, v in result.row.items() if k not in self.identity}
+        row = pd.DataFrame([{**self.identity, **measured}])
+        self.metrics = row if self.metrics.empty else pd.concat([self.metrics, row],
+                                                                ignore_index=True)
+        tidy = result.spectra.assign(**{k: self.identity[k] for k in SPECTRUM_IDENTITY})
+        tidy = tidy[list(SPECTRUM_COLUMNS)]
+        self.spectra = tidy if self.spectra.empty else pd.concat([self.spectra, tidy],
+                                                                 ignore_index=True)
+        write_table(self.out / METRICS_FILE, self.metrics)
+        write_table(self.out / SPECTRA_FILE, self.spectra)
+        if self._tensorboard is not None:
+            self._tensorboard.write(result)
+
+    def finish(self, *, complete: bool = True) -> None:
+        """Mark the run complete (or not) in ``config.json`` and close the live views."""
+        write_json(self.out / CONFIG_FILE, {**self.status, "complete": complete})
+        self.close()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+@contextlib.contextmanager
+def recording(out: str | Path, **kwargs: Any) -> Iterator[RunRecorder]:
+    """A :class:`RunRecorder` on ``out`` under the run directory's lock; the run is marked
+    complete when the block ends without an error."""
+    with locked(out):
+        recorder = RunRecorder(out, **kwargs)
+        try:
+            yield recorder
+        except BaseException:
+            recorder.close()
+            raise
+        recorder.finish()

@@ -1,0 +1,77 @@
+"""TensorBoard event files of a run: each measurement's scalars and spectra, as it is taken.
+
+Scalars carry the metrics columns' own names (``trace``, ``noise_scale``, ``noise_scale_se``,
+``effective_rank``, ...), so a tag in TensorBoard is a column of ``metrics.csv``. Each spectrum
+kind (``sgn``, ``isotropic``, ``update``) is written twice at every measurement: as a
+histogram of log10 of its positive eigenvalues (tag ``spectrum/<kind>``), and as a figure of
+the eigenvalues against their rank on log axes (tag ``spectrum/<kind>/figure``). A resumed run
+purges events after its checkpoint, as the tables drop their rows.
+
+Needs the ``tensorboard`` package (extra ``tensorboard``).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from sgn_lab.run.probe import ProbeResult
+
+# Row entries that index a measurement rather than measure something.
+NOT_SCALARS = ("step", "epoch", "grads")
+
+
+class TensorBoardLog:
+    """Write :class:`~sgn_lab.run.probe.ProbeResult` s to event files in ``folder``."""
+
+    def __init__(self, folder: str | Path, *, resume_from: int | None = None) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--log tensorboard needs the tensorboard package: pip install "
+                             "'sgn-lab[tensorboard]'") from None
+        purge = None if resume_from is None else resume_from + 1
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge)
+
+    def write(self, result: ProbeResult) -> None:
+        step = int(result.step)
+        for key, value in result.row.items():
+            if key in NOT_SCALARS or isinstance(value, bool) or not isinstance(value, Real):
+                continue
+            self.writer.add_scalar(key, float(value), step)
+        if not result.spectra.empty:
+            for kind, rows in result.spectra.groupby("kind", sort=False):
+                self._spectrum(str(kind), rows["eigenvalue"].to_numpy(dtype=float), step)
+        self.writer.flush()
+
+    def _spectrum(self, kind: str, eigenvalues: np.ndarray, step: int) -> None:
+        positive = eigenvalues[eigenvalues > 0]
+        if positive.size == 0:
+            return
+        self.writer.add_histogram(f"spectrum/{kind}", np.log10(positive), step)
+        self.writer.add_figure(f"spectrum/{kind}/figure", _spectrum_figure(kind, positive),
+                               step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _spectrum_figure(kind: str, eigenvalues: np.ndarray):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4, 3), dpi=80)
+    axes = figure.subplots()
+    ranks = np.arange(1, eigenvalues.size + 1)
+    axes.loglog(ranks, np.sort(eigenvalues)[::-1], marker=".", linewidth=1)
+    axes.set_xlabel("rank k")
+    axes.set_ylabel("eigenvalue λ_k")
+    axes.set_title(f"{kind} spectrum")
+    if not math.isfinite(float(eigenvalues.max())):
+        axes.set_yscale("linear")
+    figure.tight_layout()
+    return figure
