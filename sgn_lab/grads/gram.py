@@ -285,6 +285,8 @@ def _chunked(model, loss_fn, xs, targets, params, with_mean, chunk, verify):
             if mean is not None and result.mean is not None:
                 mean += result.mean
             first = first or (result.coverage, blocks)
+            # Released before the next pass: its mean alone is d float64 numbers.
+            del result
     coverage, blocks = first
     if mean is not None:
         mean /= n
