@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, _assemble, _subset_size
+from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, _assemble, subset
 
 _REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 TASK_KEYS = ("train", "test", "loss", "num_classes")
@@ -132,10 +132,12 @@ def user_task(reference: str, *, seed: int, options: Mapping[str, Any],
     function = import_callable(reference, what="task")
     made = call(function, reference, what="task", options=options, offered={"seed": seed})
     rng = np.random.default_rng(seed)
+    own_test = isinstance(made, Task) or (isinstance(made, Mapping)
+                                          and made.get("test") is not None)
+    if own_test and test_fraction is not None:
+        raise ValueError(f"task {reference!r} returns its own test set; test_fraction "
+                         f"{test_fraction!r} does not apply")
     if isinstance(made, Task):
-        if test_fraction is not None:
-            raise ValueError(f"task {reference!r} returns its own test set; test_fraction "
-                             f"{test_fraction!r} does not apply")
         return _subsampled(made, rng, n_train=n_train, n_test=n_test)
     if not isinstance(made, Mapping):
         raise ValueError(f"task {reference!r} returned a {type(made).__name__}; return a "
@@ -152,9 +154,6 @@ def user_task(reference: str, *, seed: int, options: Mapping[str, Any],
         raise ValueError(f"task {reference!r}: loss is a {type(loss).__name__}, not a callable")
     if test is None and test_fraction is None:
         test_fraction = DEFAULT_TEST_FRACTION
-    elif test is not None and test_fraction is not None:
-        raise ValueError(f"task {reference!r} returns its own test set; test_fraction "
-                         f"{test_fraction!r} does not apply")
     task = _assemble(reference, x, y, classes, {"reference": reference}, rng=rng,
                      test_fraction=test_fraction, n_train=n_train, n_test=n_test,
                      x_test=None if test is None else test[0],
@@ -213,17 +212,11 @@ def _num_classes(given: Any, y: np.ndarray, test: tuple | None, reference: str) 
 
 def _subsampled(task: Task, rng: np.random.Generator, *, n_train: int | None,
                 n_test: int | None) -> Task:
-    x_train, y_train, x_test, y_test = task.x_train, task.y_train, task.x_test, task.y_test
-    if n_train is not None:
-        _subset_size("n_train", n_train, len(x_train))
-        keep = torch.as_tensor(rng.permutation(len(x_train))[:n_train])
-        x_train, y_train = x_train[keep], y_train[keep]
-    if n_test is not None:
-        _subset_size("n_test", n_test, len(x_test))
-        keep = torch.as_tensor(rng.permutation(len(x_test))[:n_test])
-        x_test, y_test = x_test[keep], y_test[keep]
-    return Task(task.name, x_train, y_train, x_test, y_test, task.num_classes, task.info,
-                loss=task.loss)
+    train = torch.as_tensor(subset(np.arange(len(task.x_train)), n_train, name="n_train",
+                                   rng=rng))
+    test = torch.as_tensor(subset(np.arange(len(task.x_test)), n_test, name="n_test", rng=rng))
+    return Task(task.name, task.x_train[train], task.y_train[train], task.x_test[test],
+                task.y_test[test], task.num_classes, task.info, loss=task.loss)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -202,3 +202,14 @@ def test_token_sequences_get_the_next_token_loss(user_dir):
     '''))
     task = user_task("lm:make", seed=0, options={})
     assert task.is_sequence and task.loss_fn is token_cross_entropy
+
+
+def test_load_task_takes_a_reference_like_a_task_string(user_dir):
+    from sgn_lab.data import load_task
+
+    direct = user_task("mytasks:pairs", seed=3, options={"n": 40}, n_train=9)
+    loaded = load_task("mytasks:pairs", seed=3, n=40, n_train=9)
+    for field in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(direct, field), getattr(loaded, field))
+    with pytest.raises(ValueError, match="returns its own test set"):
+        load_task("mytasks:regression", seed=0, test_fraction=0.5)

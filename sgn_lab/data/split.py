@@ -134,13 +134,8 @@ def _assemble(
         x_test, y_test = x, y
     else:
         train, test = np.arange(len(x)), np.arange(len(x_test))
-    # Subsets of a fixed permutation: for one seed, a smaller n_train is a subset of a larger.
-    if n_train is not None:
-        _subset_size("n_train", n_train, len(train))
-        train = train[rng.permutation(len(train))[:n_train]]
-    if n_test is not None:
-        _subset_size("n_test", n_test, len(test))
-        test = test[rng.permutation(len(test))[:n_test]]
+    train = subset(train, n_train, name="n_train", rng=rng)
+    test = subset(test, n_test, name="n_test", rng=rng)
     y_dtype = torch.long if classes else torch.float32
     return Task(
         name=name,
@@ -153,7 +148,15 @@ def _assemble(
     )
 
 
-def _subset_size(name: str, value: int, available: int) -> None:
-    integer(name, value, 1)
-    if value > available:
-        raise ValueError(f"{name}={value!r} exceeds the {available} samples available")
+def subset(indices: np.ndarray, size: int | None, *, name: str,
+           rng: np.random.Generator) -> np.ndarray:
+    """A seeded random ``size`` of ``indices`` (all of them, and no draw, for None).
+
+    The first ``size`` of one permutation: for one seed, a smaller subset is part of a larger.
+    """
+    if size is None:
+        return indices
+    integer(name, size, 1)
+    if size > len(indices):
+        raise ValueError(f"{name}={size!r} exceeds the {len(indices)} samples available")
+    return indices[rng.permutation(len(indices))[:size]]

@@ -16,6 +16,7 @@ Every task is addressed by one string, so that a CLI flag such as ``--task`` can
                                    (see :func:`load_text`)
 ``cifar10:FOLDER``                 the CIFAR-10 python batches in a local folder
                                    (see :func:`load_cifar10`)
+``pkg.module:callable``            your own task, options as keywords (see :mod:`sgn_lab.user`)
 =================================  ==========================================================
 
 Nothing is downloaded and nothing is written to disk. All randomness (data, splits,
@@ -50,6 +51,7 @@ from sgn_lab.checks import boolean, fraction, integer, number, parse_options, se
 from sgn_lab.data.files import load_cifar10, load_npz
 from sgn_lab.data.language import _markov, _token_tensor, load_text
 from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, _assemble, _float32
+from sgn_lab.user import is_reference, user_task
 
 TASKS = ("digits", "gaussian-mixture", "linreg", "markov", "mnist1d", "teacher-student")
 """Names of the built-in tasks."""
@@ -89,7 +91,9 @@ def load_task(
         ``NAME:key=value,key=value`` (values are read as int, float, ``true``/``false``, or
         else kept as text); or ``npz:PATH`` (:func:`load_npz`); or ``cifar10:FOLDER``
         (:func:`load_cifar10`); or ``text:PATH`` (:func:`load_text`). A path may contain ``:``
-        and ``,``, so the options of these file tasks are given only as keywords.
+        and ``,``, so the options of these file tasks are given only as keywords. Or a
+        reference ``pkg.module:callable`` to a task of one's own (:func:`sgn_lab.user.
+        user_task`; its options as keywords).
     seed
         Seeds every random draw: the data of the generated tasks, the train/test split and the
         subsampling.
@@ -169,6 +173,9 @@ def load_task(
                 f"cifar10 has a fixed test set; test_fraction={test_fraction!r} does not apply"
             )
         return load_cifar10(arg, seed=seed, n_train=n_train, n_test=n_test, **options)
+    if kind not in TASKS and is_reference(name):  # the user's pkg.module:callable
+        return user_task(name, seed=seed, options=options, test_fraction=test_fraction,
+                         n_train=n_train, n_test=n_test)
     if kind not in TASKS:
         # Kept short: the CLI prints it on one line of an 80-column terminal.
         raise ValueError(f"unknown task {name!r}; see sgn_lab.data.TASKS, npz:, text:, cifar10:")

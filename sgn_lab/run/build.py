@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from sgn_lab.data import FILE_TASKS, TASKS, Task, load_task
+from sgn_lab.data import Task, load_task
 from sgn_lab.models import MODELS, build_model
 from sgn_lab.models.hf import TRANSFORMERS, build_transformer, load_pretrained
-from sgn_lab.user import _first_line, is_reference, user_model, user_task
+from sgn_lab.user import _first_line, is_reference, user_model
 
 if TYPE_CHECKING:
     from sgn_lab.run.config import RunConfig
@@ -49,18 +49,11 @@ def model_kind(name: str) -> str:
                      ", hf:PATH or pkg.module:callable")
 
 
-def is_user_task(name: str) -> bool:
-    """Whether a task string names user code rather than a built-in or file task."""
-    kind = name.partition(":")[0]
-    return kind not in TASKS and kind not in FILE_TASKS and is_reference(name)
-
-
 def build_task(config: RunConfig) -> Task:
     """The run's task, seeded with its training seed."""
-    task, seed = config.task, config.training.seed
-    if is_user_task(task.name):
-        return user_task(task.name, seed=seed, options=task.options, n_train=task.n_train)
-    return load_task(task.name, seed=seed, n_train=task.n_train, **task.options)
+    task = config.task
+    return load_task(task.name, seed=config.training.seed, n_train=task.n_train,
+                     **task.options)
 
 
 def build_run_model(config: RunConfig, task: Task) -> nn.Module:

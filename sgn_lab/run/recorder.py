@@ -11,8 +11,7 @@ again. ``log=("tensorboard",)`` mirrors each measurement to TensorBoard event fi
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,6 @@ from sgn_lab.run.rundir import (
     METRICS_FILE,
     SPECTRA_FILE,
     load_run,
-    locked,
     write_json,
     write_table,
 )
@@ -132,16 +130,3 @@ class RunRecorder:
             self._tensorboard.close()
             self._tensorboard = None
 
-
-@contextlib.contextmanager
-def recording(out: str | Path, **kwargs: Any) -> Iterator[RunRecorder]:
-    """A :class:`RunRecorder` on ``out`` under the run directory's lock; the run is marked
-    complete when the block ends without an error."""
-    with locked(out):
-        recorder = RunRecorder(out, **kwargs)
-        try:
-            yield recorder
-        except BaseException:
-            recorder.close()
-            raise
-        recorder.finish()
