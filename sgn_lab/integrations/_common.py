@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from sgn_lab import checks
+from sgn_lab.models.modes import restored_modes
 from sgn_lab.run.config import GRADS_PATHS
 from sgn_lab.run.instruments import INSTRUMENTS, Instrument
 from sgn_lab.run.probe import LossFn, NoiseProbe, ProbeResult
@@ -334,12 +335,11 @@ def minibatch_columns(row: Mapping[str, Any], batch_size: int | None,
 def isolated(model: nn.Module, *, train_mode: bool | None = None) -> Iterator[nn.Module]:
     """The model as the probe measures it (float32, autocast off, grad on, ``train_mode``),
     with the random state, ``.grad`` references and train/eval flags restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     grads = [p.grad for p in params]
     device = params[0].device if params else torch.device("cpu")
     try:
-        with preserved_rng(), contextlib.ExitStack() as stack:
+        with restored_modes(model), preserved_rng(), contextlib.ExitStack() as stack:
             for kind in {"cpu", device.type}:  # the trainer's autocast region must not leak in
                 stack.enter_context(torch.autocast(kind, enabled=False))
             stack.enter_context(torch.enable_grad())
@@ -348,8 +348,6 @@ def isolated(model: nn.Module, *, train_mode: bool | None = None) -> Iterator[nn
                 model.train(train_mode)
             yield float32(model)
     finally:
-        for module, training in modes:
-            module.training = training
         for p, g in zip(params, grads, strict=True):
             if p.grad is not g:
                 p.grad = g

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from sgn_lab import checks
+from sgn_lab.models.modes import restored_modes
 
 if TYPE_CHECKING:  # sgn_lab.data imports sgn_lab.models: no import at run time
     from sgn_lab.data import Task
@@ -324,17 +325,13 @@ def _probe(model: Logits, task: Task, kind: str, where: str) -> None:
     causality (changing the last token changes no earlier logit). In eval mode, without
     gradients and with torch's random state restored, so nothing changes."""
     x = task.x_train[:2]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            logits = model(x)
-            if kind == "language":
-                changed = x.clone()
-                changed[:, -1] = (x[:, -1] + 1) % task.num_classes
-                later = model(changed)
-    finally:
-        model.train(was_training)
+    with restored_modes(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        model.eval()
+        logits = model(x)
+        if kind == "language":
+            changed = x.clone()
+            changed[:, -1] = (x[:, -1] + 1) % task.num_classes
+            later = model(changed)
     if kind == "language":
         fits = logits.dim() == 3 and logits.shape[:2] == x.shape
         expected = f"({len(x)}, {x.shape[1]}, V)"

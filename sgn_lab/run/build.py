@@ -25,6 +25,7 @@ from torch import nn
 from sgn_lab.data import Task, load_task
 from sgn_lab.models import MODELS, build_model
 from sgn_lab.models.hf import TRANSFORMERS, build_transformer, load_pretrained
+from sgn_lab.models.modes import restored_modes
 from sgn_lab.user import _first_line, is_reference, user_model
 
 if TYPE_CHECKING:
@@ -103,17 +104,13 @@ def check_fits(model: nn.Module, task: Task, *, name: str) -> None:
     check changes nothing (no dropout draw, no BatchNorm statistics). Any error, or a loss
     that is not one finite number, is one ValueError naming the model and the task.
     """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with restored_modes(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.eval()
             loss = task.loss_fn(model(task.x_train[:2]), task.y_train[:2])
     except Exception as exc:  # noqa: BLE001 - the user's model or loss: one line
         raise ValueError(f"model {name!r} does not fit task {task.name!r}: "
                          f"{_first_line(exc)}") from None
-    finally:
-        for module, training in modes:
-            module.training = training
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shown = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f"the loss of task {task.name!r} on model {name!r} gives {shown}, "

@@ -14,6 +14,7 @@ so ``config.json`` and ``metrics.csv`` hold every value the run used.
 from __future__ import annotations
 
 import math
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -259,9 +260,12 @@ def parse(data: dict[str, Any]) -> RunConfig:
             unknown.append(key)
     if unknown:
         raise ValueError(f"unknown config key(s): {', '.join(sorted(unknown))}")
-    for section, key in (("probe", "instruments"), ("output", "log")):
-        if isinstance(nested.get(section, {}).get(key), list):
-            nested[section][key] = tuple(nested[section][key])
+    for section, values in nested.items():  # TOML and JSON give lists where tuples are kept
+        for key, value in values.items():
+            field = SECTIONS[section].model_fields.get(key)  # unknown: pydantic names it
+            if (field is not None and isinstance(value, list)
+                    and typing.get_origin(field.annotation) is tuple):
+                values[key] = tuple(value)
     try:
         return RunConfig(**nested)
     except ValidationError as exc:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from sgn_lab import checks
 from sgn_lab.grads import GramCoverage
+from sgn_lab.models.modes import restored_modes
 from sgn_lab.run.config import GRADS_PATHS
 from sgn_lab.run.instruments import INSTRUMENTS, Instrument, Measurement
 from sgn_lab.seeds import Purpose, derive, seed_for
@@ -192,10 +193,8 @@ class NoiseProbe:
         Accuracy is over every predicted target: per sample for classification, per token for
         token sequences (targets (n, T), logits (n, T, V))."""
         device = next(self.model.parameters()).device
-        # Each module's own flag: a frozen submodule kept in eval mode stays there.
-        modes = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
-        try:
+        with restored_modes(self.model):
+            self.model.eval()
             total_loss, correct, predicted = 0.0, 0, 0
             for start in range(0, len(x), self.eval_batch):
                 xb = x[start : start + self.eval_batch].to(device)
@@ -205,9 +204,6 @@ class NoiseProbe:
                 if not yb.is_floating_point():
                     correct += int((out.argmax(dim=-1) == yb).sum())
                     predicted += yb.numel()
-        finally:
-            for module, training in modes:
-                module.training = training
         accuracy = correct / predicted if predicted else math.nan
         return total_loss / len(x), accuracy
 
