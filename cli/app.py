@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import signal
 import sys
 import types
@@ -18,6 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sgn_lab.distributed.launch import WorkerError
 from sgn_lab.run.config import FIELDS, SECTIONS, help_text
 
 app = typer.Typer(
@@ -169,27 +171,49 @@ def measure(
     resume: ResumeOpt = False,
     **flags: Any,
 ) -> None:
-    """Train a model on a task with one method and measure its SGN as training goes."""
-    from sgn_lab.run.loop import plan, run_measurement
+    """Train a model on a task with one method and measure its SGN as training goes.
+
+    With --nproc N, or under torchrun, the training is data-parallel (DDP) and the probe set
+    is split over the processes; every number is the one-process number (README: "Several
+    processes and GPUs").
+    """
+    from sgn_lab.distributed.launch import init_from_env, launch, world_size_from_env
+    from sgn_lab.run.loop import plan, resolve_device
     from sgn_lab.run.rundir import load_run, writable_dir
 
-    plain = resume and config is None and all(v is None for v in flags.values())
+    world = world_size_from_env()  # > 1: this is one of torchrun's processes
+    if world > 1:
+        if flags.get("nproc") not in (None, world):
+            raise ValueError(f"--nproc {flags['nproc']} under torchrun, which started {world} "
+                             "processes: drop --nproc")
+        flags["nproc"] = world
+    plain = resume and config is None and all(v is None for k, v in flags.items()
+                                              if k != "nproc")
     asked = None if plain else _config(config, flags)
     if out is None:
         if asked is None:
             raise ValueError("--resume alone continues the run in --out: give --out")
         out = Path("runs") / asked.run_name
-    writable_dir(out)
-    run_config = plan(asked, out, resume=resume)
+    ranks = init_from_env() if world > 1 else None
+
+    def prepare():  # on rank 0 alone under torchrun
+        writable_dir(out)
+        return plan(asked, out, resume=resume)
+
+    run_config = ranks.decided(prepare) if ranks else prepare()
+    nproc = run_config.training.nproc
     console.print(
         f"[bold]sgn-lab measure[/bold] {escape(run_config.run_name)}: {run_config.model.name} "
         f"on {escape(run_config.task.name)}, {run_config.label} lr={run_config.optimizer.lr} "
         f"B={run_config.training.batch_size}, n={run_config.probe.probe_samples} per "
-        f"measurement, instruments {','.join(run_config.probe.instruments)} -> {escape(str(out))}"
+        f"measurement, instruments {','.join(run_config.probe.instruments)}"
+        f"{f', {nproc} processes' if nproc > 1 else ''} -> {escape(str(out))}"
     )
-    with _progress() as progress:
-        run_measurement(run_config, out, resume=True, progress=_advance(
-            progress, run_config.run_name), notify=_notify(progress))
+    if ranks is not None or nproc == 1:
+        measure_rank(ranks, run_config, out)
+    else:
+        launch(nproc, measure_rank, run_config, out,
+               device_type=resolve_device(run_config.training.device).type)
     run = load_run(out)
     console.print(_summary_table(run.metrics, "SGN over training (B_simple ± jackknife "
                                               "standard error)"))
@@ -197,8 +221,21 @@ def measure(
     console.print(f"wrote {escape(str(out))}/ ({written})")
 
 
+def measure_rank(ranks: Any, run_config: Any, out: Path) -> None:
+    """One process's part of ``measure`` (all of it without ``ranks``): rank 0 shows the
+    progress and writes."""
+    from sgn_lab.run.loop import run_measurement
+
+    if ranks is not None and not ranks.is_root:
+        run_measurement(run_config, out, resume=True, ranks=ranks)
+        return
+    with _progress() as progress:
+        run_measurement(run_config, out, resume=True, progress=_advance(
+            progress, run_config.run_name), notify=_notify(progress), ranks=ranks)
+
+
 @app.command()
-@run_options(skip=("method", "seed", "name"))
+@run_options(skip=("method", "seed", "name", "nproc"))
 def compare(
     methods: Annotated[str, Opt(help="Comma-separated methods, each with hyperparameters of its "
                                 "own after colons: sgd,momentum,pnm:beta0=2,pnm:beta0=0.5:lr=0.05."
@@ -369,6 +406,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main() -> None:
     """Entry point: bad input ends with a one-line message and exit code 2, no traceback."""
     signal.signal(signal.SIGTERM, _interrupt)
+    if os.environ.get("RANK", "0") != "0":  # one of torchrun's processes: rank 0 speaks
+        console.quiet = err_console.quiet = True
     try:
         result = app(standalone_mode=False)
     except typer.TyperException as exc:  # usage errors: unknown option, bad type, ...
@@ -377,6 +416,11 @@ def main() -> None:
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError, OSError) as exc:
         err_console.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2)
+    except WorkerError as exc:  # --nproc: a process failed (its own message) or died
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}" + (
+            "" if exc.input_error else "; every finished measurement is saved: rerun with "
+            "--resume"))
+        sys.exit(2 if exc.input_error else 1)
     except (typer.Abort, KeyboardInterrupt):
         result = _INTERRUPTED
     if result == _INTERRUPTED:  # click turns Ctrl-C into this exit code without a word

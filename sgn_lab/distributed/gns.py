@@ -183,6 +183,17 @@ class NoiseScaleTracker:
         """:attr:`history` as a table, one row per step."""
         return pd.DataFrame(self.history, columns=list(HISTORY_COLUMNS))
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue with the same numbers."""
+        return {"history": [dict(row) for row in self.history], "sums": list(self._sums),
+                "updates": self._updates, "recent": list(self._recent)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [dict(row) for row in state["history"]]
+        self._sums = list(state["sums"])
+        self._updates = int(state["updates"])
+        self._recent = deque((tuple(pair) for pair in state["recent"]), maxlen=self.window)
+
 
 class GradientNoiseScale:
     """State of :func:`gns_hook`: gradient norms around DDP's all-reduce, one row per step.

@@ -293,8 +293,9 @@ def _chunked(model, loss_fn, xs, targets, params, with_mean, chunk, verify):
     return GramResult(K, mean, GramCoverage(coverage.parameters, n)), blocks, False
 
 
-def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify):
-    """(GramResult, per-parameter blocks of the first ``verify`` samples, randomness).
+def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify, *, keep=False):
+    """(GramResult, per-parameter blocks of the first ``verify`` samples, randomness), and
+    with ``keep`` also every parameter's term groups (the factors of the pass).
 
     The result's ``mean`` is Σ_i g_i over the samples ``sum_rows`` (None: not computed).
     """
@@ -306,11 +307,13 @@ def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify):
     if rec.unseen:
         _vmap_unseen(model, loss_fn, xs, targets, rec)
     K = torch.zeros((n, n), dtype=torch.float64, device=targets.device)
-    sums, routes, blocks, workspace = [], [], {}, Workspace()
+    sums, routes, blocks, workspace, kept = [], [], {}, Workspace(), {}
     for name, p in params.items():
         workspace.next_parameter()
         groups = _by_region(rec.terms.pop(name, []), tuple(p.shape))
         routes.append(_route(name, groups, rec))
+        if keep:
+            kept[name] = groups
         if groups:
             K_p = sum(parameter_gram(group, workspace) for _, group in groups)
             K += K_p
@@ -326,7 +329,41 @@ def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify):
     summed = torch.cat(sums) if sum_rows is not None else None
     K = (K + K.T) / 2  # blocked matrix products leave it symmetric only to rounding
     result = GramResult(K, summed, GramCoverage(tuple(routes), n))
+    if keep:
+        return result, blocks, rec.randomness, kept
     return result, blocks, rec.randomness
+
+
+def gram_factors(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Tensor,
+    *,
+    batchnorm: str = "error",
+    verify: int = 0,
+) -> tuple[GramResult, dict[str, list[tuple[Region | None, list[Term]]]]]:
+    """One pass of the Gram path that keeps its factors, for Grams across sample sets.
+
+    Returns the :func:`gram_result` of these samples (``mean`` is here the sum Σ_i g_i, not
+    the mean) and each trainable parameter's term groups: (region, merged terms), the
+    parameter's per-sample gradients in factored form (:mod:`sgn_lab.grads.terms`), from
+    which :func:`sgn_lab.grads.cross.cross_gram` gives the inner products with another sample
+    set's.
+    """
+    xs = _as_tuple(inputs)
+    n = _num_samples(xs, targets)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True")
+    device = next(iter(params.values())).device
+    xs, targets = tuple(x.to(device) for x in xs), targets.to(device)
+    with _batchnorm_policy(model, batchnorm):
+        result, blocks, randomness, groups = _one_pass(model, loss_fn, xs, targets, params,
+                                                       slice(0, n), verify, keep=True)
+        if verify:
+            _verify(model, loss_fn, xs, targets, params, blocks, randomness)
+    return result, groups
 
 
 def _by_region(entries: list[tuple[Region | None, Term]], shape: tuple[int, ...]

@@ -283,21 +283,23 @@ def _cross_gram(a: Term, b: Term) -> Tensor:
 
 
 def _rows_outer(rows: Rows, outer: Outer) -> Tensor:
-    """[i, j] = Σ_{s,t} outer.left[j,t][index[i,s]] · (values[i,s]·outer.right[j,t])."""
+    """[i, j] = Σ_{s,t} outer.left[j,t][index[i,s]] · (values[i,s]·outer.right[j,t]).
+
+    The two terms may belong to different sample sets: K is (n_rows, n_outer)."""
     n, S = rows.index.shape
-    T = outer.left.shape[1]
+    m, T = outer.left.shape[:2]
     dtype = torch.promote_types(compute_dtype(rows.values), compute_dtype(outer.left))
-    flat_left = outer.left.reshape(n * T, -1).to(dtype)  # (nT, rows)
-    flat_right = outer.right.reshape(n * T, -1).to(dtype)  # (nT, q)
+    flat_left = outer.left.reshape(m * T, -1).to(dtype)  # (mT, rows)
+    flat_right = outer.right.reshape(m * T, -1).to(dtype)  # (mT, q)
     index = rows.index.reshape(-1)
     values = rows.values.reshape(n * S, -1).to(dtype)
-    K = torch.empty((n, n), dtype=torch.float64, device=values.device)
-    step = max(1, _BLOCK_ENTRIES // (S * n * T))
+    K = torch.empty((n, m), dtype=torch.float64, device=values.device)
+    step = max(1, _BLOCK_ENTRIES // (S * m * T))
     for start in range(0, n, step):
         stop = min(start + step, n)
         part = slice(start * S, stop * S)
         block = (values[part] @ flat_right.T) * flat_left[:, index[part]].T
-        K[start:stop] = block.double().reshape(stop - start, S, n, T).sum(dim=(1, 3))
+        K[start:stop] = block.double().reshape(stop - start, S, m, T).sum(dim=(1, 3))
     return K
 
 

@@ -117,6 +117,10 @@ class TrainingSection(_Section):
     epochs: float | None = Field(None, gt=0, description="Training epochs (overrides --steps).")
     seed: int = Field(0, ge=0, description="Seed of data split, model, order and draws.")
     device: Literal[DEVICES] = Field("auto", description="auto, cpu or cuda.")
+    nproc: int = Field(1, ge=1, description="Processes on this machine: data-parallel training "
+                       "(DDP, the minibatch split evenly) with the probe set split over them; "
+                       "gloo on CPUs, NCCL on GPUs (one per process). Under torchrun: its "
+                       "world size.")
 
 
 class ProbeSection(_Section):
@@ -170,6 +174,30 @@ class RunConfig(_Section):
     training: TrainingSection = TrainingSection()
     probe: ProbeSection = ProbeSection()
     output: OutputSection = OutputSection()
+
+    @model_validator(mode="after")
+    def _splits(self) -> RunConfig:
+        """What a run over several processes needs (see :mod:`sgn_lab.distributed`)."""
+        nproc, batch = self.training.nproc, self.training.batch_size
+        if nproc == 1:
+            return self
+        if batch % nproc:
+            raise ValueError(f"batch_size={batch} does not split evenly over nproc={nproc} "
+                             "processes: give a multiple of nproc")
+        if self.probe.probe_samples < nproc:
+            raise ValueError(f"nproc={nproc} exceeds the probe set of probe_samples="
+                             f"{self.probe.probe_samples}: every process needs a sample")
+        if METHODS[self.optimizer.method].step_input == "per_sample":
+            raise ValueError(f"method {self.optimizer.method!r} draws its noise from the "
+                             "per-sample gradients of the whole minibatch; with nproc > 1 "
+                             "that is not supported yet")
+        vmap = self.probe.grads == "vmap" or (self.probe.grads == "auto"
+                                              and "curvature" in self.probe.instruments)
+        if self.probe.chunk_size is not None and not vmap:
+            raise ValueError("chunk_size with nproc > 1 is not supported on the Gram path (the "
+                             "split already bounds each process's memory): drop chunk_size or "
+                             "use grads='vmap'")
+        return self
 
     def resolved(self) -> RunConfig:
         """Every hyperparameter the method takes, its default where not given."""

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from sgn_lab.distributed.gram import split_gram
 from sgn_lab.grads import GramCoverage, gram_result
 from sgn_lab.grads.vmap import _seeded, flatten_grads, per_sample_grads
 from sgn_lab.seeds import Purpose, seed_for
@@ -76,8 +77,16 @@ class Measurement:
     def grads(self) -> dict[str, Tensor]:
         """Per-sample gradients of the probe batch (vmap)."""
         p = self.probe
-        return per_sample_grads(p.model, p.loss_fn, self.x, self.y, chunk_size=p.chunk_size,
-                                batchnorm=p.batchnorm, seed=self.seed(Purpose.GRADS))
+        if not p.ranks.distributed:
+            return per_sample_grads(p.model, p.loss_fn, self.x, self.y,
+                                    chunk_size=p.chunk_size, batchnorm=p.batchnorm,
+                                    seed=self.seed(Purpose.GRADS))
+        # Each rank its block of the probe set; every rank then holds all of them (n × d).
+        block = p.ranks.shard(len(self.y))
+        local = per_sample_grads(p.model, p.loss_fn, self.x[block], self.y[block],
+                                 chunk_size=p.chunk_size, batchnorm=p.batchnorm,
+                                 seed=self.seed(Purpose.GRADS))
+        return {name: p.ranks.gather_rows(g, kind="gradients") for name, g in local.items()}
 
     @cached_property
     def noise(self) -> NoiseStats:
@@ -85,8 +94,17 @@ class Measurement:
         p = self.probe
         minibatch = {"batch_size": p.batch_size, "dataset_size": len(p.x_train),
                      "seed": self.seed(Purpose.STATS)}
-        if p.grads == "vmap":
+        if p.grads == "vmap" and (not p.ranks.distributed or p.gathers_grads
+                                  or "grads" in self.__dict__):
             return noise_stats(self.grads, shape=False, **minibatch)
+        if p.ranks.distributed:
+            with _seeded(self.seed(Purpose.GRADS), self.device):
+                split = split_gram(p.model, p.loss_fn, self.x, self.y, p.ranks, grads=p.grads,
+                                   batchnorm=p.batchnorm, chunk_size=p.chunk_size,
+                                   verify=p.take_verify())
+            self.coverage = split.coverage
+            return noise_stats(gram=split.gram, dim=split.mean.numel(), mean=split.mean,
+                               diag_variance=split.diag_variance, **minibatch)
         with _seeded(self.seed(Purpose.GRADS), self.device):
             result = gram_result(p.model, p.loss_fn, self.x, self.y, with_mean=True,
                                  batchnorm=p.batchnorm, chunk_size=p.chunk_size,

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sgn_lab.optim import build_optimizer, optimizer_kwargs, train_step
+from sgn_lab.distributed.gns import GradientNoiseScale, gns_hook
+from sgn_lab.distributed.ranks import Ranks
+from sgn_lab.optim import METHODS, build_optimizer, optimizer_kwargs, train_step
 from sgn_lab.run.build import build_run_model, build_task
 from sgn_lab.run.config import RunConfig, differences, parse
 from sgn_lab.run.probe import NoiseProbe
@@ -31,9 +34,11 @@ from sgn_lab.run.rundir import (
     read_config,
     save_checkpoint,
     without_status,
+    write_table,
 )
 from sgn_lab.seeds import Purpose, seed_for
 
+GNS_FILE = "gns.csv"  # the DDP noise scale, one row per training step (nproc > 1)
 Progress = Callable[[int, int], None]
 Notify = Callable[[str], None]
 
@@ -75,20 +80,39 @@ def run_measurement(
     resume: bool = False,
     progress: Progress | None = None,
     notify: Notify | None = None,
+    ranks: Ranks | None = None,
 ) -> Path:
     """Train and measure as ``config`` says (see :func:`plan`), writing the run directory.
 
     ``progress(step, total)`` is called after every step; ``notify(text)`` once with the Gram
     path's coverage report (each parameter's route), which also goes to ``coverage.csv``.
     A complete run is left as it is. Returns the run directory.
+
+    ``ranks``: every process of a torch.distributed group calls this with its
+    :class:`~sgn_lab.distributed.Ranks` (``config.training.nproc`` must be the group's size):
+    rank 0 holds the lock, plans and writes; the others train and measure with it.
     """
     out = Path(out)
-    with locked(out):
-        config = plan(config, out, resume=resume)
-        if (out / CONFIG_FILE).is_file() and read_config(out).get("complete"):
-            return out  # plan() made sure it is the run asked for
-        _train(config, out, resume=resume, progress=progress, notify=notify)
+    ranks = ranks or Ranks()
+    with ExitStack() as stack:
+        planned = ranks.decided(lambda: _planned(stack, config, out, resume))
+        if planned is None:
+            return out  # complete: plan() made sure it is the run asked for
+        if planned.training.nproc != ranks.size:
+            raise ValueError(f"the run is set for nproc={planned.training.nproc} processes but "
+                             f"runs in {ranks.size}")
+        _train(planned, out, resume=resume, progress=progress, notify=notify, ranks=ranks)
     return out
+
+
+def _planned(stack: ExitStack, config: RunConfig | None, out: Path, resume: bool
+             ) -> RunConfig | None:
+    """Under the lock: the config to run, or None when the run is complete."""
+    stack.enter_context(locked(out))
+    config = plan(config, out, resume=resume)
+    if (out / CONFIG_FILE).is_file() and read_config(out).get("complete"):
+        return None
+    return config
 
 
 def run_series(
@@ -125,12 +149,15 @@ def run_series(
     return paths
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present; an unavailable 'cuda' is an error."""
+def resolve_device(device: str, ranks: Ranks | None = None) -> torch.device:
+    """'auto' picks CUDA when present; an unavailable 'cuda' is an error. Over several
+    processes each takes the GPU of its local rank (the current CUDA device)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+    if device == "cuda" and ranks is not None and ranks.distributed:
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
 
 
@@ -146,9 +173,9 @@ def identity_columns(config: RunConfig) -> dict[str, Any]:
 
 
 def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | None,
-           notify: Notify | None) -> None:
+           notify: Notify | None, ranks: Ranks) -> None:
     training, probe_cfg, opt = config.training, config.probe, config.optimizer
-    device = resolve_device(training.device)
+    device = resolve_device(training.device, ranks)
     task = build_task(config)
     n_train = len(task.x_train)
     if training.batch_size > n_train:
@@ -160,6 +187,7 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
 
     torch.manual_seed(training.seed)
     model = build_run_model(config, task).to(device)
+    stepped, gns = _data_parallel(model, config, ranks)
     loss_fn = task.loss_fn
     kwargs = optimizer_kwargs(opt.method, opt.lr, opt.settings(),
                               batch_size=training.batch_size,
@@ -172,28 +200,36 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
         fresh=probe_cfg.fresh_probe, batch_size=training.batch_size, instruments=instruments,
         update_repeats=probe_cfg.update_repeats if "updates" in instruments else 0,
         optimizer=optimizer, method=opt.method, grads=probe_cfg.grads,
-        chunk_size=probe_cfg.chunk_size, seed=training.seed,
+        chunk_size=probe_cfg.chunk_size, seed=training.seed, ranks=ranks,
     )
     data_gen = torch.Generator().manual_seed(seed_for(training.seed, 0, Purpose.DATA_ORDER))
     order, position, start = torch.randperm(n_train, generator=data_gen), 0, 0
+    # Every rank draws the same minibatch and takes its equal share of it.
+    share = ranks.shard(training.batch_size)
 
     checkpoint_path = out / CHECKPOINT_FILE
     resumed_at = None
-    if resume and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        data_gen.set_state(state["data_generator"])
-        order, position, start = state["order"], state["position"], state["step"]
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        resumed_at = start
+    if resume:
+        state = ranks.decided(lambda: load_checkpoint(checkpoint_path)
+                        if checkpoint_path.is_file() else None)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            data_gen.set_state(state["data_generator"])
+            order, position, start = state["order"], state["position"], state["step"]
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+            if gns is not None and "gns" in state:
+                gns.tracker.load_state_dict(state["gns"])
+            resumed_at = start
     from sgn_lab import __version__
 
-    status = {**config.to_dict(), "run": config.run_name, "sgn_lab_version": __version__}
-    recorder = RunRecorder(out, config=status, identity=identity_columns(config),
-                           resume_from=resumed_at, log=config.output.log, notify=notify)
+    recorder = None
+    if ranks.is_root:
+        status = {**config.to_dict(), "run": config.run_name, "sgn_lab_version": __version__}
+        recorder = RunRecorder(out, config=status, identity=identity_columns(config),
+                               resume_from=resumed_at, log=config.output.log, notify=notify)
     try:
         for step in range(start, total + 1):
             if (probe.due(step) or step == total) and step != resumed_at:
@@ -202,20 +238,28 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
                     # Isotropic noise of the SGN's magnitude: σ² = c·tr(S)/d, re-matched at
                     # every measurement (σ lives in the optimizer state: a resume keeps it).
                     optimizer.set_sigma_from_trace(opt.sigma_trace_factor * result.noise.trace)
-                coverage = probe.coverage
-                recorder.record(result, coverage=None if coverage is None
-                                else coverage.to_frame(),
-                                coverage_summary=None if coverage is None else coverage.summary())
-                _save(checkpoint_path, model, optimizer, data_gen, order, position, step,
-                      device)
+                if recorder is not None:
+                    if gns is not None:
+                        result.row.update(gns_columns(gns))
+                        write_table(out / GNS_FILE, gns.frame())
+                    coverage = probe.coverage
+                    recorder.record(result, coverage=None if coverage is None
+                                    else coverage.to_frame(), coverage_summary=None
+                                    if coverage is None else coverage.summary())
+                    _save(checkpoint_path, model, optimizer, data_gen, order, position, step,
+                          device, gns)
             if step == total:
                 break
             if position + training.batch_size > n_train:
                 order, position = torch.randperm(n_train, generator=data_gen), 0
-            idx = order[position : position + training.batch_size]
+            idx = order[position : position + training.batch_size][share]
             position += training.batch_size
-            loss = train_step(opt.method, optimizer, model, loss_fn,
+            loss = train_step(opt.method, optimizer, stepped, loss_fn,
                               task.x_train[idx].to(device), task.y_train[idx].to(device))
+            if ranks.distributed:  # the minibatch loss: the mean of the equal shares' losses
+                loss = float(ranks.sum(torch.tensor([loss], dtype=torch.float64))) / ranks.size
+            if gns is not None:
+                gns.step()
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"training diverged: loss {loss} at step {step} (method {opt.method}, "
@@ -223,12 +267,42 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
             if progress is not None:
                 progress(step + 1, total)
     except BaseException:
-        recorder.close()
+        if recorder is not None:
+            recorder.close()
         raise
-    recorder.finish()
+    if recorder is not None:
+        recorder.finish()
+    ranks.barrier()  # nobody leaves before rank 0 has written the end
 
 
-def _save(path, model, optimizer, data_gen, order, position, step, device) -> None:
+def _data_parallel(model: torch.nn.Module, config: RunConfig, ranks: Ranks
+                   ) -> tuple[torch.nn.Module, GradientNoiseScale | None]:
+    """The module the optimizer steps through (DDP over the ranks, or the model itself), and
+    the noise scale recorded by DDP's communication hook for methods that step on one plain
+    backward pass (a closure's extra passes would mix gradients at other weights)."""
+    if not ranks.distributed:
+        return model, None
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                  process_group=ranks.group)
+    if METHODS[config.optimizer.method].step_input != "gradient":
+        return ddp, None
+    gns = GradientNoiseScale(config.training.batch_size // ranks.size,
+                             process_group=ranks.group)
+    ddp.register_comm_hook(gns, gns_hook)
+    return ddp, gns
+
+
+def gns_columns(gns: GradientNoiseScale) -> dict[str, float]:
+    """The smoothed noise scale of the DDP hook at a measurement, for the metrics row."""
+    last = gns.history[-1] if gns.history else {}
+    return {f"gns_{key}": last.get(key, math.nan)
+            for key in ("noise_scale", "noise_scale_se", "sq_norm_smoothed", "trace_smoothed")}
+
+
+def _save(path, model, optimizer, data_gen, order, position, step, device, gns) -> None:
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -240,4 +314,6 @@ def _save(path, model, optimizer, data_gen, order, position, step, device) -> No
     }
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    if gns is not None:
+        state["gns"] = gns.tracker.state_dict()
     save_checkpoint(path, state)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from sgn_lab import checks
+from sgn_lab.distributed.ranks import Ranks, unwrapped
 from sgn_lab.grads import GramCoverage
 from sgn_lab.models.modes import restored_modes
 from sgn_lab.run.config import GRADS_PATHS
@@ -91,6 +92,12 @@ class NoiseProbe:
     seed
         Every random choice of the probe derives from (seed, step, purpose)
         (:mod:`sgn_lab.seeds`): the training loop's own random state is never touched.
+    ranks
+        A :class:`sgn_lab.distributed.Ranks` of more than one process: the probe set is split
+        over them (:func:`sgn_lab.distributed.gram.split_gram`) and so are the evaluation
+        passes, and every rank returns the same result; each rank must call
+        :meth:`measure` at the same steps. Pass the unwrapped model or the DDP one (its
+        ``module`` is measured). None: this process alone.
     """
 
     def __init__(
@@ -118,7 +125,9 @@ class NoiseProbe:
         batchnorm: str = "error",
         eval_batch: int = 1024,
         seed: int = 0,
+        ranks: Ranks | None = None,
     ) -> None:
+        model = unwrapped(model)
         n_train = len(x_train)
         checks.integer("every", every, 1)
         checks.integer("samples", samples, 2)
@@ -144,6 +153,9 @@ class NoiseProbe:
         if grads == "auto":
             grads = "vmap" if needs_grads else "gram"
         self.grads, self.shape_samples = grads, shape_samples
+        self.ranks = ranks or Ranks()
+        # With vmap, tails and curvature want every rank to hold G: the Gram then comes from it.
+        self.gathers_grads = grads == "vmap" and (needs_grads or "tails" in names)
         self.coverage: GramCoverage | None = None
         self.model, self.loss_fn = model, loss_fn
         self.x_train, self.y_train = x_train, y_train
@@ -193,17 +205,22 @@ class NoiseProbe:
         Accuracy is over every predicted target: per sample for classification, per token for
         token sequences (targets (n, T), logits (n, T, V))."""
         device = next(self.model.parameters()).device
+        block = self.ranks.shard(len(x))  # all of x in one process
         with restored_modes(self.model):
             self.model.eval()
             total_loss, correct, predicted = 0.0, 0, 0
-            for start in range(0, len(x), self.eval_batch):
-                xb = x[start : start + self.eval_batch].to(device)
-                yb = y[start : start + self.eval_batch].to(device)
+            for start in range(block.start, block.stop, self.eval_batch):
+                stop = min(start + self.eval_batch, block.stop)
+                xb, yb = x[start:stop].to(device), y[start:stop].to(device)
                 out = self.model(xb)
                 total_loss += float(self.loss_fn(out, yb)) * len(xb)
                 if not yb.is_floating_point():
                     correct += int((out.argmax(dim=-1) == yb).sum())
                     predicted += yb.numel()
+        if self.ranks.distributed:
+            sums = self.ranks.sum(torch.tensor([total_loss, correct, predicted],
+                                               dtype=torch.float64))
+            total_loss, correct, predicted = sums[0].item(), int(sums[1]), int(sums[2])
         accuracy = correct / predicted if predicted else math.nan
         return total_loss / len(x), accuracy
 

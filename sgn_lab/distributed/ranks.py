@@ -1,0 +1,192 @@
+"""The ranks of a process group, as the probe and the training loop use them.
+
+:class:`Ranks` is the one place that knows how the probe set is split over processes and how
+partial results travel: sums by all-reduce, row blocks by broadcasting each rank's block in
+turn (ranks may hold unequal numbers of rows, which ``all_gather`` does not allow). It counts
+the bytes each call moves so that benchmarks report measured communication volumes.
+
+Split of n samples over N ranks (:meth:`Ranks.shard`): contiguous blocks in probe order, the
+first ``n mod N`` ranks one sample more than the others, so ranks 0..N-1 hold samples
+[0, n_0), [n_0, n_0 + n_1), ... and concatenating the blocks in rank order gives the probe
+order back.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass
+class Ranks:
+    """This process's place in a process group (``size`` 1: a single process, no group).
+
+    ``traffic`` counts the bytes this rank received, by kind (``sum``, ``rows``, ``objects``
+    and the caller's labels), over the lifetime of the object.
+    """
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+    traffic: Counter = field(default_factory=Counter, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, group: dist.ProcessGroup | None = None) -> Ranks:
+        """The ranks of ``group`` (None: the default group) of an initialised torch.distributed;
+        a single process when torch.distributed is not initialised."""
+        if not (dist.is_available() and dist.is_initialized()):
+            if group is not None:
+                raise RuntimeError("a process group was given but torch.distributed is not "
+                                   "initialised")
+            return cls()
+        return cls(dist.get_rank(group), dist.get_world_size(group), group)
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def bounds(self, n: int) -> list[tuple[int, int]]:
+        """[lo, hi) of every rank's block of n samples (see the module docstring)."""
+        base, extra = divmod(n, self.size)
+        edges = [0]
+        for r in range(self.size):
+            edges.append(edges[-1] + base + (1 if r < extra else 0))
+        return list(zip(edges[:-1], edges[1:], strict=True))
+
+    def shard(self, n: int) -> slice:
+        """This rank's block of n samples."""
+        lo, hi = self.bounds(n)[self.rank]
+        return slice(lo, hi)
+
+    def device(self, like: Tensor | None = None) -> torch.device:
+        """Where collectives run: CUDA where NCCL is the group's backend, else the CPU."""
+        if self.distributed and "nccl" in str(dist.get_backend(self.group)):
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu") if like is None else like.device
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over ranks (a new tensor on the input's device)."""
+        if not self.distributed:
+            return tensor.clone()
+        out = tensor.to(self.device(tensor), copy=True)
+        dist.all_reduce(out, group=self.group)
+        self.traffic["sum"] += _bytes(out)
+        return out.to(tensor.device)
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        """A small picklable object from rank ``src`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=self._global(src), group=self.group,
+                                   device=self.device())
+        if self.rank != src:
+            self.traffic["objects"] += len(pickle.dumps(box[0]))
+        return box[0]
+
+    def broadcast_tensors(self, tensors: list[Tensor] | None, src: int, *, kind: str
+                          ) -> list[Tensor]:
+        """Rank ``src``'s list of tensors on every rank (others pass None); shapes and dtypes
+        travel first as a small object. Received tensors land on ``src``'s device type here."""
+        if not self.distributed:
+            assert tensors is not None
+            return tensors
+        specs = self.broadcast_object(
+            [(tuple(t.shape), t.dtype) for t in tensors] if self.rank == src else None, src)
+        device = self.device(tensors[0] if self.rank == src and tensors else None)
+        out = []
+        for i, (shape, dtype) in enumerate(specs):
+            if self.rank == src:
+                buffer = tensors[i].detach().contiguous().to(device)
+            else:
+                buffer = torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(buffer, src=self._global(src), group=self.group)
+            if self.rank != src:
+                self.traffic[kind] += _bytes(buffer)
+            out.append(buffer)
+        return out
+
+    def gather_rows(self, local: Tensor, *, kind: str = "rows") -> Tensor:
+        """Every rank's block of rows (dim 0), concatenated in rank order, on every rank."""
+        if not self.distributed:
+            return local
+        blocks = [self.broadcast_tensors([local] if r == self.rank else None, r, kind=kind)[0]
+                  for r in range(self.size)]
+        return torch.cat([b.to(local.device) for b in blocks])
+
+    def decided(self, decide: Callable[[], Any]) -> Any:
+        """``decide()`` run on rank 0 alone, its result (or its ValueError, raised) on every
+        rank: planning, locking and reading files happen once, and a refusal reaches every
+        rank instead of leaving the others waiting in a collective."""
+        if not self.distributed:
+            return decide()
+        outcome: tuple[str, Any] = ("ok", None)
+        if self.is_root:
+            try:
+                outcome = ("ok", decide())
+            except ValueError as exc:
+                outcome = ("error", str(exc))
+        outcome = self.broadcast_object(outcome)
+        if outcome[0] == "error":
+            raise ValueError(outcome[1])
+        return outcome[1]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)
+
+    def owns(self, r: int, s: int) -> bool:
+        """Whether rank r computes the off-diagonal block (r, s) of a pairwise matrix: each pair
+        once, about (N−1)/2 blocks per rank (r owns s if s follows r by less than half way
+        round; a tie, for even N, goes to the smaller rank)."""
+        ahead = (s - r) % self.size
+        return 0 < ahead < self.size - ahead or (ahead == self.size - ahead and r < s)
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+
+def _bytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module a DDP wrapper holds (DDP's hooks would break the vmap and Gram passes), or
+    the model itself; a model with sharded parameters is a ValueError.
+
+    FSDP (either API) and tensor parallelism hold each parameter in pieces on different ranks,
+    so a per-sample gradient is never whole on one rank: not supported yet.
+    """
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    fsdp = _fsdp_classes()
+    if any(isinstance(m, fsdp) for m in model.modules()):
+        raise ValueError("FSDP-sharded models are not supported yet: measure the SGN of the "
+                         "unsharded model (DDP or one process), e.g. on a checkpoint")
+    sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
+    if sharded:
+        raise ValueError(f"parameters sharded as DTensors (tensor parallelism or FSDP2), e.g. "
+                         f"{sharded[0]!r}, are not supported yet: measure the SGN of the "
+                         "unsharded model (DDP or one process)")
+    return model
+
+
+def _fsdp_classes() -> tuple[type, ...]:
+    from torch.distributed import fsdp
+
+    return tuple(c for c in (getattr(fsdp, "FullyShardedDataParallel", None),
+                             getattr(fsdp, "FSDPModule", None)) if c is not None)

@@ -1,0 +1,143 @@
+"""Inner products g_i·h_j between the per-sample gradients of two sample sets.
+
+The Gram of a probe set split in blocks (over processes, :mod:`sgn_lab.distributed`) is
+assembled from the diagonal blocks, each a Gram path call of its own, and the off-diagonal
+blocks ``K_AB[i, j] = g_i·h_j`` (i in A, j in B) computed here from what one set can send the
+other: each parameter's per-sample gradients as *factors* (the term groups of one Gram-path
+pass, :func:`sgn_lab.grads.gram.gram_factors`) or as *gradients* (an (n, numel) matrix),
+whichever is fewer bytes (:func:`compact`).
+
+Cross products of terms (a from A, b from B; the same kinds as :mod:`~sgn_lab.grads.terms`):
+
+    Outer·Outer   Σ_{t,s} (left_a[i,t]·left_b[j,s]) (right_a[i,t]·right_b[j,s])
+    Rows·Outer    the embedding rows picked in A against the dense (rows, q) factor of B
+    Rows·Rows     the per-sample gradients restricted to the rows either set touches
+    any · Dense   the other's per-sample gradients against the dense ones
+
+all exact, in the model's precision (at least float32) and summed in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from sgn_lab.grads.record import Region
+from sgn_lab.grads.terms import (
+    Dense,
+    Outer,
+    Rows,
+    Term,
+    _blocks,
+    _rows_outer,
+    compute_dtype,
+    materialise,
+)
+
+Groups = list[tuple[Region | None, list[Term]]]  # one parameter's merged terms by region
+Factors = dict[str, Groups]  # parameter name -> its groups, named_parameters() order
+
+
+def term_bytes(term: Term) -> int:
+    """The bytes of a term's tensors."""
+    return sum(t.numel() * t.element_size() for t in _tensors(term))
+
+
+def gradient_bytes(groups: Groups, n: int, numel: int) -> int:
+    """The bytes of the parameter's per-sample gradients (n, numel) in compute precision."""
+    if not groups:
+        return 0
+    dtype = compute_dtype(next(iter(_tensors(groups[0][1][0]))))
+    return n * numel * torch.empty((), dtype=dtype).element_size()
+
+
+def compact(factors: Factors, shapes: dict[str, tuple[int, ...]], n: int
+            ) -> tuple[Factors, dict[str, str]]:
+    """Each parameter as factors or as dense per-sample gradients, whichever is fewer bytes.
+
+    Returns the payload and each parameter's choice (``factors`` or ``gradients``).
+    """
+    payload, choice = {}, {}
+    for name, groups in factors.items():
+        numel = int(torch.Size(shapes[name]).numel())
+        as_factors = sum(term_bytes(t) for _, group in groups for t in group)
+        if groups and gradient_bytes(groups, n, numel) < as_factors:
+            payload[name] = [(None, [Dense(whole_gradients(groups, shapes[name]), "gathered")])]
+            choice[name] = "gradients"
+        else:
+            payload[name] = groups
+            choice[name] = "factors"
+    return payload, choice
+
+
+def whole_gradients(groups: Groups, shape: tuple[int, ...]) -> Tensor:
+    """The per-sample gradients (n, numel) of a parameter from its term groups."""
+    first = materialise(groups[0][1][0])
+    n = first.shape[0]
+    full = torch.zeros((n, *shape), dtype=first.dtype, device=first.device)
+    for region, group in groups:
+        box = full[(slice(None), *(() if region is None else
+                                   tuple(slice(s, t) for s, t in region)))]
+        for term in group:
+            box += materialise(term).to(first.dtype).view(box.shape)
+    return full.reshape(n, -1)
+
+
+def cross_gram(a: Factors, b: Factors, shapes: dict[str, tuple[int, ...]]) -> Tensor:
+    """K[i, j] = g_i·h_j (float64, (n_A, n_B)) summed over the parameters of both payloads."""
+    K = None
+    for name, groups_a in a.items():
+        groups_b = b.get(name, [])
+        if not groups_a or not groups_b:
+            continue
+        block = _parameter_cross(groups_a, groups_b, shapes[name])
+        K = block if K is None else K + block
+    if K is None:
+        raise ValueError("the two sample sets share no parameter with a gradient")
+    return K
+
+
+def _parameter_cross(a: Groups, b: Groups, shape: tuple[int, ...]) -> Tensor:
+    regions_a, regions_b = [r for r, _ in a], [r for r, _ in b]
+    if regions_a == regions_b:  # disjoint boxes have no cross terms
+        return sum(_terms_cross(ta, tb) for (_, ta), (_, tb) in zip(a, b, strict=True))
+    whole_a = Dense(whole_gradients(a, shape), "whole")
+    whole_b = Dense(whole_gradients(b, shape), "whole")
+    return _pair(whole_a, whole_b)
+
+
+def _terms_cross(a: list[Term], b: list[Term]) -> Tensor:
+    return sum(_pair(ta, tb) for ta in a for tb in b)
+
+
+def _pair(a: Term, b: Term) -> Tensor:
+    """[i, j] = a_i·b_j for a term a of one sample set and b of the other."""
+    if isinstance(a, Outer) and isinstance(b, Outer):
+        dtype = torch.promote_types(compute_dtype(a.left), compute_dtype(b.left))
+        return _blocks(a.left.to(dtype), a.right.to(dtype), b.left.to(dtype), b.right.to(dtype))
+    if isinstance(a, Rows) and isinstance(b, Outer):
+        return _rows_outer(a, b)
+    if isinstance(a, Outer) and isinstance(b, Rows):
+        return _rows_outer(b, a).T
+    if isinstance(a, Rows) and isinstance(b, Rows):
+        a, b = _restricted(a, b), _restricted(b, a)
+    g_a, g_b = materialise(a), materialise(b)
+    dtype = torch.promote_types(compute_dtype(g_a), compute_dtype(g_b))
+    return (g_a.to(dtype) @ g_b.to(dtype).T).double()
+
+
+def _restricted(term: Rows, other: Rows) -> Rows:
+    """The term on the table of the rows either term touches (same order for both), so that
+    materialising it costs n·U·q instead of n·rows·q."""
+    vocab = torch.unique(torch.cat([term.index.reshape(-1), other.index.reshape(-1)]))
+    return replace(term, index=torch.searchsorted(vocab, term.index), rows=len(vocab))
+
+
+def _tensors(term: Term) -> list[Tensor]:
+    if isinstance(term, Outer):
+        return [term.left, term.right]
+    if isinstance(term, Rows):
+        return [term.index, term.values]
+    return [term.grads]
