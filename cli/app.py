@@ -214,6 +214,8 @@ def measure(
     else:
         launch(nproc, measure_rank, run_config, out,
                device_type=resolve_device(run_config.training.device).type)
+    if ranks is not None and not ranks.is_root:
+        return  # on another machine the run directory may not even exist
     run = load_run(out)
     console.print(_summary_table(run.metrics, "SGN over training (B_simple ± jackknife "
                                               "standard error)"))

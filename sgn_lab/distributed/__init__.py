@@ -1,9 +1,23 @@
-"""sgn-lab on torch.distributed: noise statistics gathered across ranks.
+"""sgn-lab on torch.distributed: noise statistics over several processes.
 
-:mod:`sgn_lab.distributed.gns` measures the simple noise scale B_simple during DDP training from
-the gradient norms around DDP's all-reduce (McCandlish et al. 2018, Appendix A).
+- :class:`Ranks` — a process's place in a group and the split of the probe set
+  (:mod:`~sgn_lab.distributed.ranks`); :func:`unwrapped` (from :mod:`sgn_lab.models.wrapped`):
+  the module inside DDP, FSDP and tensor parallelism refused.
+- :func:`split_gram` — the Gram, mean and diag(S) of a probe set split over ranks, the
+  off-diagonal blocks from factors or gradients sent between them
+  (:mod:`~sgn_lab.distributed.gram`).
+- :func:`launch` and :func:`init_from_env` — ``--nproc N`` through torchrun's engine, or
+  joining torchrun's group (:mod:`~sgn_lab.distributed.launch`).
+- :class:`GradientNoiseScale` and :func:`gns_hook` — B_simple during DDP training from the
+  gradient norms around DDP's all-reduce (McCandlish et al. 2018, Appendix A;
+  :mod:`~sgn_lab.distributed.gns`).
 """
 
 from sgn_lab.distributed.gns import GradientNoiseScale, NoiseScaleTracker, gns_hook
+from sgn_lab.distributed.gram import SplitGram, split_gram
+from sgn_lab.distributed.launch import WorkerError, init_from_env, launch
+from sgn_lab.distributed.ranks import Ranks
+from sgn_lab.models.wrapped import unwrapped
 
-__all__ = ["GradientNoiseScale", "NoiseScaleTracker", "gns_hook"]
+__all__ = ["GradientNoiseScale", "NoiseScaleTracker", "Ranks", "SplitGram", "WorkerError",
+           "gns_hook", "init_from_env", "launch", "split_gram", "unwrapped"]

@@ -49,8 +49,8 @@ def gradient_bytes(groups: Groups, n: int, numel: int) -> int:
     """The bytes of the parameter's per-sample gradients (n, numel) in compute precision."""
     if not groups:
         return 0
-    dtype = compute_dtype(next(iter(_tensors(groups[0][1][0]))))
-    return n * numel * torch.empty((), dtype=dtype).element_size()
+    values = next(t for t in _tensors(groups[0][1][0]) if t.is_floating_point())
+    return n * numel * torch.empty((), dtype=compute_dtype(values)).element_size()
 
 
 def compact(factors: Factors, shapes: dict[str, tuple[int, ...]], n: int

@@ -63,6 +63,7 @@ from sgn_lab.grads.vmap import (
     last_resort,
     per_sample_grads,
 )
+from sgn_lab.models.wrapped import unwrapped
 
 ROUTES = ("ghost", "per-sample", "vmap", "loop", "none")
 ROUTE_HELP = {
@@ -230,6 +231,7 @@ def gram_result(
     verify: int = 0,
 ) -> GramResult:
     """The Gram, the mean gradient (``with_mean``) and the coverage report of one call."""
+    model = unwrapped(model)
     xs = _as_tuple(inputs)
     n = _num_samples(xs, targets)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -351,6 +353,7 @@ def gram_factors(
     which :func:`sgn_lab.grads.cross.cross_gram` gives the inner products with another sample
     set's.
     """
+    model = unwrapped(model)
     xs = _as_tuple(inputs)
     n = _num_samples(xs, targets)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}

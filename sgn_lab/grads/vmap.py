@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from sgn_lab.grads.recurrent import Recurrence
+from sgn_lab.models.wrapped import unwrapped
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Inputs = Tensor | Sequence[Tensor]
@@ -88,6 +89,7 @@ def per_sample_grads(
         tensors are views into one (n, d) matrix, which :func:`flatten_grads` returns without
         a copy.
     """
+    model = unwrapped(model)
     xs = _as_tuple(inputs)
     n = _num_samples(xs, targets)
     if chunk_size is not None and (

@@ -23,6 +23,11 @@ samples.
 
 A user's instrument is any object with ``name``, ``needs_grads`` and that call, passed to
 :class:`~sgn_lab.NoiseProbe` in ``instruments``.
+
+Over several processes (the probe's ``ranks``), the shared results are assembled across them
+and are the same on every rank, so every instrument runs unchanged on each: the noise
+statistics from the Gram of rank blocks (:func:`sgn_lab.distributed.split_gram`), the
+per-sample gradients (vmap) gathered from the ranks' blocks, the evaluation passes split.
 """
 
 from __future__ import annotations

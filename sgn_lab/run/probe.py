@@ -13,9 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from sgn_lab import checks
-from sgn_lab.distributed.ranks import Ranks, unwrapped
+from sgn_lab.distributed.ranks import Ranks
 from sgn_lab.grads import GramCoverage
 from sgn_lab.models.modes import restored_modes
+from sgn_lab.models.wrapped import unwrapped
 from sgn_lab.run.config import GRADS_PATHS
 from sgn_lab.run.instruments import INSTRUMENTS, Instrument, Measurement
 from sgn_lab.seeds import Purpose, derive, seed_for

@@ -1,0 +1,201 @@
+"""``sgn-lab measure --nproc N`` and under torchrun, end to end on gloo (CPU, localhost).
+
+Every run trains the same float32 model with the same seed: DDP over 2 and 3 processes must
+give the metrics and spectra of one process to float32 rounding (the minibatch gradient is
+summed in another order, and the Gram's blocks are computed from other batch sizes): scalars
+within 1e-6 relative, every eigenvalue within 1e-6 of the largest of its spectrum (Weyl's
+inequality bounds each eigenvalue's change by the perturbation's norm). The same N by two
+launchers, and a killed N-process run resumed, must match the uninterrupted run bit for bit.
+A rank killed mid-run ends the run with one line, exit code 1 and a resumable directory.
+(The vmap path and the curvature and updates instruments over ranks: test_split_probe.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import run_main
+
+SMALL = ["--task", "gaussian-mixture", "--width", "32", "--depth", "1"]
+FLAGS = [*SMALL, "--steps", "12", "--measure-every", "4", "--probe-samples", "13",
+         "--batch-size", "12", "--update-repeats", "3", "--seed", "3"]
+RUN_TIMEOUT_S = 240
+# Excess kurtosis is m4/m2² − 3: rounding is relative to m4/m2², not to the difference.
+OFFSET = {"kurtosis": 3.0}
+CLI = [sys.executable, "-m", "sgn_lab.cli"]
+
+
+def sgn_lab(*args: str, out: Path, torchrun: int = 0) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", str(torchrun), "-m", "sgn_lab.cli"] if torchrun else CLI)
+    done = subprocess.run([*launcher, "measure", "--out", str(out), *args], capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def started(*args: str, out: Path) -> subprocess.Popen:
+    """A run in a session of its own (so that its whole process group can be killed)."""
+    return subprocess.Popen([*CLI, "measure", "--out", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for_rows(out: Path, rows: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        metrics = out / "metrics.csv"
+        if metrics.is_file() and len(pd.read_csv(metrics)) >= rows:
+            return
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    pytest.fail(f"no {rows} measurements in {out} within {RUN_TIMEOUT_S} s")
+
+
+def complete(out: Path) -> bool:
+    return json.loads((out / "config.json").read_text()).get("complete", False)
+
+
+def workers(launcher_pid: int) -> list[int]:
+    """The worker processes the elastic agent spawned (multiprocessing's spawn_main)."""
+    listing = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(launcher_pid)],
+                             capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in listing.splitlines() if "spawn_main" in line]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("nproc")
+    out = {name: root / name for name in ("one", "two", "three", "torchrun", "killed", "dead")}
+    sgn_lab(*FLAGS, out=out["one"])
+    sgn_lab(*FLAGS, "--nproc", "2", out=out["two"])
+    sgn_lab(*FLAGS, "--nproc", "3", out=out["three"])
+    sgn_lab(*FLAGS, out=out["torchrun"], torchrun=2)
+
+    killed = started(*FLAGS, "--nproc", "2", out=out["killed"])
+    wait_for_rows(out["killed"], 1, killed)
+    os.killpg(killed.pid, signal.SIGKILL)  # the launcher and its workers, as a scheduler would
+    killed.wait(30)
+    assert not complete(out["killed"])
+    sgn_lab("--resume", out=out["killed"])
+
+    dead = started(*FLAGS, "--nproc", "2", out=out["dead"])
+    wait_for_rows(out["dead"], 1, dead)
+    ranks = workers(dead.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    _, stderr = dead.communicate(timeout=RUN_TIMEOUT_S)
+    out["dead:exit"], out["dead:stderr"] = dead.returncode, stderr
+    out["dead:complete"] = complete(out["dead"])
+    sgn_lab("--resume", out=out["dead"])
+    return out
+
+
+def tables(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    metrics = pd.read_csv(out / "metrics.csv").drop(columns=["measure_seconds"])
+    return metrics, pd.read_csv(out / "spectra.csv")
+
+
+def numeric(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if frame[c].dtype.kind == "f" and not c.startswith("gns_")
+            and c not in ("epoch",)]
+
+
+@pytest.mark.parametrize("pair", [("one", "two"), ("one", "three")])
+def test_n_processes_give_the_one_process_numbers(runs, pair):
+    (want, want_spectra), (got, got_spectra) = (tables(runs[name]) for name in pair)
+    assert len(got) == len(want) and list(got.step) == list(want.step)
+    shared = [c for c in numeric(want) if c in got]
+    for column in shared:
+        a, b = want[column].to_numpy(), got[column].to_numpy()
+        assert (np.isnan(a) == np.isnan(b)).all(), column
+        finite = np.isfinite(a)
+        assert (a[~finite] == b[~finite]).all() | np.isnan(a[~finite]).all(), column
+        scale = np.abs(a[finite]) + OFFSET.get(column, 0.0)
+        assert (np.abs(b[finite] - a[finite]) <= 1e-6 * scale).all(), (column, a, b)
+    assert list(got_spectra.columns) == list(want_spectra.columns)
+    for key, part in want_spectra.groupby(["step", "kind"]):
+        other = got_spectra[(got_spectra.step == key[0]) & (got_spectra.kind == key[1])]
+        assert list(other.k) == list(part.k), key
+        top = part.eigenvalue.abs().max()
+        assert (np.abs(other.eigenvalue.to_numpy() - part.eigenvalue.to_numpy())
+                <= 1e-6 * top).all(), key
+
+
+def test_nproc_writes_the_ddp_noise_scale_every_step(runs):
+    metrics, _ = tables(runs["two"])
+    gns = pd.read_csv(runs["two"] / "gns.csv")
+    assert list(gns.step) == list(range(12))
+    for _, row in metrics.iterrows():  # the metrics row holds the latest smoothed value
+        if row.step == 0:
+            assert math.isnan(row.gns_trace_smoothed)
+            continue
+        last = gns.iloc[int(row.step) - 1]
+        assert row.gns_trace_smoothed == last.trace_smoothed
+        assert row.gns_sq_norm_smoothed == last.sq_norm_smoothed
+    assert not (runs["one"] / "gns.csv").exists()
+    assert "gns_noise_scale" not in tables(runs["one"])[0]
+
+
+@pytest.mark.parametrize("other", ["torchrun", "killed", "dead"])
+def test_same_processes_same_numbers_bit_for_bit(runs, other):
+    """torchrun and --nproc run the same code; a killed run resumes from its checkpoint."""
+    for want, got in zip(tables(runs["two"]), tables(runs[other]), strict=True):
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_csv(runs[other] / "gns.csv"),
+                                  pd.read_csv(runs["two"] / "gns.csv"), check_exact=True)
+    config = json.loads((runs[other] / "config.json").read_text())
+    assert config["complete"] and config["training"]["nproc"] == 2
+
+
+def test_a_dead_rank_ends_the_run_with_one_line(runs):
+    assert runs["dead:exit"] == 1
+    lines = [line for line in runs["dead:stderr"].splitlines() if line.strip()]
+    assert lines[-1] == ("error: the process of rank 1 of 2 died (SIGKILL); every finished "
+                         "measurement is saved: rerun with --resume")
+    assert "Traceback" not in runs["dead:stderr"]
+    assert not runs["dead:complete"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--nproc", "5", "--batch-size", "10", "--probe-samples", "4"],
+     "nproc=5 exceeds the probe set of probe_samples=4: every process needs a sample"),
+    (["--nproc", "3", "--batch-size", "10"],
+     "batch_size=10 does not split evenly over nproc=3 processes: give a multiple of nproc"),
+    (["--nproc", "2", "--method", "covariance"],
+     "method 'covariance' draws its noise from the per-sample gradients of the whole "
+     "minibatch; with nproc > 1 that is not supported yet"),
+    (["--nproc", "2", "--chunk-size", "4"],
+     "chunk_size with nproc > 1 is not supported on the Gram path"),
+])
+def test_what_cannot_split_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, args, message):
+    code, out, err = run_main(monkeypatch, capsys, "measure", "--out", str(tmp_path / "r"),
+                              "--steps", "2", *args)
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_nproc_under_torchrun_must_agree(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_main(monkeypatch, capsys, "measure", "--out", str(tmp_path / "r"),
+                            "--nproc", "3")
+    assert code == 2
+    assert err.strip() == ("error: --nproc 3 under torchrun, which started 2 processes: drop "
+                           "--nproc")
+
+
+def test_resuming_with_another_nproc_lists_it(monkeypatch, capsys, runs):
+    code, _, err = run_main(monkeypatch, capsys, "measure", "--out", str(runs["two"]),
+                            "--resume", *FLAGS, "--nproc", "3")
+    assert code == 2 and "nproc" in err and len(err.strip().splitlines()) == 1
