@@ -31,6 +31,11 @@ step (K micro-batches of b: K·b). With the loss divided by K (the usual practic
 gradient is the mean over those K·b samples and all figures are exact; without, both |G|² and
 tr S come out K² times too large, while B_simple is unaffected.
 
+Mixed precision with ``torch.amp.GradScaler``: the buckets hold the gradients times the
+scale s, so both |G|² and tr S come out s² times too large (B_simple is unaffected, and a
+scale that changes between steps moves the smoothed |G|² and tr S together); divide those two
+columns by s² where their size matters.
+
 Usage (every rank)::
 
     gns = GradientNoiseScale(batch_size=b)

@@ -3,24 +3,28 @@
 Each rank holds a contiguous block of the n probe samples (:meth:`Ranks.shard`) and computes
 its own per-sample gradients' share: the diagonal block K_rr of the Gram by the ordinary
 route (the Gram path, or vmap per-sample gradients), and the sum Σ g_i over its samples. The
-off-diagonal blocks need the other ranks' gradients, which travel as a *payload*, rank after
-rank (a broadcast each, so a rank holds its own payload and one other at a time):
+off-diagonal blocks need the other ranks' gradients, which travel as a *payload*, one
+broadcast per rank:
 
 =========== ============================================================ ===================
-route       payload of rank r, per parameter of numel d_p                bytes
+route       payload of rank r, per parameter of numel d_p                bytes (float32)
 =========== ============================================================ ===================
-factors     the Gram path's factors: Σ over its terms (Outer n_r·T·(p+q), 4·Σ (factor numel)
-            Rows n_r·T·(q+1), Dense n_r·d_p)
+factors     the Gram path's factors: Outer n_r·T·(p+q) numbers, Rows     4·(factor numbers),
+            n_r·T·q numbers and n_r·T int64 indices, Dense n_r·d_p       8 per index
 gradients   the per-sample gradients, n_r × d_p                          4·n_r·d_p
 =========== ============================================================ ===================
 
-(float32 models; 8 for float64). Each parameter takes the smaller of the two
-(:func:`sgn_lab.grads.cross.compact`); the vmap path has only gradients. Every rank receives
-every other rank's payload, Σ_{s≠r} bytes_s, about (N−1)/N of the whole probe set's payload,
-and computes about (N−1)/2 of the off-diagonal blocks (:meth:`Ranks.owns`). The blocks meet
-in one all-reduce of the n×n float64 matrix (8·n² bytes), where every entry comes from
-exactly one rank, so the sum is exact; the mean is an all-reduce of d float64 values, and the
-vmap path's diag(S) one more (Chan et al.'s merge of per-rank moments).
+(8 bytes a number for float64 models.) A parameter travels as factors where they are fewer
+bytes *and* the Gram path itself takes their ghost route (:func:`sgn_lab.grads.terms.route`),
+as gradients otherwise (:func:`sgn_lab.grads.cross.compact`): a Linear layer over many
+positions has compact factors whose cross products cost n_r·n_s·T²·(p+q), far more than
+multiplying gradients. The vmap path has only gradients. Every payload is broadcast in turn,
+so each rank receives every other rank's, Σ_{s≠r} bytes_s, about (N−1)/N of the whole probe
+set's payload; it keeps those it needs and, once all have travelled, computes its share of the
+off-diagonal blocks (about (N−1)/2 blocks, :meth:`Ranks.cross_tasks`) while the others compute
+theirs. The blocks meet in one all-reduce of the n×n float64 matrix (8·n² bytes), where every
+entry comes from exactly one rank, so the sum is exact; the mean is an all-reduce of d float64
+values, and the vmap path's diag(S) one more (Chan et al.'s merge of per-rank moments).
 
 Every rank ends with the same K and mean: the statistics are then computed identically on
 every rank, and instruments run unchanged.
@@ -38,7 +42,7 @@ from torch import Tensor, nn
 from sgn_lab.distributed.ranks import Ranks
 from sgn_lab.grads.cross import Factors, compact, cross_gram
 from sgn_lab.grads.gram import GramCoverage, gram_factors
-from sgn_lab.grads.terms import Dense, Outer, Rows, Term
+from sgn_lab.grads.terms import Dense, Outer, Rows, Term, samples
 from sgn_lab.grads.vmap import per_sample_grads
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -107,21 +111,28 @@ def split_gram(
     bounds = ranks.bounds(n)
     K = torch.zeros((n, n), dtype=torch.float64, device=own_block.device)
     K[block, block] = own_block
+    tasks = ranks.cross_tasks()
+    needed = {s if r == ranks.rank else r for r, s, _, _ in tasks}
+    received = {ranks.rank: payload}
+    # Every payload travels first, so that the ranks then compute their blocks side by side
+    # (a rank keeps its own payload and those of the ranks it shares a block with).
+    packed = _pack(payload)
     for src in range(ranks.size):
-        if src == ranks.rank:
-            spec, tensors = _pack(payload)
-        else:
-            spec, tensors = None, None
-        spec = ranks.broadcast_object(spec, src)
-        tensors = ranks.broadcast_tensors(tensors, src, kind="payload")
-        if src == ranks.rank or not ranks.owns(ranks.rank, src):
-            continue
-        other = _unpack(spec, [t.to(own_block.device) for t in tensors])
-        lo, hi = bounds[src]
-        cross = cross_gram(payload, other, shapes)
-        K[block, lo:hi] = cross
-        K[lo:hi, block] = cross.T
-        del other
+        mine = src == ranks.rank
+        spec = ranks.broadcast_object(packed[0] if mine else None, src)
+        tensors = ranks.broadcast_tensors(packed[1] if mine else None, src, kind="payload")
+        if src in needed:
+            received[src] = _unpack(spec, [t.to(own_block.device) for t in tensors])
+        del tensors
+    for r, s, lo, hi in tasks:
+        (r0, r1), (s0, s1) = bounds[r], bounds[s]
+        first, last = r0 + round(lo * (r1 - r0)), r0 + round(hi * (r1 - r0))
+        if last > first:
+            rows = _restricted(received[r], slice(first - r0, last - r0))
+            cross = cross_gram(rows, received[s], shapes)
+            K[first:last, s0:s1] = cross
+            K[s0:s1, first:last] = cross.T
+    del received
     K = ranks.sum(K)
     mean = ranks.sum(total) / n
     if grads == "vmap":
@@ -136,6 +147,12 @@ def _merged_variance(G: Tensor, mean: Tensor, n: int, ranks: Ranks) -> Tensor:
     m_r = G.mean(dim=0)
     M_r = ((G - m_r) ** 2).sum(dim=0) + len(G) * (m_r - mean.to(G.device)) ** 2
     return ranks.sum(M_r) / (n - 1)
+
+
+def _restricted(payload: Factors, rows: slice) -> Factors:
+    """The payload of the samples ``rows`` only."""
+    return {name: [(region, [samples(t, rows) for t in terms]) for region, terms in groups]
+            for name, groups in payload.items()}
 
 
 # --- payloads as (spec, tensors) for broadcast --------------------------------------------

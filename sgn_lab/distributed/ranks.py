@@ -146,12 +146,25 @@ class Ranks:
         if self.distributed:
             dist.barrier(group=self.group)
 
-    def owns(self, r: int, s: int) -> bool:
-        """Whether rank r computes the off-diagonal block (r, s) of a pairwise matrix: each pair
-        once, about (N−1)/2 blocks per rank (r owns s if s follows r by less than half way
-        round; a tie, for even N, goes to the smaller rank)."""
-        ahead = (s - r) % self.size
-        return 0 < ahead < self.size - ahead or (ahead == self.size - ahead and r < s)
+    def cross_tasks(self) -> list[tuple[int, int, float, float]]:
+        """The off-diagonal blocks of a pairwise matrix this rank computes, as (r, s, lo, hi):
+        rows of rank r's samples from fraction lo to hi, against all of rank s's samples.
+
+        Every pair of ranks is computed once, about (N−1)/2 blocks per rank: rank r takes the
+        pair (r, s) when s follows r by less than half way round; at exactly half way (even N,
+        the only pair when N = 2) the two ranks take half of the block's rows each.
+        """
+        tasks = []
+        for other in range(self.size):
+            ahead = (other - self.rank) % self.size
+            if ahead == 0 or ahead > self.size - ahead:
+                continue
+            if ahead < self.size - ahead:
+                tasks.append((self.rank, other, 0.0, 1.0))
+            else:
+                low, high = sorted((self.rank, other))
+                tasks.append((low, high, 0.0, 0.5) if self.rank == low else (low, high, 0.5, 1.0))
+        return tasks
 
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)

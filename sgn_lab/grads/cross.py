@@ -5,11 +5,12 @@ assembled from the diagonal blocks, each a Gram path call of its own, and the of
 blocks ``K_AB[i, j] = g_i·h_j`` (i in A, j in B) computed here from what one set can send the
 other: each parameter's per-sample gradients as *factors* (the term groups of one Gram-path
 pass, :func:`sgn_lab.grads.gram.gram_factors`) or as *gradients* (an (n, numel) matrix),
-whichever is fewer bytes (:func:`compact`).
+by bytes and by the cost of the cross products (:func:`compact`).
 
 Cross products of terms (a from A, b from B; the same kinds as :mod:`~sgn_lab.grads.terms`):
 
-    Outer·Outer   Σ_{t,s} (left_a[i,t]·left_b[j,s]) (right_a[i,t]·right_b[j,s])
+    Outer·Outer   Σ_{t,s} (left_a[i,t]·left_b[j,s]) (right_a[i,t]·right_b[j,s]), or both
+                  sets' per-sample gradients multiplied, whichever the cost model prefers
     Rows·Outer    the embedding rows picked in A against the dense (rows, q) factor of B
     Rows·Rows     the per-sample gradients restricted to the rows either set touches
     any · Dense   the other's per-sample gradients against the dense ones
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from sgn_lab.grads.record import Region
 from sgn_lab.grads.terms import (
+    MATERIALISE_BYTES,
     Dense,
     Outer,
     Rows,
@@ -34,6 +36,7 @@ from sgn_lab.grads.terms import (
     _rows_outer,
     compute_dtype,
     materialise,
+    route,
 )
 
 Groups = list[tuple[Region | None, list[Term]]]  # one parameter's merged terms by region
@@ -55,15 +58,20 @@ def gradient_bytes(groups: Groups, n: int, numel: int) -> int:
 
 def compact(factors: Factors, shapes: dict[str, tuple[int, ...]], n: int
             ) -> tuple[Factors, dict[str, str]]:
-    """Each parameter as factors or as dense per-sample gradients, whichever is fewer bytes.
+    """Each parameter as factors or as dense per-sample gradients (n, numel).
 
-    Returns the payload and each parameter's choice (``factors`` or ``gradients``).
+    Factors where they are fewer bytes and the Gram path's cost model takes their ghost route
+    (:func:`sgn_lab.grads.terms.route`; the cross products of factors over T positions cost
+    n_A·n_B·T²·(p+q), of gradients n_A·n_B·p·q), gradients otherwise. Returns the payload and
+    each parameter's choice (``factors`` or ``gradients``).
     """
     payload, choice = {}, {}
     for name, groups in factors.items():
         numel = int(torch.Size(shapes[name]).numel())
         as_factors = sum(term_bytes(t) for _, group in groups for t in group)
-        if groups and gradient_bytes(groups, n, numel) < as_factors:
+        cheaper_dense = any(isinstance(t, Outer) and route(t) == "per-sample"
+                            for _, group in groups for t in group)
+        if groups and (cheaper_dense or gradient_bytes(groups, n, numel) < as_factors):
             payload[name] = [(None, [Dense(whole_gradients(groups, shapes[name]), "gathered")])]
             choice[name] = "gradients"
         else:
@@ -114,7 +122,7 @@ def _terms_cross(a: list[Term], b: list[Term]) -> Tensor:
 
 def _pair(a: Term, b: Term) -> Tensor:
     """[i, j] = a_i·b_j for a term a of one sample set and b of the other."""
-    if isinstance(a, Outer) and isinstance(b, Outer):
+    if isinstance(a, Outer) and isinstance(b, Outer) and _ghost_cheaper(a, b):
         dtype = torch.promote_types(compute_dtype(a.left), compute_dtype(b.left))
         return _blocks(a.left.to(dtype), a.right.to(dtype), b.left.to(dtype), b.right.to(dtype))
     if isinstance(a, Rows) and isinstance(b, Outer):
@@ -126,6 +134,17 @@ def _pair(a: Term, b: Term) -> Tensor:
     g_a, g_b = materialise(a), materialise(b)
     dtype = torch.promote_types(compute_dtype(g_a), compute_dtype(g_b))
     return (g_a.to(dtype) @ g_b.to(dtype).T).double()
+
+
+def _ghost_cheaper(a: Outer, b: Outer) -> bool:
+    """The cost model of :func:`sgn_lab.grads.terms.outer_route` for a cross block: from the
+    factors, n_a·n_b·T_a·T_b·(p+q) multiply-adds, or from both sets' per-sample gradients,
+    (n_a·T_a + n_b·T_b)·p·q + n_a·n_b·p·q, never forming more than ``MATERIALISE_BYTES``."""
+    (n_a, T_a, p), (n_b, T_b, _) = a.left.shape, b.left.shape
+    q = a.right.shape[2]
+    if (n_a + n_b) * p * q * a.left.element_size() > MATERIALISE_BYTES:
+        return True
+    return n_a * n_b * T_a * T_b * (p + q) <= (n_a * T_a + n_b * T_b) * p * q + n_a * n_b * p * q
 
 
 def _restricted(term: Rows, other: Rows) -> Rows:
