@@ -20,11 +20,14 @@ as gradients otherwise (:func:`sgn_lab.grads.cross.compact`): a Linear layer ove
 positions has compact factors whose cross products cost n_r·n_s·T²·(p+q), far more than
 multiplying gradients. The vmap path has only gradients. Every payload is broadcast in turn,
 so each rank receives every other rank's, Σ_{s≠r} bytes_s, about (N−1)/N of the whole probe
-set's payload; it keeps those it needs and, once all have travelled, computes its share of the
-off-diagonal blocks (about (N−1)/2 blocks, :meth:`Ranks.cross_tasks`) while the others compute
-theirs. The blocks meet in one all-reduce of the n×n float64 matrix (8·n² bytes), where every
-entry comes from exactly one rank, so the sum is exact; the mean is an all-reduce of d float64
-values, and the vmap path's diag(S) one more (Chan et al.'s merge of per-rank moments).
+set's payload; it keeps those it needs (⌊N/2⌋ of them) and, once all have travelled,
+computes its share of the off-diagonal blocks (about (N−1)/2 blocks,
+:meth:`Ranks.cross_tasks`) while the others compute theirs. Where the payloads kept would
+exceed ``HELD_BYTES`` (4 GiB), each block is computed as its payload arrives and the payload
+dropped: one other rank's payload in memory, at the price of ranks taking turns. The blocks
+meet in one all-reduce of the n×n float64 matrix (8·n² bytes), where every entry comes from
+exactly one rank, so the sum is exact; the mean is an all-reduce of d float64 values, and the
+vmap path's diag(S) one more (Chan et al.'s merge of per-rank moments).
 
 Every rank ends with the same K and mean: the statistics are then computed identically on
 every rank, and instruments run unchanged.
@@ -46,6 +49,8 @@ from sgn_lab.grads.terms import Dense, Outer, Rows, Term, samples
 from sgn_lab.grads.vmap import per_sample_grads
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+# Received payloads a rank may hold at once before blocks are computed as payloads arrive.
+HELD_BYTES = 4 * 2**30
 
 
 @dataclass(frozen=True)
@@ -113,10 +118,13 @@ def split_gram(
     K[block, block] = own_block
     tasks = ranks.cross_tasks()
     needed = {s if r == ranks.rank else r for r, s, _, _ in tasks}
-    received = {ranks.rank: payload}
-    # Every payload travels first, so that the ranks then compute their blocks side by side
-    # (a rank keeps its own payload and those of the ranks it shares a block with).
     packed = _pack(payload)
+    # Every payload travels first, so that the ranks then compute their blocks side by side;
+    # where the payloads a rank would hold exceed HELD_BYTES, each block is computed as its
+    # payload arrives instead (one other payload in memory; the ranks then take turns).
+    held = sum(t.numel() * t.element_size() for t in packed[1]) * len(needed)
+    eager = held > HELD_BYTES
+    received = {ranks.rank: payload}
     for src in range(ranks.size):
         mine = src == ranks.rank
         spec = ranks.broadcast_object(packed[0] if mine else None, src)
@@ -124,14 +132,11 @@ def split_gram(
         if src in needed:
             received[src] = _unpack(spec, [t.to(own_block.device) for t in tensors])
         del tensors
-    for r, s, lo, hi in tasks:
-        (r0, r1), (s0, s1) = bounds[r], bounds[s]
-        first, last = r0 + round(lo * (r1 - r0)), r0 + round(hi * (r1 - r0))
-        if last > first:
-            rows = _restricted(received[r], slice(first - r0, last - r0))
-            cross = cross_gram(rows, received[s], shapes)
-            K[first:last, s0:s1] = cross
-            K[s0:s1, first:last] = cross.T
+        if eager and src in needed:
+            _cross_blocks(K, [t for t in tasks if src in t[:2]], received, bounds, shapes)
+            del received[src]
+    if not eager:
+        _cross_blocks(K, tasks, received, bounds, shapes)
     del received
     K = ranks.sum(K)
     mean = ranks.sum(total) / n
@@ -147,6 +152,20 @@ def _merged_variance(G: Tensor, mean: Tensor, n: int, ranks: Ranks) -> Tensor:
     m_r = G.mean(dim=0)
     M_r = ((G - m_r) ** 2).sum(dim=0) + len(G) * (m_r - mean.to(G.device)) ** 2
     return ranks.sum(M_r) / (n - 1)
+
+
+def _cross_blocks(K: Tensor, tasks: list[tuple[int, int, float, float]],
+                  received: dict[int, Factors], bounds: list[tuple[int, int]],
+                  shapes: dict[str, tuple[int, ...]]) -> None:
+    """Fill K's blocks of ``tasks`` (:meth:`Ranks.cross_tasks`) and their transposes."""
+    for r, s, lo, hi in tasks:
+        (r0, r1), (s0, s1) = bounds[r], bounds[s]
+        first, last = r0 + round(lo * (r1 - r0)), r0 + round(hi * (r1 - r0))
+        if last > first:
+            rows = _restricted(received[r], slice(first - r0, last - r0))
+            cross = cross_gram(rows, received[s], shapes)
+            K[first:last, s0:s1] = cross
+            K[s0:s1, first:last] = cross.T
 
 
 def _restricted(payload: Factors, rows: slice) -> Factors:

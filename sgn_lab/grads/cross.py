@@ -62,21 +62,27 @@ def compact(factors: Factors, shapes: dict[str, tuple[int, ...]], n: int
 
     Factors where they are fewer bytes and the Gram path's cost model takes their ghost route
     (:func:`sgn_lab.grads.terms.route`; the cross products of factors over T positions cost
-    n_A·n_B·T²·(p+q), of gradients n_A·n_B·p·q), gradients otherwise. Returns the payload and
-    each parameter's choice (``factors`` or ``gradients``).
+    n_A·n_B·T²·(p+q), of gradients n_A·n_B·p·q), gradients otherwise, but never per-sample
+    gradients above ``MATERIALISE_BYTES`` (the Gram path's own bound). A parameter whose terms
+    are all per-sample gradients already (biases, norms, the vmap route) travels as they are.
+    Returns the payload and each parameter's choice (``factors`` or ``gradients``).
     """
     payload, choice = {}, {}
     for name, groups in factors.items():
         numel = int(torch.Size(shapes[name]).numel())
         as_factors = sum(term_bytes(t) for _, group in groups for t in group)
-        cheaper_dense = any(isinstance(t, Outer) and route(t) == "per-sample"
-                            for _, group in groups for t in group)
-        if groups and (cheaper_dense or gradient_bytes(groups, n, numel) < as_factors):
+        terms = [t for _, group in groups for t in group]
+        dense_bytes = gradient_bytes(groups, n, numel)
+        cheaper_dense = any(isinstance(t, Outer) and route(t) == "per-sample" for t in terms)
+        if (groups and dense_bytes <= MATERIALISE_BYTES and not all(isinstance(t, Dense)
+                                                                   for t in terms)
+                and (cheaper_dense or dense_bytes < as_factors)):
             payload[name] = [(None, [Dense(whole_gradients(groups, shapes[name]), "gathered")])]
             choice[name] = "gradients"
         else:
             payload[name] = groups
-            choice[name] = "factors"
+            choice[name] = "gradients" if terms and all(isinstance(t, Dense) for t in terms) \
+                else "factors"
     return payload, choice
 
 

@@ -96,8 +96,8 @@ def test_compact_sends_the_smaller_form():
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     loss = lambda out, y: (out**2).mean()  # noqa: E731
     _, f = gram_factors(model, loss, x, x)
-    # the bias is a Dense term: as many bytes either way, and a tie keeps the factors
-    assert compact(f, shapes, 4)[1] == {"0.weight": "factors", "0.bias": "factors"}
+    # the bias's term is its per-sample gradients already: it travels as it is
+    assert compact(f, shapes, 4)[1] == {"0.weight": "factors", "0.bias": "gradients"}
     narrow = torch.nn.Sequential(torch.nn.Linear(2, 2)).double()
     xs = torch.randn(4, 50, 2, dtype=torch.float64)  # T = 50 positions
     _, f = gram_factors(narrow, loss, xs, xs)

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from sgn_lab import NoiseProbe, per_sample_gram
 from sgn_lab.distributed import Ranks, launch, split_gram
+from sgn_lab.distributed import gram as gram_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORLD = 3
@@ -125,6 +126,12 @@ def everything(ranks: Ranks) -> dict[str, Any]:
             found[name, grads] = (split, sent)
     for grads in ("gram", "vmap"):
         found["probe", grads] = measure(ranks, grads)
+    held, gram_module.HELD_BYTES = gram_module.HELD_BYTES, 0  # each block as it arrives
+    try:
+        model, x, y, loss = problems()["tokens"]
+        found["eager"] = split_gram(model, loss, x, y, ranks)
+    finally:
+        gram_module.HELD_BYTES = held
     try:
         model, x, y, loss = problems()["mlp"]
         split_gram(model, loss, x[: ranks.size - 1], y[: ranks.size - 1], ranks)
@@ -162,6 +169,14 @@ def test_rank_blocks_give_the_one_process_gram_and_moments(runs, world, grads, n
     grams = [found[name, grads][0].gram for found in runs[world].values()]
     assert all(torch.equal(grams[0], K) for K in grams[1:])
     assert relative_error(per_sample_gram(model, loss, x, y), G @ G.T) <= 1e-10
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_blocks_computed_as_payloads_arrive_are_the_same(runs, world):
+    """Above HELD_BYTES of received payloads a rank computes each block on arrival: the same
+    Gram, bit for bit."""
+    for found in runs[world].values():
+        assert torch.equal(found["eager"].gram, found["tokens", "gram"][0].gram)
 
 
 @pytest.mark.parametrize("world", [2, 3])
