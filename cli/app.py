@@ -103,10 +103,13 @@ def _config(config_file: Path | None, flags: dict[str, Any]):
     data = read_file(config_file) if config_file is not None else {}
     given = {k: v for k, v in flags.items() if v is not None}
     for flat, value in given.items():
-        kind = typing.get_origin(SECTIONS[FIELDS[flat][0]].model_fields[FIELDS[flat][1]]
-                                 .annotation)
+        annotation = SECTIONS[FIELDS[flat][0]].model_fields[FIELDS[flat][1]].annotation
+        kind = typing.get_origin(annotation)
         if kind is tuple and isinstance(value, str):
-            given[flat] = [item.strip() for item in value.split(",") if item.strip()]
+            items = [item.strip() for item in value.split(",") if item.strip()]
+            if typing.get_args(annotation)[0] is int:
+                items = _parse_ints(flat.replace("_", "-"), value)
+            given[flat] = items
         elif kind is dict and isinstance(value, str):
             given[flat] = (parse_options(value, where=f"--{flat.replace('_', '-')}")
                            if value else {})
@@ -322,7 +325,8 @@ def plot(
 @app.command()
 def scaling(
     sweep: Annotated[str, Opt(help="batch (noise trace vs B), beta0 (PNM), sigma (Gaussian "
-                              "injection) or large-batch (covariance noise).")],
+                              "injection), large-batch (covariance noise) or critical-batch "
+                              "(McCandlish's critical batch against the noise scale).")],
     out: Annotated[Path, Opt(help="Folder for the table (CSV) and figure (PNG, PDF).")] = Path(
         "runs/scaling"
     ),
@@ -330,18 +334,24 @@ def scaling(
         False
     ),
     seed: Annotated[int, Opt(help="Seed of every draw.")] = 0,
+    options: Annotated[str, Opt(help="Options of the sweep as key=value,key=value, e.g. "
+                                "problem=mlp for critical-batch (its options: "
+                                "sgn_lab.sweeps.sweep_config).")] = "",
 ) -> None:
     """Theory against measurement: a sweep with confidence intervals, as a table and figure."""
+    from sgn_lab.checks import parse_options
     from sgn_lab.plots import plot_scaling, save_figure
     from sgn_lab.run.rundir import writable_dir, write_table
-    from sgn_lab.sweeps import SWEEPS, run_sweep
+    from sgn_lab.sweeps import SWEEPS, run_sweep, sweep_config
 
     if sweep not in SWEEPS:
         raise ValueError(f"unknown sweep {sweep!r}; choose one of {', '.join(SWEEPS)}")
+    given = parse_options(options, where="--options") if options else {}
+    sweep_config(sweep, quick=quick, seed=seed, **given)  # bad options fail before any work
     writable_dir(out)
     with _progress() as progress:
         table = run_sweep(sweep, quick=quick, seed=seed,
-                          progress=_advance(progress, f"sweep {sweep}"))
+                          progress=_advance(progress, f"sweep {sweep}"), **given)
     figure = plot_scaling(table)  # built before anything is written
     write_table(out / f"scaling_{sweep}.csv", table)
     save_figure(figure, out / f"scaling_{sweep}")
@@ -353,9 +363,18 @@ def scaling(
     for _, row in table.iterrows():
         half_width = (row["ci_high"] - row["ci_low"]) / 2
         rel = row["rel_error"]
+        centre, low, high = row["measured"], row["ci_low"], row["ci_high"]
+        measured = f"{centre:.4g}"
+        if low != low:  # NaN: a value without a CI
+            pass
+        elif abs((high - centre) - (centre - low)) <= 1e-9 * abs(high - low):
+            measured += f" ± {half_width:.2g}"
+        else:  # an asymmetric (bootstrap) CI
+            measured += f" [{low:.3g}, {high:.3g}]"
         shown.add_row(
-            str(row["quantity"]), f"{row['x']:.4g}", f"{row['measured']:.4g} ± {half_width:.2g}",
-            f"{row['theory']:.4g}", f"{rel:+.1%}" if rel == rel else "–",
+            str(row["quantity"]), f"{row['x']:.4g}" if row["x"] == row["x"] else "–", measured,
+            f"{row['theory']:.4g}" if row["theory"] == row["theory"] else "–",
+            f"{rel:+.1%}" if rel == rel else "–",
         )
     console.print(shown)
     console.print(f"wrote {escape(str(out))}/scaling_{sweep}.csv, .png and .pdf")

@@ -41,9 +41,10 @@ from sgn_lab.stats.curvature import (
     hessian_vector_product,
     trace_hs,
 )
+from sgn_lab.stats.layers import layer_noise_scale
 from sgn_lab.stats.noise import NoiseStats, isotropic_spectrum, minibatch_factor, noise_stats
 from sgn_lab.stats.streaming import Moments, streaming_moments, streaming_noise_stats
-from sgn_lab.stats.tails import ShapeStats, shape_stats, tail_index
+from sgn_lab.stats.tails import ShapeStats, minibatch_noise_shape, shape_stats, tail_index
 
 __all__ = [
     "CurvatureStats",
@@ -66,9 +67,11 @@ __all__ = [
     "hessian_trace",
     "hessian_vector_product",
     "isotropic_spectrum",
+    "layer_noise_scale",
     "load_run",
     "load_runs",
     "minibatch_factor",
+    "minibatch_noise_shape",
     "noise_stats",
     "per_sample_grads",
     "per_sample_gram",

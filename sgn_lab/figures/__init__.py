@@ -29,6 +29,8 @@ FIGURES: dict[str, str] = {
     "symmetric": "symmetric",
     "methods": "methods",
     "tails": "tails",
+    "layers": "layers",
+    "critical-batch": "critical_batch",
 }
 
 MODES = ("quick", "full")

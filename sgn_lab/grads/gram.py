@@ -134,6 +134,10 @@ class GramResult:
     gram: Tensor  # (n, n) float64
     mean: Tensor | None  # (d,) float64, in named_parameters() order
     coverage: GramCoverage
+    # With per_parameter=True: name -> (n, n) float64 Gram K^p_ij = g_i^p·g_j^p of each
+    # trainable parameter (named_parameters() order, zeros for one without a gradient path);
+    # they sum to ``gram``.
+    parameter_grams: dict[str, Tensor] | None = None
 
 
 class GramMismatchError(ValueError):
@@ -226,11 +230,18 @@ def gram_result(
     targets: Tensor,
     *,
     with_mean: bool = False,
+    per_parameter: bool = False,
     batchnorm: str = "error",
     chunk_size: int | None = None,
     verify: int = 0,
 ) -> GramResult:
-    """The Gram, the mean gradient (``with_mean``) and the coverage report of one call."""
+    """The Gram, the mean gradient (``with_mean``) and the coverage report of one call.
+
+    ``per_parameter``: also each trainable parameter's own (n, n) float64 Gram
+    K^p_ij = g_i^p·g_j^p (``parameter_grams``, whose sum is ``gram``), from the same pass at
+    no extra cost but n² numbers per parameter; the per-layer noise scale
+    (:func:`sgn_lab.layer_noise_scale`) comes from them.
+    """
     model = unwrapped(model)
     xs = _as_tuple(inputs)
     n = _num_samples(xs, targets)
@@ -245,22 +256,26 @@ def gram_result(
     xs, targets = tuple(x.to(device) for x in xs), targets.to(device)
     with _batchnorm_policy(model, batchnorm):
         result, blocks, randomness = _chunked(model, loss_fn, xs, targets, params, with_mean,
-                                              chunk_size or n, verify)
+                                              chunk_size or n, verify, per_parameter)
         if verify:
             _verify(model, loss_fn, xs, targets, params, blocks, randomness)
     return result
 
 
-def _chunked(model, loss_fn, xs, targets, params, with_mean, chunk, verify):
+def _chunked(model, loss_fn, xs, targets, params, with_mean, chunk, verify,
+             per_parameter=False):
     """The Gram from one pass, or from passes over pairs of chunks of ``chunk`` samples."""
     n = targets.shape[0]
     bounds = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
     if len(bounds) == 1:
         result, blocks, randomness = _one_pass(model, loss_fn, xs, targets, params,
-                                               slice(0, n) if with_mean else None, verify)
+                                               slice(0, n) if with_mean else None, verify,
+                                               per_parameter=per_parameter)
         mean = result.mean / n if result.mean is not None else None
-        return GramResult(result.gram, mean, result.coverage), blocks, randomness
+        return (GramResult(result.gram, mean, result.coverage, result.parameter_grams),
+                blocks, randomness)
     K = torch.zeros((n, n), dtype=torch.float64, device=targets.device)
+    Ks = ({name: torch.zeros_like(K) for name in params} if per_parameter else None)
     mean = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64,
                        device=targets.device) if with_mean else None
     first = None
@@ -273,17 +288,21 @@ def _chunked(model, loss_fn, xs, targets, params, with_mean, chunk, verify):
                 rows = slice(0, a1 - a0 + b1 - b0) if b0 == a1 else slice(a1 - a0, None)
             result, blocks, randomness = _one_pass(
                 model, loss_fn, tuple(x[pick] for x in xs), targets[pick], params, rows,
-                verify if first is None else 0)
+                verify if first is None else 0, per_parameter=per_parameter)
             if randomness:
                 raise ValueError(
                     f"the forward pass draws random numbers (dropout?), so a Gram assembled "
                     f"from passes over chunks of {chunk} samples would mix different draws; "
                     "use chunk_size=None, or put the model in eval mode")
             m = a1 - a0
-            K[a0:a1, a0:a1] = result.gram[:m, :m]
-            K[b0:b1, b0:b1] = result.gram[m:, m:]
-            K[a0:a1, b0:b1] = result.gram[:m, m:]
-            K[b0:b1, a0:a1] = result.gram[m:, :m]
+            pairs = [(K, result.gram)]
+            if Ks is not None:
+                pairs += [(Ks[name], result.parameter_grams[name]) for name in params]
+            for whole, part in pairs:
+                whole[a0:a1, a0:a1] = part[:m, :m]
+                whole[b0:b1, b0:b1] = part[m:, m:]
+                whole[a0:a1, b0:b1] = part[:m, m:]
+                whole[b0:b1, a0:a1] = part[m:, :m]
             if mean is not None and result.mean is not None:
                 mean += result.mean
             first = first or (result.coverage, blocks)
@@ -292,14 +311,16 @@ def _chunked(model, loss_fn, xs, targets, params, with_mean, chunk, verify):
     coverage, blocks = first
     if mean is not None:
         mean /= n
-    return GramResult(K, mean, GramCoverage(coverage.parameters, n)), blocks, False
+    return GramResult(K, mean, GramCoverage(coverage.parameters, n), Ks), blocks, False
 
 
-def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify, *, keep=False):
+def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify, *, keep=False,
+              per_parameter=False):
     """(GramResult, per-parameter blocks of the first ``verify`` samples, randomness), and
     with ``keep`` also every parameter's term groups (the factors of the pass).
 
-    The result's ``mean`` is Σ_i g_i over the samples ``sum_rows`` (None: not computed).
+    The result's ``mean`` is Σ_i g_i over the samples ``sum_rows`` (None: not computed);
+    with ``per_parameter`` its ``parameter_grams`` hold each parameter's (n, n) Gram.
     """
     n = targets.shape[0]
     try:
@@ -310,6 +331,7 @@ def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify, *, keep=Fal
         _vmap_unseen(model, loss_fn, xs, targets, rec)
     K = torch.zeros((n, n), dtype=torch.float64, device=targets.device)
     sums, routes, blocks, workspace, kept = [], [], {}, Workspace(), {}
+    grams: dict[str, Tensor] | None = {} if per_parameter else None
     for name, p in params.items():
         workspace.next_parameter()
         groups = _by_region(rec.terms.pop(name, []), tuple(p.shape))
@@ -321,6 +343,10 @@ def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify, *, keep=Fal
             K += K_p
             if verify:
                 blocks[name] = K_p[:verify, :verify].clone()
+            if grams is not None:
+                grams[name] = (K_p + K_p.T) / 2  # symmetric as K is
+        elif grams is not None:
+            grams[name] = torch.zeros_like(K)
         if sum_rows is not None:
             part = torch.zeros(p.shape, dtype=torch.float64, device=targets.device)
             for region, group in groups:
@@ -330,7 +356,7 @@ def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify, *, keep=Fal
             sums.append(part.reshape(-1))
     summed = torch.cat(sums) if sum_rows is not None else None
     K = (K + K.T) / 2  # blocked matrix products leave it symmetric only to rounding
-    result = GramResult(K, summed, GramCoverage(tuple(routes), n))
+    result = GramResult(K, summed, GramCoverage(tuple(routes), n), grams)
     if keep:
         return result, blocks, rec.randomness, kept
     return result, blocks, rec.randomness

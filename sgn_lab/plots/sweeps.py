@@ -97,7 +97,8 @@ def plot_scaling(table: pd.DataFrame) -> Figure:
         is logarithmic when its values are positive and span a factor of 10 or more (the
         ``batch`` sweep: log–log, where the minibatch noise has slope −1; there a dotted
         ∝ 1/B line and the fitted slope of the small batches show where the finite data set
-        bends it down). Labels come from :data:`METRIC_LABELS`.
+        bends it down). Labels come from :data:`METRIC_LABELS`. The ``critical-batch`` sweep
+        is drawn by :func:`plot_critical_batch`.
 
     Raises
     ------
@@ -109,6 +110,8 @@ def plot_scaling(table: pd.DataFrame) -> Figure:
     if len(sweeps) != 1:
         raise ValueError(f"plot_scaling: the table holds several sweeps {sweeps}; pass one")
     sweep = str(sweeps[0])
+    if sweep == "critical-batch":  # a different shape of table: its own figure
+        return plot_critical_batch(table)
     data = table.loc[:, list(_SCALING_COLUMNS)].copy()
     for col in ("x", "measured", "ci_low", "ci_high", "theory"):
         data[col] = _numeric(data[col])
@@ -235,4 +238,147 @@ def _scaling_batch_reference(ax: Axes, part: pd.DataFrame) -> None:
         _note(ax, f"slope {slope:.3f} for B ≤ {small['x'].max():g}; dotted: ∝ 1/B")
 
 
+# critical batch (McCandlish et al.): S against E, and the noise scales
+
+_CRITICAL_PROBLEM_LABELS = {
+    "linreg": "linear regression",
+    "mlp": "MLP (teacher–student)",
+    "transformer": "GPT-2 (Markov language)",
+}
+_CRITICAL_COLORS = {
+    "fit": METHOD_COLORS["sgd"],
+    "simple": METHOD_COLORS["pnm"],
+    "theory": "0.15",
+}
+
+
+def plot_critical_batch(table: pd.DataFrame) -> Figure:
+    """McCandlish et al.'s steps–samples trade-off of the ``critical-batch`` sweep.
+
+    Parameters
+    ----------
+    table
+        One or several tables of :func:`sgn_lab.sweeps.run_sweep` ``("critical-batch")``; with
+        several, a ``problem`` column tells them apart (the figure recipe adds it).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One panel per problem: steps S against samples E = B·S (log–log), the mean over seeds
+        at each batch size with its 95% CI (points, labelled with B), the fitted hyperbola
+        S = S_min + E_min/B, E = B·S (the line, drawn over the grid and beyond it), its
+        asymptotes S_min and E_min (dotted), and, where the table has it (linear regression),
+        the same protocol on the exact expected loss (grey dashes). A last panel puts the
+        fitted B_noise = E_min/S_min with its bootstrap CI next to the measured B_simple at the
+        branch point (and the closed forms, where known: open markers), on a log axis.
+
+    Raises
+    ------
+    ValueError
+        Empty table, missing columns, or rows of another sweep.
+    """
+    _check_table(table, "critical-batch", _SCALING_COLUMNS)
+    if set(pd.unique(table["sweep"])) != {"critical-batch"}:
+        raise ValueError("plot_critical_batch: the table must hold critical-batch rows only")
+    data = table.copy()
+    for col in ("x", "measured", "ci_low", "ci_high", "theory"):
+        data[col] = _numeric(data[col])
+    if "problem" not in data:
+        data["problem"] = ""
+    problems = list(dict.fromkeys(data["problem"]))
+    with plot_style():
+        n = len(problems) + 1
+        fig = Figure(figsize=(_PANEL_SIZE[0] * n + 0.4, _PANEL_SIZE[1] + 0.6),
+                     layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, n, squeeze=False)).ravel()
+        for ax, problem in zip(axes[:-1], problems, strict=True):
+            _critical_panel(ax, data[data["problem"] == problem], str(problem))
+        _critical_scales(axes[-1], data, problems)
+        fig.draw_without_rendering()
+    return fig
+
+
+def _critical_values(part: pd.DataFrame, quantity: str, column: str = "measured") -> float:
+    rows = part[part["quantity"] == quantity]
+    return float(rows[column].iloc[0]) if len(rows) else float("nan")
+
+
+def _critical_panel(ax: Axes, part: pd.DataFrame, problem: str) -> None:
+    steps = part[part["quantity"] == "steps"].sort_values("x")
+    b = steps["x"].to_numpy()
+    s = steps["measured"].to_numpy()
+    ok = np.isfinite(s)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    color = _CRITICAL_COLORS["fit"]
+    low = (s - steps["ci_low"].to_numpy()).clip(min=0)
+    high = (steps["ci_high"].to_numpy() - s).clip(min=0)
+    ax.errorbar(b[ok] * s[ok], s[ok], yerr=[low[ok], high[ok]], xerr=[b[ok] * low[ok],
+                b[ok] * high[ok]], fmt="o", markersize=3.5, capsize=1.5, elinewidth=0.8,
+                color=color, markeredgecolor="white", markeredgewidth=0.4, zorder=3,
+                label="measured (95% CI)")
+    for bi, si, ei in zip(b[ok], s[ok], b[ok] * s[ok], strict=True):
+        ax.annotate(f"{bi:g}", (ei, si), textcoords="offset points", xytext=(3, 3),
+                    fontsize=5.5, color="0.35")
+    s_min, e_min = _critical_values(part, "s_min"), _critical_values(part, "e_min")
+    if np.isfinite(s_min) and np.isfinite(e_min) and s_min > 0 and e_min > 0 and ok.any():
+        grid = np.geomspace(b[ok].min() / 4, b[ok].max() * 4, 200)
+        curve = s_min + e_min / grid
+        ax.plot(grid * curve, curve, color=color, linewidth=1.3, zorder=2,
+                label="fit S = S_min(1 + B_noise/B)")
+        ax.axhline(s_min, color=REFERENCE_COLOR, linestyle=":", linewidth=0.9, zorder=1)
+        ax.axvline(e_min, color=REFERENCE_COLOR, linestyle=":", linewidth=0.9, zorder=1)
+    theory = steps["theory"].to_numpy()
+    if np.isfinite(theory).any():
+        good = np.isfinite(theory)
+        ax.plot(b[good] * theory[good], theory[good], color=_CRITICAL_COLORS["theory"],
+                linestyle="--", linewidth=1.0, zorder=2, label="exact expected loss")
+    b_fit = _critical_values(part, "b_noise_fit")
+    title = _CRITICAL_PROBLEM_LABELS.get(problem, problem or "critical batch")
+    ax.set_title(f"{title}\nB_noise fit = {b_fit:.3g}  (S_min = {s_min:.3g}, "
+                 f"E_min = {e_min:.3g})", fontsize=7)
+    ax.set_xlabel("samples E = B·S to the target")
+    ax.set_ylabel("steps S to the target")
+    ax.legend(fontsize=6, loc="upper right")
+
+
+def _critical_scales(ax: Axes, data: pd.DataFrame, problems: list[str]) -> None:
+    ax.set_yscale("log")
+    series = (
+        ("b_noise_fit", "B_noise fitted (bootstrap 95% CI)", _CRITICAL_COLORS["fit"], -0.12),
+        ("b_simple", "B_simple measured at the branch (95% CI)", _CRITICAL_COLORS["simple"],
+         0.12),
+    )
+    for quantity, label, color, dx in series:
+        xs, ys, lows, highs, theory = [], [], [], [], []
+        for i, problem in enumerate(problems):
+            part = data[(data["problem"] == problem) & (data["quantity"] == quantity)]
+            if not len(part):
+                continue
+            row = part.iloc[0]
+            xs.append(i + dx)
+            ys.append(row["measured"])
+            low, high = row["measured"] - row["ci_low"], row["ci_high"] - row["measured"]
+            bounded = np.isfinite(low) and np.isfinite(high) and row["ci_low"] > 0
+            lows.append(max(low, 0.0) if bounded else 0.0)
+            highs.append(max(high, 0.0) if bounded else 0.0)
+            theory.append(row["theory"])
+            if not bounded and np.isfinite(row["measured"]):
+                ax.annotate("CI unbounded", (i + dx, row["measured"]), fontsize=5.5,
+                            textcoords="offset points", xytext=(4, -8), color=color)
+        xs_a, ys_a = np.array(xs), np.array(ys, dtype=float)
+        ax.errorbar(xs_a, ys_a, yerr=[lows, highs], fmt="o",
+                    markersize=4, capsize=2, color=color, label=label, zorder=3)
+        th = np.array(theory, dtype=float)
+        if np.isfinite(th).any():
+            ax.plot(xs_a[np.isfinite(th)], th[np.isfinite(th)], marker="D", linestyle="",
+                    markersize=5, markerfacecolor="none", markeredgecolor=color,
+                    label=label.split(" ")[0] + " closed form", zorder=4)
+    ax.set_xticks(range(len(problems)))
+    ax.set_xticklabels([_CRITICAL_PROBLEM_LABELS.get(p, p or "problem").split(" (")[0]
+                        for p in problems], fontsize=7)
+    ax.set_xlim(-0.6, len(problems) - 0.4)
+    ax.set_ylabel("batch size")
+    ax.set_title("noise scale against critical batch", fontsize=8)
+    ax.legend(fontsize=5.5, loc="upper left")
 

@@ -138,6 +138,11 @@ class ProbeSection(_Section):
         "auto", description="Per-sample gradients: auto (the Gram path, checked against vmap "
         "at the first measurement; vmap with the curvature instrument), vmap (materialised) "
         "or gram (unchecked).")
+    shape_batch_sizes: tuple[int, ...] = Field(
+        (1, 4, 16, 64), description="Minibatch sizes B of the minibatch-tails instrument "
+        "(tail index and Gaussianity of g_B − ḡ), comma-separated.")
+    shape_draws: int = Field(256, ge=8, description="Minibatches drawn per size B by the "
+                             "minibatch-tails instrument.")
     chunk_size: int | None = Field(None, ge=1, description="Samples per pass: vmap chunks; the "
                                    "Gram path builds its Gram from pairs of such chunks.")
 
@@ -266,7 +271,7 @@ def help_text(flat: str) -> str:
     default = field.default
     if field.default_factory is not None or default in (None, ()):
         return str(field.description)
-    shown = ",".join(default) if isinstance(default, tuple) else default
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
     return f"{field.description} (default: {shown})"
 
 

@@ -13,13 +13,23 @@ eval        train_loss, train_accuracy, test_loss, test_accuracy                
 sgn         every :class:`~sgn_lab.NoiseStats` scalar (trace, noise_scale with     no
             its error, effective_rank, ...); spectra ``sgn`` and ``isotropic``
 tails       tail_index, normality_pvalue, normality_reject_fraction, kurtosis     no [1]
+            of the per-sample noise (batch 1)
+minibatch-  the same four at each minibatch size B of ``shape_batch_sizes``, of   no [1]
+tails       the noise g_B − ḡ (``tail_index_b16``, ...)
 curvature   hessian_top_eigenvalue, hessian_trace, trace_hs, curvature_alignment  yes
 updates     update_trace, update_effective_rank, update_mean_sq_norm; spectrum    no
             ``update`` (per-step update noise over R minibatch draws)
+layers      noise_scale_layernorm (with _se), trace_layernorm,                    no
+            grad_sq_norm_layernorm, trace_fraction_layernorm; the table ``layers``
+            (B_simple per parameter, module, group, total) [2]
 =========== ===================================================================== =========
 
 [1] With the Gram path, from the per-sample gradients of the first ``shape_samples`` probe
-samples.
+samples (computed once for both).
+[2] :func:`sgn_lab.layer_noise_scale` of the probe batch, written to ``layers.csv``; with the
+Gram path from the per-parameter Grams of a pass of its own (the ``sgn`` instrument's pass
+keeps only their sum), with vmap, and over several processes, from the shared per-sample
+gradients (gathered from the ranks).
 
 A user's instrument is any object with ``name``, ``needs_grads`` and that call, passed to
 :class:`~sgn_lab.NoiseProbe` in ``instruments``.
@@ -48,7 +58,7 @@ from sgn_lab.grads.vmap import _seeded, flatten_grads, per_sample_grads
 from sgn_lab.seeds import Purpose, seed_for
 from sgn_lab.stats.curvature import curvature_stats
 from sgn_lab.stats.noise import NoiseStats, noise_stats
-from sgn_lab.stats.tails import shape_stats
+from sgn_lab.stats.tails import minibatch_noise_shape, shape_stats
 
 if TYPE_CHECKING:
     from sgn_lab.run.probe import NoiseProbe
@@ -119,6 +129,21 @@ class Measurement:
         assert mean is not None
         return noise_stats(gram=result.gram, dim=mean.numel(), mean=mean, **minibatch)
 
+    @cached_property
+    def shape_grads(self) -> Tensor | None:
+        """(n', d) float64 per-sample gradients for the shape of the noise: all n with vmap,
+        the first ``shape_samples`` probe samples' on the Gram path; None below 8 samples."""
+        p = self.probe
+        if p.grads == "vmap":
+            G = flatten_grads(self.grads)
+            return G.to(torch.float64) if len(G) >= 8 else None
+        count = min(len(self.x), p.shape_samples)
+        if count < 8:
+            return None
+        return flatten_grads(per_sample_grads(
+            p.model, p.loss_fn, self.x[:count], self.y[:count], chunk_size=p.chunk_size,
+            batchnorm=p.batchnorm, seed=self.seed(Purpose.GRADS))).to(torch.float64)
+
     def add_spectrum(self, kind: str, eigenvalues: Tensor) -> None:
         self.spectra.append(pd.DataFrame({
             "step": self.step, "kind": kind, "k": np.arange(1, eigenvalues.numel() + 1),
@@ -163,30 +188,45 @@ _TAIL_COLUMNS = ("tail_index", "normality_pvalue", "normality_reject_fraction", 
 
 @dataclass(frozen=True)
 class Tails:
-    """Tail index and Gaussianity of the noise (:func:`sgn_lab.shape_stats`)."""
+    """Tail index and Gaussianity of the per-sample noise (:func:`sgn_lab.shape_stats`)."""
 
     name: str = "tails"
     needs_grads: bool = False
 
     def __call__(self, m: Measurement) -> dict[str, Any]:
-        p = m.probe
-        if p.grads == "vmap":  # all n probe samples, centred as noise_stats centres them
-            G = flatten_grads(m.grads)
-            if len(G) < 8 or not m.noise.trace > 0:
-                return dict.fromkeys(_TAIL_COLUMNS, math.nan)
-            mean = G.sum(dim=0, dtype=torch.float64) / len(G)
-            return shape_stats(G.to(torch.float64) - mean, seed=m.seed(Purpose.STATS)).to_dict()
-        count = min(len(m.x), p.shape_samples)  # the Gram path: a subset's gradients
-        if count < 8:
+        G = m.shape_grads
+        if G is None or (m.probe.grads == "vmap" and not m.noise.trace > 0):
             return dict.fromkeys(_TAIL_COLUMNS, math.nan)
-        seed = m.seed(Purpose.GRADS)
-        G = flatten_grads(per_sample_grads(
-            p.model, p.loss_fn, m.x[:count], m.y[:count], chunk_size=p.chunk_size,
-            batchnorm=p.batchnorm, seed=seed)).to(torch.float64)
-        centred = G - G.mean(dim=0)
+        centred = G - G.mean(dim=0)  # centred as noise_stats centres them
         if not bool(centred.abs().max() > 0):
             return dict.fromkeys(_TAIL_COLUMNS, math.nan)
+        seed = m.seed(Purpose.STATS if m.probe.grads == "vmap" else Purpose.GRADS)
         return shape_stats(centred, seed=seed).to_dict()
+
+
+@dataclass(frozen=True)
+class MinibatchTails:
+    """Tail index and Gaussianity of the minibatch noise g_B − ḡ at each of the probe's
+    ``shape_batch_sizes`` (:func:`sgn_lab.minibatch_noise_shape`): columns ``tail_index_b16``
+    and so on; a B not below the per-sample gradients available is NaN."""
+
+    name: str = "minibatch-tails"
+    needs_grads: bool = False
+
+    def __call__(self, m: Measurement) -> dict[str, Any]:
+        p = m.probe
+        G = m.shape_grads
+        sizes = [b for b in p.shape_batch_sizes if G is not None and b < len(G)]
+        row = {f"{column}_b{b}": math.nan for b in p.shape_batch_sizes
+               for column in _TAIL_COLUMNS}
+        if not sizes or not bool((G != G[:1]).any()):  # all rows equal: no noise
+            return row
+        table = minibatch_noise_shape(G, sizes, draws=p.shape_draws,
+                                      seed=m.seed(Purpose.STATS))
+        for record in table.to_dict("records"):
+            for column in _TAIL_COLUMNS:
+                row[f"{column}_b{record['batch_size']}"] = record[column]
+        return row
 
 
 @dataclass(frozen=True)
@@ -223,6 +263,49 @@ class Updates:
                 "update_mean_sq_norm": stats.mean_sq_norm}
 
 
+@dataclass(frozen=True)
+class Layers:
+    """B_simple, tr S and |G|² with their errors per parameter tensor, module, the
+    ``layernorm`` group and in total (:func:`sgn_lab.layer_noise_scale`).
+
+    The table (with a ``step`` column) is ``measurement.layers``, which the probe returns as
+    :attr:`~sgn_lab.run.probe.ProbeResult.layers` and a run writes to ``layers.csv``; the row
+    gets the ``layernorm`` group's columns (NaN for a model without norm layers).
+    """
+
+    name: str = "layers"
+    needs_grads: bool = False
+
+    def __call__(self, m: Measurement) -> dict[str, Any]:
+        from sgn_lab.stats.layers import LAYERNORM, layer_noise_scale
+
+        p = m.probe
+        if p.grads == "vmap" or p.ranks.distributed:
+            # Over several processes: the per-sample gradients gathered from the ranks.
+            table = layer_noise_scale(m.grads, model=p.model)
+        else:
+            with _seeded(m.seed(Purpose.GRADS), m.device):  # the sgn instrument's draws
+                result = gram_result(p.model, p.loss_fn, m.x, m.y, per_parameter=True,
+                                     batchnorm=p.batchnorm, chunk_size=p.chunk_size,
+                                     verify=p.take_verify())
+            if m.coverage is None:
+                m.coverage = result.coverage
+            assert result.parameter_grams is not None
+            table = layer_noise_scale(grams=result.parameter_grams, model=p.model)
+        table.insert(0, "step", m.step)
+        m.layers = table
+        group = table[(table["kind"] == "group") & (table["name"] == LAYERNORM)]
+        return {name: float(group[column].iloc[0]) if len(group) else math.nan
+                for column, name in LAYER_ROW_COLUMNS.items()}
+
+
+LAYER_ROW_COLUMNS = {"noise_scale": "noise_scale_layernorm",
+                     "noise_scale_se": "noise_scale_layernorm_se",
+                     "trace": "trace_layernorm", "grad_sq_norm": "grad_sq_norm_layernorm",
+                     "trace_fraction": "trace_fraction_layernorm"}
+"""The layers instrument's columns: the layernorm group's figures under these names."""
+
+
 # The built-in instruments by name, in the order their columns appear in a row.
-INSTRUMENTS: dict[str, Instrument] = {i.name: i for i in (Eval(), SGN(), Tails(), Curvature(),
-                                                          Updates())}
+INSTRUMENTS: dict[str, Instrument] = {i.name: i for i in (Eval(), SGN(), Tails(), MinibatchTails(),
+                                                          Curvature(), Updates(), Layers())}

@@ -201,6 +201,7 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
         update_repeats=probe_cfg.update_repeats if "updates" in instruments else 0,
         optimizer=optimizer, method=opt.method, grads=probe_cfg.grads,
         chunk_size=probe_cfg.chunk_size, seed=training.seed, ranks=ranks,
+        shape_batch_sizes=probe_cfg.shape_batch_sizes, shape_draws=probe_cfg.shape_draws,
     )
     data_gen = torch.Generator().manual_seed(seed_for(training.seed, 0, Purpose.DATA_ORDER))
     order, position, start = torch.randperm(n_train, generator=data_gen), 0, 0

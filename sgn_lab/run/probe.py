@@ -27,13 +27,15 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """One measurement: a flat row of scalars, the spectra in tidy form, and the noise stats
-    (None when the sgn instrument is off)."""
+    """One measurement: a flat row of scalars, the spectra in tidy form, the noise stats
+    (None when the sgn instrument is off) and the per-layer table of the layers instrument
+    (:func:`sgn_lab.layer_noise_scale` with a ``step`` column; None when it is off)."""
 
     step: int
     row: dict[str, float]
     spectra: pd.DataFrame
     noise: NoiseStats | None
+    layers: pd.DataFrame | None = None
 
 
 class NoiseProbe:
@@ -61,9 +63,9 @@ class NoiseProbe:
         (sampling without replacement from the training set).
     instruments
         Names of built-in instruments (``eval``, ``sgn``, ``tails``, ``curvature``,
-        ``updates``) or instrument objects of one's own, run at each measurement in this order
-        (built-ins in their table order first). Default: eval, sgn, tails, and updates when
-        ``update_repeats`` is given; ``curvature=True`` adds curvature.
+        ``updates``, ``layers``) or instrument objects of one's own, run at each measurement
+        in this order (built-ins in their table order first). Default: eval, sgn, tails,
+        and updates when ``update_repeats`` is given; ``curvature=True`` adds curvature.
     update_repeats, optimizer, method
         For the updates instrument: R >= 2 copies of (model, optimizer) each take one step of
         ``method`` (a registry name of :mod:`sgn_lab.optim`) on an independent minibatch, and
@@ -85,7 +87,10 @@ class NoiseProbe:
     verify
         Samples of that first check with ``grads="auto"`` (0: no check).
     shape_samples
-        Samples for the tails in Gram mode.
+        Samples for the tails (and minibatch tails) in Gram mode.
+    shape_batch_sizes, shape_draws
+        For the minibatch-tails instrument: the minibatch sizes B and the draws R per size
+        (:func:`sgn_lab.minibatch_noise_shape`).
     chunk_size, batchnorm
         Passed to :func:`sgn_lab.per_sample_grads`.
     eval_batch
@@ -122,6 +127,8 @@ class NoiseProbe:
         grads: str = "auto",
         verify: int = 32,
         shape_samples: int = 256,
+        shape_batch_sizes: Sequence[int] = (1, 4, 16, 64),
+        shape_draws: int = 256,
         chunk_size: int | None = None,
         batchnorm: str = "error",
         eval_batch: int = 1024,
@@ -154,9 +161,13 @@ class NoiseProbe:
         if grads == "auto":
             grads = "vmap" if needs_grads else "gram"
         self.grads, self.shape_samples = grads, shape_samples
+        self.shape_batch_sizes = tuple(checks.integer("shape_batch_sizes", b, 1)
+                                       for b in shape_batch_sizes)
+        self.shape_draws = checks.integer("shape_draws", shape_draws, 8)
         self.ranks = ranks or Ranks()
         # With vmap, tails and curvature want every rank to hold G: the Gram then comes from it.
-        self.gathers_grads = grads == "vmap" and (needs_grads or "tails" in names)
+        self.gathers_grads = grads == "vmap" and (
+            needs_grads or bool({"tails", "minibatch-tails", "layers"} & set(names)))
         self.coverage: GramCoverage | None = None
         self.model, self.loss_fn = model, loss_fn
         self.x_train, self.y_train = x_train, y_train
@@ -188,7 +199,8 @@ class NoiseProbe:
         spectra = (pd.concat(measurement.spectra, ignore_index=True) if measurement.spectra
                    else pd.DataFrame(columns=["step", "kind", "k", "eigenvalue"]))
         noise = measurement.__dict__.get("noise")  # computed only if an instrument asked
-        return ProbeResult(step, row, spectra, noise)
+        layers = getattr(measurement, "layers", None)  # the layers instrument's table
+        return ProbeResult(step, row, spectra, noise, layers)
 
     def take_verify(self) -> int:
         """The spot check's sample count, once: later measurements skip it."""

@@ -1,12 +1,12 @@
 """RunRecorder: a run directory written measurement by measurement.
 
-The one writer of ``metrics.csv``, ``spectra.csv``, ``coverage.csv`` and the status in
-``config.json``, shared by the training loop of ``sgn-lab measure`` and the trainer callbacks
-(:mod:`sgn_lab.integrations`), so that every run directory has the same files and columns and
-:func:`sgn_lab.load_run` reads them all. After each measurement both tables are rewritten
-atomically; rows after a resumed step (written before a kill) are dropped, to be measured
-again. ``log=("tensorboard",)`` mirrors each measurement to TensorBoard event files in
-``out/tensorboard``.
+The one writer of ``metrics.csv``, ``spectra.csv``, ``layers.csv``, ``coverage.csv`` and the
+status in ``config.json``, shared by the training loop of ``sgn-lab measure`` and the trainer
+callbacks (:mod:`sgn_lab.integrations`), so that every run directory has the same files and
+columns and :func:`sgn_lab.load_run` reads them all. After each measurement the tables are
+rewritten atomically (``layers.csv`` only with the layers instrument); rows after a resumed
+step (written before a kill) are dropped, to be measured again. ``log=("tensorboard",)``
+mirrors each measurement to TensorBoard event files in ``out/tensorboard``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pandas as pd
 from sgn_lab.run.rundir import (
     CONFIG_FILE,
     COVERAGE_FILE,
+    LAYERS_FILE,
     METRICS_FILE,
     SPECTRA_FILE,
     load_run,
@@ -81,7 +82,7 @@ class RunRecorder:
         self.status = dict(config)
         self.identity = dict(identity)
         self.notify = notify
-        self.metrics, self.spectra = pd.DataFrame(), pd.DataFrame()
+        self.metrics, self.spectra, self.layers = pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
         if resume_from is not None:
             run = load_run(self.out)
             if not run.metrics.empty:
@@ -90,6 +91,9 @@ class RunRecorder:
             if not run.spectra.empty:
                 kept = run.spectra["step"] <= resume_from
                 self.spectra = run.spectra[kept].reset_index(drop=True)
+            if not run.layers.empty:
+                kept = run.layers["step"] <= resume_from
+                self.layers = run.layers[kept].reset_index(drop=True)
         self._tensorboard = None
         if "tensorboard" in log:
             from sgn_lab.run.tensorboard import TensorBoardLog
@@ -115,8 +119,16 @@ class RunRecorder:
         tidy = tidy[list(SPECTRUM_COLUMNS)]
         self.spectra = tidy if self.spectra.empty else pd.concat([self.spectra, tidy],
                                                                  ignore_index=True)
+        if result.layers is not None and not result.layers.empty:
+            # The layers instrument's table, with the spectra's identity columns first.
+            layers = result.layers.assign(**{k: self.identity[k] for k in SPECTRUM_IDENTITY})
+            layers = layers[[*SPECTRUM_IDENTITY, *result.layers.columns]]
+            self.layers = layers if self.layers.empty else pd.concat([self.layers, layers],
+                                                                     ignore_index=True)
         write_table(self.out / METRICS_FILE, self.metrics)
         write_table(self.out / SPECTRA_FILE, self.spectra)
+        if not self.layers.empty:
+            write_table(self.out / LAYERS_FILE, self.layers)
         if self._tensorboard is not None:
             self._tensorboard.write(result)
 

@@ -10,6 +10,9 @@ A run directory holds
                     instrument's columns (see README, "A run directory");
 - ``spectra.csv``   tidy spectra: run, label, method, seed, step, kind (``sgn``, ``isotropic``,
                     ``update``), k, eigenvalue;
+- ``layers.csv``    with the layers instrument: run, label, method, seed, step and the table of
+                    :func:`sgn_lab.layer_noise_scale` (B_simple per parameter, module, group
+                    and in total, with errors), one row per step and name;
 - ``coverage.csv``  with the Gram path: each trainable parameter's route and why;
 - ``checkpoint.pt`` model, optimizer and random-generator states at the last measurement
                     (the final state once the run is complete), from which ``--resume``
@@ -31,7 +34,7 @@ import pickle
 import secrets
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,6 +47,7 @@ from sgn_lab.atomic import TEMPORARY_PATTERN, atomic_write
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
 SPECTRA_FILE = "spectra.csv"
+LAYERS_FILE = "layers.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
 COVERAGE_FILE = "coverage.csv"
 LOCK_FILE = ".lock"
@@ -157,12 +161,14 @@ def without_status(data: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Run:
-    """A run directory read back: its configuration and its two tables."""
+    """A run directory read back: its configuration and its tables (``layers`` is empty
+    unless the run had the layers instrument)."""
 
     path: Path
     config: dict[str, Any]
     metrics: pd.DataFrame
     spectra: pd.DataFrame
+    layers: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def complete(self) -> bool:
@@ -184,7 +190,8 @@ def _read_table(file: Path) -> pd.DataFrame:
 def load_run(path: str | Path) -> Run:
     """Load a run directory written by ``sgn-lab measure`` (or ``compare``, one per run).
 
-    Returns a :class:`Run` with ``.config`` (dict), ``.metrics`` and ``.spectra`` (pandas).
+    Returns a :class:`Run` with ``.config`` (dict), ``.metrics``, ``.spectra`` and ``.layers``
+    (pandas; ``layers.csv``, empty without the layers instrument).
     A directory written by ``sgn-lab compare`` holds one sub-directory per run; pass those,
     or use :func:`load_runs` to concatenate them.
     """
@@ -192,7 +199,8 @@ def load_run(path: str | Path) -> Run:
     if not path.is_dir():
         raise FileNotFoundError(f"no run directory at {path}")
     config = read_config(path)
-    return Run(path, config, _read_table(path / METRICS_FILE), _read_table(path / SPECTRA_FILE))
+    return Run(path, config, _read_table(path / METRICS_FILE), _read_table(path / SPECTRA_FILE),
+               _read_table(path / LAYERS_FILE))
 
 
 def find_runs(path: str | Path) -> list[Path]:

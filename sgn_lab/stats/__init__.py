@@ -15,9 +15,10 @@ from sgn_lab.stats.curvature import (
     hessian_vector_product,
     trace_hs,
 )
+from sgn_lab.stats.layers import layer_noise_scale
 from sgn_lab.stats.noise import NoiseStats, isotropic_spectrum, minibatch_factor, noise_stats
 from sgn_lab.stats.streaming import Moments, streaming_moments, streaming_noise_stats
-from sgn_lab.stats.tails import ShapeStats, shape_stats, tail_index
+from sgn_lab.stats.tails import ShapeStats, minibatch_noise_shape, shape_stats, tail_index
 
 __all__ = [
     "CurvatureStats",
@@ -29,7 +30,9 @@ __all__ = [
     "hessian_trace",
     "hessian_vector_product",
     "isotropic_spectrum",
+    "layer_noise_scale",
     "minibatch_factor",
+    "minibatch_noise_shape",
     "noise_stats",
     "shape_stats",
     "streaming_moments",

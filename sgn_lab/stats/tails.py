@@ -13,13 +13,18 @@ their mean. Two questions are asked of them:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import stats
 
-__all__ = ["ShapeStats", "shape_stats", "standardize_noise", "tail_index"]
+from sgn_lab.seeds import derive
+
+__all__ = ["MINIBATCH_SHAPE_COLUMNS", "ShapeStats", "minibatch_noise_shape", "shape_stats",
+           "standardize_noise", "tail_index"]
 
 _MIN_TAIL_SAMPLES = 16
 _MIN_NOISE_SAMPLES = 8
@@ -266,3 +271,139 @@ def shape_stats(
         normality_reject_fraction=float(np.mean(pvalues < _ALPHA_LEVEL)),
         kurtosis=float(np.mean(kurtoses)),
     )
+
+
+MINIBATCH_SHAPE_COLUMNS = ("batch_size", "tail_index", "normality_pvalue",
+                           "normality_reject_fraction", "kurtosis")
+
+
+def minibatch_noise_shape(
+    G: torch.Tensor,
+    batch_sizes: Sequence[int],
+    *,
+    draws: int = 256,
+    seed: int = 0,
+    n_projections: int = 32,
+) -> pd.DataFrame:
+    r"""Tail index and Gaussianity of the *minibatch* noise :math:`g_B - \bar g` at each B.
+
+    For each batch size B, ``draws`` minibatches of B rows are drawn from the n per-sample
+    gradients ``G``, each without replacement (independently of the others), and their means
+    :math:`g_B` minus the mean :math:`\bar g` of all n rows are the R noise samples handed to
+    :func:`shape_stats`. B = 1 is the per-sample noise (rows drawn with replacement across
+    draws); the row of B is the noise an optimizer sees at batch B. Sums of i.i.d. symmetric
+    α-stable vectors are α-stable, so a stable per-sample noise keeps its α at every B, while
+    a noise with finite variance approaches the Gaussian (α = 2, kurtosis 0) as B grows (the
+    central limit theorem).
+
+    The R draws share the pool of n rows: a row lands in R·B/n of them on average, so for
+    R·B well above n they are far from independent samples of the minibatch noise (the tail
+    index standardises by their std, see :func:`shape_stats`, and the normality tests count R
+    samples). Keep R·B of the order of n, or below, when that matters.
+
+    Parameters
+    ----------
+    G : torch.Tensor of shape (n, d)
+        Per-sample gradients (:func:`sgn_lab.flatten_grads`), n >= 2, any float dtype and
+        device; computed on the CPU in float64 (one (n, d) copy).
+    batch_sizes : sequence of int
+        Each B with 1 <= B < n (B = n has no noise left to measure).
+    draws : int, default=256
+        R, minibatches per batch size, at least 8 (the noise samples are an R × d matrix).
+    seed : int, default=0
+        With B, seeds the draws and :func:`shape_stats` of that B's row: equal seeds give
+        equal tables, and a row does not depend on the other batch sizes asked for.
+    n_projections : int, default=32
+        Random directions of the normality tests (:func:`shape_stats`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per batch size, in the order given, columns :data:`MINIBATCH_SHAPE_COLUMNS`.
+
+    Raises
+    ------
+    ValueError
+        If ``G`` is not 2-D, ``batch_sizes`` is empty or holds a B outside [1, n), ``draws``
+        is not an integer >= 8, or as :func:`shape_stats` (non-finite values, no noise).
+
+    Notes
+    -----
+    A minibatch is a uniform B-subset, drawn for all R draws at once (the n − B rows left out
+    when B > n/2: see ``_uniform_subsets``); its sum is gathered row by row, or taken as a 0/1
+    matrix times G in blocks of draws (``_row_sums``). Beyond the (n, d) copy, memory grows
+    with R·d, never with R·B·d.
+    """
+    if G.ndim != 2:
+        raise ValueError(f"G must be 2-D (n, d), got shape {tuple(G.shape)}")
+    n, d = G.shape
+    sizes = list(batch_sizes)
+    if not sizes:
+        raise ValueError("batch_sizes is empty")
+    for b in sizes:
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b < n:
+            raise ValueError(f"batch size {b!r} is not an integer in 1 <= B < n = {n} (the "
+                             "per-sample gradients available)")
+    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) \
+            or draws < _MIN_NOISE_SAMPLES:
+        raise ValueError(f"draws must be an integer >= {_MIN_NOISE_SAMPLES}, got {draws!r}")
+    X = G.detach().to(device="cpu", dtype=torch.float64)
+    mean = X.mean(dim=0)
+    total = X.sum(dim=0)
+    rows = []
+    for B in map(int, sizes):
+        gen = torch.Generator().manual_seed(derive(seed, B))
+        k = min(B, n - B)
+        picks = _uniform_subsets(n, k, int(draws), gen)  # (R, k)
+        sums = _row_sums(X, picks)
+        if k < B:  # the picks are the rows left out
+            sums = total - sums
+        noise = sums / B - mean  # (R, d)
+        stats_ = shape_stats(noise, n_projections=n_projections, seed=derive(seed, B, 1))
+        rows.append({"batch_size": B, **stats_.to_dict()})
+    return pd.DataFrame(rows, columns=list(MINIBATCH_SHAPE_COLUMNS))
+
+
+def _row_sums(X: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """Row r of the result is the sum of the rows ``picks[r]`` of ``X`` (n, d).
+
+    Few picks among many rows: k gathers of R rows (memory-bound, never an R × k × d tensor).
+    Otherwise a 0/1 matrix times X, in blocks of draws of at most ~4M entries: R·n·d flops,
+    but at matrix-multiply speed, which wins unless k is a small fraction of n.
+    """
+    (n, d), (draws, k) = X.shape, picks.shape
+    if 32 * k < n:
+        sums = torch.zeros((draws, d), dtype=X.dtype)
+        for column in picks.T.contiguous():
+            sums += X.index_select(0, column)
+        return sums
+    block = max(1, (1 << 22) // n)
+    parts = []
+    for start in range(0, draws, block):
+        rows = picks[start:start + block]
+        weights = torch.zeros((len(rows), n), dtype=X.dtype).scatter_(1, rows, 1.0)
+        parts.append(weights @ X)
+    return torch.cat(parts)
+
+
+def _uniform_subsets(n: int, k: int, draws: int, gen: torch.Generator) -> torch.Tensor:
+    """``draws`` independent uniform k-subsets of range(n), as a (draws, k) index tensor.
+
+    Dense subsets (8k > n): the first k of a random permutation per draw, O(n) each, at most
+    8 times the size of the subset. Sparse ones: each row starts as k uniform draws with
+    replacement, and a value repeated within its row is redrawn, round after round, until
+    every row holds k distinct values; a redraw collides with probability below 1/8, so a few
+    rounds of one (draws, k) sort each do. Both procedures commute with any relabelling of
+    the n rows, so every k-subset is equally likely.
+    """
+    if 8 * k > n:
+        return torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(draws)])
+    picks = torch.randint(0, n, (draws, k), generator=gen)
+    while True:
+        picks = picks.sort(dim=1).values
+        repeat = torch.zeros_like(picks, dtype=torch.bool)
+        repeat[:, 1:] = picks[:, 1:] == picks[:, :-1]
+        count = int(repeat.sum())
+        if count == 0:
+            return picks
+        picks[repeat] = torch.randint(0, n, (count,), generator=gen)

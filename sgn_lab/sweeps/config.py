@@ -13,7 +13,7 @@ import torch
 
 from sgn_lab import checks
 
-SWEEPS: tuple[str, ...] = ("batch", "beta0", "sigma", "large-batch")
+SWEEPS: tuple[str, ...] = ("batch", "beta0", "sigma", "large-batch", "critical-batch")
 """Names of the sweeps, as ``sgn-lab scaling --sweep NAME`` takes them."""
 
 COLUMNS: tuple[str, ...] = (
@@ -46,6 +46,15 @@ class SweepConfig:
     B, ``small_batch`` B_S, ``repeats`` R (data sets, chains or draws), ``draws`` (minibatches
     per data set), ``groups`` (jackknife groups). Optimizers: ``lr``, ``beta1``, ``burn_in``,
     ``steps``. ``grid``: the x values.
+
+    ``critical-batch`` (:mod:`sgn_lab.sweeps.critical`): ``problem`` (linreg, mlp or
+    transformer), the branch point (``branch_steps`` SGD steps at ``branch_batch`` and
+    ``branch_lr`` from the initial state; linreg starts at |δ| = ``distance``), ``lr_grid``
+    (the learning rates tried at every B), ``target_fraction`` φ (target loss
+    L* + φ·(L_branch − L*)), ``max_steps`` (per branch run), ``probe_samples`` (per-sample
+    gradients for B_simple), ``bootstrap`` (replicates of the CI), ``width``/``depth`` (the
+    MLP's or transformer's size), ``dataset_size`` (training samples or windows of mlp and
+    transformer); ``grid`` holds the batch sizes and ``repeats`` the seeds per (B, lr).
     """
 
     sweep: str
@@ -67,12 +76,25 @@ class SweepConfig:
     beta1: float | None = None
     burn_in: int | None = None
     steps: int | None = None
+    problem: str | None = None
+    lr_grid: tuple[float, ...] | None = None
+    target_fraction: float | None = None
+    branch_steps: int | None = None
+    branch_batch: int | None = None
+    branch_lr: float | None = None
+    max_steps: int | None = None
+    probe_samples: int | None = None
+    bootstrap: int | None = None
+    width: int | None = None
+    depth: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The fields a sweep uses, as plain values (for a config file or a log)."""
         used = ("sweep", "seed", "quick", *_OPTIONS.get(self.sweep, ()))
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in used}
         out["grid"] = list(self.grid)
+        if self.lr_grid is not None and "lr_grid" in out:
+            out["lr_grid"] = list(self.lr_grid)
         return out
 
 
@@ -91,6 +113,56 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "beta0": (*_COMMON, "batch_size", "lr", "beta1", "burn_in", "steps"),
     "sigma": (*_COMMON, "distance", "batch_size", "lr"),
     "large-batch": (*_COMMON, "distance", "rotate", "dataset_size", "small_batch", "groups", "lr"),
+    "critical-batch": (*_COMMON, "problem", "distance", "dataset_size", "lr_grid",
+                       "target_fraction", "branch_steps", "branch_batch", "branch_lr",
+                       "max_steps", "probe_samples", "bootstrap", "width", "depth"),
+}
+
+CRITICAL_PROBLEMS: tuple[str, ...] = ("linreg", "mlp", "transformer")
+"""Problems of the ``critical-batch`` sweep (its ``problem`` option)."""
+
+
+def _halves(low: float, high: float) -> tuple[float, ...]:
+    """Learning rates low·2^(k/2) up to high: a grid of factor √2."""
+    count = int(round(2 * math.log2(high / low))) + 1
+    return tuple(float(low * 2 ** (k / 2)) for k in range(count))
+
+
+# critical-batch: per problem (full, quick). See sgn_lab.sweeps.critical for the choices.
+_CRITICAL: dict[str, dict[bool, dict[str, Any]]] = {
+    "linreg": {
+        False: dict(grid=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), repeats=32, dim=32,
+                    condition=100.0, noise_std=0.0, distance=4.0, lr_grid=_halves(1 / 32, 2.0),
+                    target_fraction=0.5, branch_steps=100, branch_batch=8, branch_lr=0.5,
+                    max_steps=20000, probe_samples=4096, bootstrap=2000),
+        True: dict(grid=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), repeats=12, dim=32,
+                   condition=100.0, noise_std=0.0, distance=4.0, lr_grid=_halves(1 / 32, 2.0),
+                   target_fraction=0.5, branch_steps=100, branch_batch=8, branch_lr=0.5,
+                   max_steps=20000, probe_samples=2048, bootstrap=1000),
+    },
+    "mlp": {
+        False: dict(grid=(4, 8, 16, 32, 64, 128, 256, 512), repeats=8, dim=20,
+                    condition=1.0, noise_std=0.0, dataset_size=4000, width=64, depth=2,
+                    lr_grid=_halves(1 / 16, 2.0), target_fraction=0.5, branch_steps=300,
+                    branch_batch=16, branch_lr=0.1, max_steps=4000, probe_samples=3000,
+                    bootstrap=2000),
+        True: dict(grid=(8, 16, 32, 64, 128), repeats=3, dim=10, condition=1.0,
+                   noise_std=0.0, dataset_size=2000, width=32, depth=1,
+                   lr_grid=(0.2, 0.4, 0.8, 1.6), target_fraction=0.5, branch_steps=100,
+                   branch_batch=16, branch_lr=0.1, max_steps=800, probe_samples=1500,
+                   bootstrap=1000),
+    },
+    "transformer": {
+        False: dict(grid=(4, 8, 16, 32, 64, 128, 256), repeats=4, dim=16, condition=1.0,
+                    noise_std=0.0, dataset_size=4000, width=64, depth=2,
+                    lr_grid=_halves(1 / 32, 1.0)[::2], target_fraction=0.5, branch_steps=300,
+                    branch_batch=16, branch_lr=0.1, max_steps=3000, probe_samples=256,
+                    bootstrap=2000),
+        True: dict(grid=(4, 16, 64, 256), repeats=3, dim=16, condition=1.0, noise_std=0.0,
+                   dataset_size=2000, width=32, depth=1, lr_grid=_halves(1 / 16, 1.0)[::2],
+                   target_fraction=0.5, branch_steps=100, branch_batch=16, branch_lr=0.1,
+                   max_steps=1000, probe_samples=128, bootstrap=1000),
+    },
 }
 _DEFAULTS: dict[str, dict[bool, dict[str, Any]]] = {
     "batch": {
@@ -130,6 +202,8 @@ def sweep_config(name: str, *, quick: bool = False, seed: int = 0, **options: An
     value (each message names it).
     """
     _check_sweep(name)
+    if name == "critical-batch":
+        return _critical_config(quick=quick, seed=seed, **options)
     allowed = _OPTIONS[name]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -207,3 +281,52 @@ def _check_config(c: SweepConfig) -> None:
         raise ValueError(f"steps must be even (PNM alternates buffers), got {c.steps!r}")
 
 
+
+
+def _critical_config(*, quick: bool, seed: int, **options: Any) -> SweepConfig:
+    """The critical-batch sweep's config: the defaults of its ``problem`` (default linreg)."""
+    allowed = _OPTIONS["critical-batch"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"sweep 'critical-batch' takes no option {unknown[0]!r}; its options are "
+            f"{', '.join(allowed)}"
+        )
+    checks.integer("seed", seed, 0)
+    problem = checks.choice("problem", options.pop("problem", "linreg"), CRITICAL_PROBLEMS)
+    values = {**_CRITICAL[problem][bool(quick)], **options}
+    grid = values["grid"]
+    if isinstance(grid, str | bytes) or not isinstance(grid, Sequence | np.ndarray):
+        raise ValueError(f"grid must be a sequence of batch sizes, got {grid!r}")
+    points = list(grid)
+    for b in points:
+        integral = isinstance(b, int | np.integer) or (isinstance(b, float) and b.is_integer())
+        if isinstance(b, bool) or not integral or b < 1:
+            raise ValueError(f"invalid grid value {b!r}: a batch size must be an integer >= 1")
+    if len(set(points)) != len(points) or len(points) < 3:
+        raise ValueError(f"grid must hold at least 3 distinct batch sizes (a 2-parameter fit "
+                         f"needs a residual), got {points!r}")
+    values["grid"] = tuple(int(b) for b in sorted(points))
+    rates = values["lr_grid"]
+    if isinstance(rates, str | bytes) or not isinstance(rates, Sequence | np.ndarray) or not (
+        len(rates)
+    ):
+        raise ValueError(f"lr_grid must be a non-empty sequence of learning rates, got {rates!r}")
+    for v in rates:
+        checks.number("lr_grid value", v, 0)
+    if len(set(rates)) != len(rates):
+        raise ValueError(f"lr_grid must not repeat a value, got {list(rates)!r}")
+    values["lr_grid"] = tuple(float(v) for v in sorted(rates))
+    config = SweepConfig(sweep="critical-batch", seed=seed, quick=bool(quick), problem=problem,
+                         **values)
+    _check_config(config)
+    checks.fraction("target_fraction", config.target_fraction)
+    for name, minimum in (("branch_steps", 0), ("branch_batch", 1), ("max_steps", 1),
+                          ("probe_samples", 2), ("bootstrap", 100), ("width", 1),
+                          ("depth", 1 if problem == "transformer" else 0)):
+        if getattr(config, name) is not None:
+            checks.integer(name, getattr(config, name), minimum)
+    checks.number("branch_lr", config.branch_lr, 0)
+    if problem == "transformer" and config.width % 2:
+        raise ValueError(f"width must be even (2 attention heads), got {config.width!r}")
+    return config

@@ -71,6 +71,11 @@ larger than the confidence interval is a finding (or a bug), not an approximatio
     variant loses its structure; on an axis-aligned H it loses only the rank-one part HδδᵀH.
     The four methods see the same minibatches (common random numbers).
 
+``critical-batch``  (x = batch size B; the fit's rows have x = NaN)
+    McCandlish et al.'s S = S_min(1 + B_noise/B) measured by branching SGD runs from one
+    checkpoint, on linear regression, an MLP or a small transformer: see
+    :mod:`sgn_lab.sweeps.critical`.
+
 The table (:data:`COLUMNS`) has one row per grid point and quantity: ``measured`` with its 95%
 normal confidence interval ``[ci_low, ci_high]`` (mean ± 1.96·sd/√R over R independent
 draws, chains or data sets; the delta method for ratios; the jackknife for spectral
@@ -126,7 +131,8 @@ def run_sweep(
     Parameters
     ----------
     name
-        ``"batch"``, ``"beta0"``, ``"sigma"`` or ``"large-batch"`` (see the module docstring).
+        ``"batch"``, ``"beta0"``, ``"sigma"``, ``"large-batch"`` (see the module docstring) or
+        ``"critical-batch"`` (:mod:`sgn_lab.sweeps.critical`).
     quick
         The small variant (fewer points, draws and dimensions): seconds instead of a minute,
         still resolving the theory to a few percent; the tests run it.
@@ -540,10 +546,19 @@ def _gaussian_step(w: Tensor, grads: Tensor, lr: float, sigma: float, seed: int)
     return (w - theta.detach()) / lr
 
 
+def _sweep_critical_batch(c: SweepConfig, progress: Progress) -> list[dict[str, Any]]:
+    """The critical-batch sweep lives in :mod:`sgn_lab.sweeps.critical` (imported here, late:
+    it uses this module's linear-regression helpers)."""
+    from sgn_lab.sweeps.critical import sweep_critical
+
+    return sweep_critical(c, progress)
+
+
 _RUNNERS: dict[str, Callable[[SweepConfig, Progress], list[dict[str, Any]]]] = {
     "batch": _sweep_batch,
     "beta0": _sweep_beta0,
     "sigma": _sweep_sigma,
     "large-batch": _sweep_large_batch,
+    "critical-batch": _sweep_critical_batch,
 }
 

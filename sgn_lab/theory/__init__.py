@@ -5,7 +5,9 @@ What it covers (formulas and sources: ``THEORY.md``):
 - minibatch noise: Cov[g_B] = c·S with or without replacement (:func:`minibatch_noise_covariance`);
 - Gaussian linear regression: the exact per-sample gradient covariance Σ(w) and the
   state-dependent minibatch noise it induces along an SGD trajectory
-  (:func:`linreg_gradient_covariance`, :func:`linreg_noise_model`);
+  (:func:`linreg_gradient_covariance`, :func:`linreg_noise_model`); McCandlish et al.'s
+  noise scales B_noise and B_simple (:func:`linreg_noise_scales`) and the exact expected-loss
+  curve of online SGD, for the steps to a target loss (:func:`linreg_steps_to_loss`);
 - stationary fluctuations on a quadratic ½θᵀHθ with gradient noise of covariance C: exact for
   SGD, heavy-ball momentum (torch SGD) and PNM, from the discrete Lyapunov equation of the
   linear recursion, plus the small-learning-rate (Ornstein–Uhlenbeck) limit and the 1-D closed
@@ -34,7 +36,12 @@ raises ValueError naming the offending value; so does a learning rate past the s
 
 from sgn_lab.optim.pnm import pnm_noise_factor
 from sgn_lab.theory._inputs import NoiseModel
-from sgn_lab.theory.linreg import linreg_gradient_covariance, linreg_noise_model
+from sgn_lab.theory.linreg import (
+    linreg_gradient_covariance,
+    linreg_noise_model,
+    linreg_noise_scales,
+    linreg_steps_to_loss,
+)
 from sgn_lab.theory.methods import (
     covariance_noise_target,
     injected_noise_covariance,
@@ -65,6 +72,8 @@ __all__ = [
     "injected_noise_covariance",
     "linreg_gradient_covariance",
     "linreg_noise_model",
+    "linreg_noise_scales",
+    "linreg_steps_to_loss",
     "minibatch_noise_covariance",
     "minibatch_noise_trace",
     "pnm_lag1_autocorrelation",

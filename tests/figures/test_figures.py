@@ -138,19 +138,39 @@ def test_symmetric_figure_has_each_method_at_each_batch_size(tmp_path):
     assert (table["step"] == 4).all() and table["hessian_top_eigenvalue"].notna().all()
 
 
-def test_tails_figure_tracks_each_setting_over_training(tmp_path):
+def test_tails_figure_has_one_row_per_step_and_minibatch_size(tmp_path):
     import pandas as pd
 
     from sgn_lab.figures import tails
 
     config = tiny_config("tails")
-    config["runs"] = {label: {**fields, **TINY_RUN}
-                      for label, fields in config["runs"].items()}
+    config["run"] = {**config["run"], **TINY_RUN, "shape_draws": 32}
+    sizes = sorted(config["run"]["shape_batch_sizes"])
+    assert sizes[0] == 1 and sizes[-1] >= TINY_RUN["probe_samples"]  # some B are too large
     table = pd.read_csv(tails.make(config, tmp_path))
     assert_images(tmp_path, "tails")
-    assert sorted(set(table["setting"])) == sorted(config["runs"])
-    assert sorted(set(table["step"])) == [0, 2, 4]
-    assert table["tail_index"].between(0, 2.5).all()
+    assert list(table.columns)[-5:] == ["batch_size", *tails.SHAPE]
+    assert list(zip(table["step"], table["batch_size"], strict=True)) == [
+        (step, b) for step in (0, 2, 4) for b in sizes]
+    # A B not below the 16 probe samples is NaN; the others are measured.
+    measured = table["batch_size"] < TINY_RUN["probe_samples"]
+    assert table.loc[measured, list(tails.SHAPE)].notna().all().all()
+    assert table.loc[~measured, list(tails.SHAPE)].isna().all().all()
+    # The table is the run's tail_index_b<B>, ... columns, reshaped.
+    metrics = load_run(tmp_path / "runs" / "tails").metrics.set_index("step")
+    for row in table[measured].itertuples():
+        for column in tails.SHAPE:
+            assert getattr(row, column) == pytest.approx(
+                metrics.loc[row.step, f"{column}_b{row.batch_size}"], rel=1e-12)
+
+
+def test_tails_table_needs_the_minibatch_tails_columns():
+    import pandas as pd
+
+    from sgn_lab.figures import tails
+
+    with pytest.raises(ValueError, match="add 'minibatch-tails'"):
+        tails.tidy(pd.DataFrame({"step": [0], "tail_index": [1.5]}))
 
 
 @pytest.mark.parametrize("name, options", [

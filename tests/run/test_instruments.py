@@ -52,7 +52,7 @@ def test_each_instrument_adds_its_columns_only():
     assert set(sgn.spectra["kind"]) == {"sgn", "isotropic"}
     every = NoiseProbe(model, nn.functional.cross_entropy, x, y,
                        instruments=["updates", "tails", WeightNorm(), "sgn", "eval",
-                                    "curvature"], **common)
+                                    "curvature", "layers", "minibatch-tails"], **common)
     assert [i.name for i in every.instruments] == [*INSTRUMENTS, "weight_norm"]
     assert every.grads == "vmap"  # curvature needs G
     row = every.measure(0).row

@@ -73,7 +73,7 @@ def large_batch_table() -> pd.DataFrame:
 
 
 def test_sweeps_and_columns(sigma_table: pd.DataFrame) -> None:
-    assert SWEEPS == ("batch", "beta0", "sigma", "large-batch")
+    assert SWEEPS == ("batch", "beta0", "sigma", "large-batch", "critical-batch")
     assert tuple(sigma_table.columns) == COLUMNS == (
         "sweep", "x", "quantity", "measured", "ci_low", "ci_high", "theory", "rel_error",
     )
@@ -341,7 +341,9 @@ def test_plot_scaling_rejects_bad_tables(batch_table, sigma_table) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SWEEPS)
+# critical-batch fits a curve rather than matching theory point by point: its own tests are
+# in test_critical_batch.py.
+@pytest.mark.parametrize("name", [s for s in SWEEPS if s != "critical-batch"])
 def test_full_sweep_matches_theory(name: str) -> None:
     table = run_sweep(name)
     config = sweep_config(name)
