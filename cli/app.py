@@ -21,6 +21,7 @@ from rich.table import Table
 
 from sgn_lab.distributed.launch import WorkerError
 from sgn_lab.run.config import FIELDS, SECTIONS, help_text
+from sgn_lab.sweeps.config import SWEEP_HELP
 
 app = typer.Typer(
     help="Measure stochastic gradient noise (SGN) in PyTorch models.",
@@ -324,9 +325,8 @@ def plot(
 
 @app.command()
 def scaling(
-    sweep: Annotated[str, Opt(help="batch (noise trace vs B), beta0 (PNM), sigma (Gaussian "
-                              "injection), large-batch (covariance noise) or critical-batch "
-                              "(McCandlish's critical batch against the noise scale).")],
+    sweep: Annotated[str, Opt(help=", ".join(f"{name} ({what})"
+                                             for name, what in SWEEP_HELP.items()) + ".")],
     out: Annotated[Path, Opt(help="Folder for the table (CSV) and figure (PNG, PDF).")] = Path(
         "runs/scaling"
     ),

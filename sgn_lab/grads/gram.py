@@ -242,24 +242,30 @@ def gram_result(
     no extra cost but n² numbers per parameter; the per-layer noise scale
     (:func:`sgn_lab.layer_noise_scale`) comes from them.
     """
-    model = unwrapped(model)
-    xs = _as_tuple(inputs)
-    n = _num_samples(xs, targets)
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError("the model has no parameter with requires_grad=True")
     for label, value, low in (("chunk_size", chunk_size, 1), ("verify", verify, 0)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < low):
             raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
-    device = next(iter(params.values())).device
-    xs, targets = tuple(x.to(device) for x in xs), targets.to(device)
+    model, xs, targets, params, n = _prepared(model, inputs, targets)
     with _batchnorm_policy(model, batchnorm):
         result, blocks, randomness = _chunked(model, loss_fn, xs, targets, params, with_mean,
                                               chunk_size or n, verify, per_parameter)
         if verify:
             _verify(model, loss_fn, xs, targets, params, blocks, randomness)
     return result
+
+
+def _prepared(model, inputs, targets):
+    """(the module to measure, inputs as a tuple and targets on its device, its trainable
+    parameters by name, the number of samples)."""
+    model = unwrapped(model)
+    xs = _as_tuple(inputs)
+    n = _num_samples(xs, targets)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True")
+    device = next(iter(params.values())).device
+    return model, tuple(x.to(device) for x in xs), targets.to(device), params, n
 
 
 def _chunked(model, loss_fn, xs, targets, params, with_mean, chunk, verify,
@@ -379,14 +385,7 @@ def gram_factors(
     which :func:`sgn_lab.grads.cross.cross_gram` gives the inner products with another sample
     set's.
     """
-    model = unwrapped(model)
-    xs = _as_tuple(inputs)
-    n = _num_samples(xs, targets)
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError("the model has no parameter with requires_grad=True")
-    device = next(iter(params.values())).device
-    xs, targets = tuple(x.to(device) for x in xs), targets.to(device)
+    model, xs, targets, params, n = _prepared(model, inputs, targets)
     with _batchnorm_policy(model, batchnorm):
         result, blocks, randomness, groups = _one_pass(model, loss_fn, xs, targets, params,
                                                        slice(0, n), verify, keep=True)

@@ -13,7 +13,16 @@ import torch
 
 from sgn_lab import checks
 
-SWEEPS: tuple[str, ...] = ("batch", "beta0", "sigma", "large-batch", "critical-batch")
+SWEEP_HELP: dict[str, str] = {
+    "batch": "noise trace vs B",
+    "beta0": "PNM",
+    "sigma": "Gaussian injection",
+    "large-batch": "covariance noise",
+    "critical-batch": "McCandlish's critical batch against the noise scale",
+}
+"""Each sweep with what it measures (the CLI's help reads it)."""
+
+SWEEPS: tuple[str, ...] = tuple(SWEEP_HELP)
 """Names of the sweeps, as ``sgn-lab scaling --sweep NAME`` takes them."""
 
 COLUMNS: tuple[str, ...] = (
