@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from sgn_lab.distributed.gram import split_gram
-from sgn_lab.grads import GramCoverage, gram_result
+from sgn_lab.grads import GramCoverage, GramResult, gram_result
 from sgn_lab.grads.vmap import _seeded, flatten_grads, per_sample_grads
 from sgn_lab.seeds import Purpose, seed_for
 from sgn_lab.stats.curvature import curvature_stats
@@ -120,14 +120,22 @@ class Measurement:
             self.coverage = split.coverage
             return noise_stats(gram=split.gram, dim=split.mean.numel(), mean=split.mean,
                                diag_variance=split.diag_variance, **minibatch)
+        mean = self.gram.mean
+        assert mean is not None
+        return noise_stats(gram=self.gram.gram, dim=mean.numel(), mean=mean, **minibatch)
+
+    @cached_property
+    def gram(self) -> GramResult:
+        """The Gram path's one pass over the probe batch in this process: the Gram, the mean
+        gradient and, with the layers instrument on, every parameter's own Gram."""
+        p = self.probe
+        per_parameter = any(i.name == "layers" for i in p.instruments)
         with _seeded(self.seed(Purpose.GRADS), self.device):
             result = gram_result(p.model, p.loss_fn, self.x, self.y, with_mean=True,
-                                 batchnorm=p.batchnorm, chunk_size=p.chunk_size,
-                                 verify=p.take_verify())
+                                 per_parameter=per_parameter, batchnorm=p.batchnorm,
+                                 chunk_size=p.chunk_size, verify=p.take_verify())
         self.coverage = result.coverage
-        mean = result.mean
-        assert mean is not None
-        return noise_stats(gram=result.gram, dim=mean.numel(), mean=mean, **minibatch)
+        return result
 
     @cached_property
     def shape_grads(self) -> Tensor | None:
@@ -283,15 +291,9 @@ class Layers:
         if p.grads == "vmap" or p.ranks.distributed:
             # Over several processes: the per-sample gradients gathered from the ranks.
             table = layer_noise_scale(m.grads, model=p.model)
-        else:
-            with _seeded(m.seed(Purpose.GRADS), m.device):  # the sgn instrument's draws
-                result = gram_result(p.model, p.loss_fn, m.x, m.y, per_parameter=True,
-                                     batchnorm=p.batchnorm, chunk_size=p.chunk_size,
-                                     verify=p.take_verify())
-            if m.coverage is None:
-                m.coverage = result.coverage
-            assert result.parameter_grams is not None
-            table = layer_noise_scale(grams=result.parameter_grams, model=p.model)
+        else:  # the pass the sgn instrument shares
+            assert m.gram.parameter_grams is not None
+            table = layer_noise_scale(grams=m.gram.parameter_grams, model=p.model)
         table.insert(0, "step", m.step)
         m.layers = table
         group = table[(table["kind"] == "group") & (table["name"] == LAYERNORM)]
