@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import re
+import sys
+import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +109,21 @@ CPU_AND_CUDA = [
     ]),
 ]
 """Device parameters: CUDA runs where a GPU is present and is skipped, with a reason, elsewhere."""
+
+
+@contextlib.contextmanager
+def benchmark_script(name: str) -> Iterator[types.ModuleType]:
+    """``benchmarks/<name>.py`` imported as the module ``name`` for the block (its dataclasses
+    look their module up in ``sys.modules``); torch's thread count, which a benchmark's
+    ``main()`` sets, is restored afterwards."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        torch.set_num_threads(threads)
+        del sys.modules[name]

@@ -9,31 +9,21 @@ on 2 cores.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 import math
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
-import torch
+from helpers import benchmark_script
 
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_distributed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    yield module
-    torch.set_num_threads(threads)
-    del sys.modules[spec.name]
+    with benchmark_script("bench_distributed") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

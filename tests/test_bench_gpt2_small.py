@@ -9,28 +9,20 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import benchmark_script
 
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpt2_small.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_gpt2_small", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    yield module
-    torch.set_num_threads(threads)  # main() sets the benchmark's thread count
-    del sys.modules[spec.name]
+    with benchmark_script("bench_gpt2_small") as module:
+        yield module
 
 
 def test_quick_run_writes_checked_rows(bench, tmp_path):
