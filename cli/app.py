@@ -365,12 +365,10 @@ def scaling(
         rel = row["rel_error"]
         centre, low, high = row["measured"], row["ci_low"], row["ci_high"]
         measured = f"{centre:.4g}"
-        if low != low:  # NaN: a value without a CI
-            pass
-        elif abs((high - centre) - (centre - low)) <= 1e-9 * abs(high - low):
-            measured += f" ± {half_width:.2g}"
-        else:  # an asymmetric (bootstrap) CI
-            measured += f" [{low:.3g}, {high:.3g}]"
+        if low == low:  # NaN: a value without a CI
+            symmetric = abs((high - centre) - (centre - low)) <= 1e-9 * abs(high - low)
+            measured += (f" ± {half_width:.2g}" if symmetric  # else a bootstrap CI
+                         else f" [{low:.3g}, {high:.3g}]")
         shown.add_row(
             str(row["quantity"]), f"{row['x']:.4g}" if row["x"] == row["x"] else "–", measured,
             f"{row['theory']:.4g}" if row["theory"] == row["theory"] else "–",

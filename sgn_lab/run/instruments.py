@@ -27,8 +27,8 @@ layers      noise_scale_layernorm (with _se), trace_layernorm,                  
 [1] With the Gram path, from the per-sample gradients of the first ``shape_samples`` probe
 samples (computed once for both).
 [2] :func:`sgn_lab.layer_noise_scale` of the probe batch, written to ``layers.csv``; with the
-Gram path from the per-parameter Grams of a pass of its own (the ``sgn`` instrument's pass
-keeps only their sum), with vmap, and over several processes, from the shared per-sample
+Gram path from the per-parameter Grams of the pass the ``sgn`` instrument shares
+(``Measurement.gram``), with vmap, and over several processes, from the shared per-sample
 gradients (gathered from the ranks).
 
 A user's instrument is any object with ``name``, ``needs_grads`` and that call, passed to

@@ -211,8 +211,8 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
     checkpoint_path = out / CHECKPOINT_FILE
     resumed_at = None
     if resume:
-        state = ranks.decided(lambda: load_checkpoint(checkpoint_path)
-                        if checkpoint_path.is_file() else None)
+        state = ranks.decided(
+            lambda: load_checkpoint(checkpoint_path) if checkpoint_path.is_file() else None)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

@@ -62,10 +62,11 @@ class NoiseProbe:
         The training minibatch size B, for ``minibatch_trace`` and ``noise_to_signal``
         (sampling without replacement from the training set).
     instruments
-        Names of built-in instruments (``eval``, ``sgn``, ``tails``, ``curvature``,
-        ``updates``, ``layers``) or instrument objects of one's own, run at each measurement
-        in this order (built-ins in their table order first). Default: eval, sgn, tails,
-        and updates when ``update_repeats`` is given; ``curvature=True`` adds curvature.
+        Names of built-in instruments (``eval``, ``sgn``, ``tails``, ``minibatch-tails``,
+        ``curvature``, ``updates``, ``layers``) or instrument objects of one's own, run at
+        each measurement in this order (built-ins in their table order first). Default: eval,
+        sgn, tails, and updates when ``update_repeats`` is given; ``curvature=True`` adds
+        curvature.
     update_repeats, optimizer, method
         For the updates instrument: R >= 2 copies of (model, optimizer) each take one step of
         ``method`` (a registry name of :mod:`sgn_lab.optim`) on an independent minibatch, and
@@ -165,7 +166,7 @@ class NoiseProbe:
                                        for b in shape_batch_sizes)
         self.shape_draws = checks.integer("shape_draws", shape_draws, 8)
         self.ranks = ranks or Ranks()
-        # With vmap, tails and curvature want every rank to hold G: the Gram then comes from it.
+        # With vmap, these instruments want every rank to hold G: the Gram then comes from it.
         self.gathers_grads = grads == "vmap" and (
             needs_grads or bool({"tails", "minibatch-tails", "layers"} & set(names)))
         self.coverage: GramCoverage | None = None

@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from sgn_lab import checks
-from sgn_lab.stats.noise import _BLOCK_ELEMENTS, jackknife_from_gram, magnitudes
+from sgn_lab.stats.noise import jackknife_from_gram, magnitudes
+from sgn_lab.stats.streaming import _cross_gram
 
 LAYER_COLUMNS = ("name", "kind", "dim", "trace", "trace_fraction", "mean_sq_norm",
                  "grad_sq_norm", "grad_sq_norm_se", "noise_scale", "noise_scale_se",
@@ -67,17 +68,7 @@ def parameter_grams(grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
     ``grads`` maps a name to the (n, *shape) per-sample gradients of that parameter (the dict
     of :func:`sgn_lab.per_sample_grads`); columns are streamed in float64 blocks.
     """
-    grams = {}
-    for name, g in grads.items():
-        G = g.reshape(g.shape[0], -1)
-        n = G.shape[0]
-        K = torch.zeros((n, n), dtype=torch.float64, device=G.device)
-        step = max(1, _BLOCK_ELEMENTS // max(n, 1))
-        for start in range(0, G.shape[1], step):
-            block = G[:, start : start + step].to(torch.float64)
-            K += block @ block.T
-        grams[name] = K
-    return grams
+    return {name: _cross_gram({name: g}, {name: g}) for name, g in grads.items()}
 
 
 def layer_noise_scale(
@@ -133,6 +124,8 @@ def layer_noise_scale(
         if not isinstance(grads, Mapping) or not grads:
             raise ValueError("grads must be a non-empty dict name -> (n, *shape) per-sample "
                              "gradients")
+        for name, g in grads.items():  # each Gram needs its samples first
+            checks.samples(f"n[{name}]", g.shape[0] if g.dim() else 0)
         dims = {name: int(g[0].numel()) for name, g in grads.items()}
         grams = parameter_grams(grads)
     else:

@@ -278,6 +278,8 @@ def test_bad_input_is_named():
         layer_noise_scale(grams=grams, dims={"a.weight": 3})
     with pytest.raises(ValueError, match="at least 2 samples"):
         layer_noise_scale({"a": torch.randn(1, 3)})
+    with pytest.raises(ValueError, match=r"got n\[a\]=0"):  # no sample at all: one line too
+        layer_noise_scale({"a": torch.randn(0, 3)})
     table = layer_noise_scale(grams=grams, dims={"a.weight": 3, "b.weight": 2},
                               groups={"empty": []})
     assert "empty" not in set(table["name"])  # a group without parameters has no row
