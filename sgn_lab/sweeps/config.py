@@ -165,12 +165,12 @@ _CRITICAL: dict[str, dict[bool, dict[str, Any]]] = {
         False: dict(grid=(4, 8, 16, 32, 64, 128, 256), repeats=4, dim=16, condition=1.0,
                     noise_std=0.0, dataset_size=4000, width=64, depth=2,
                     lr_grid=_halves(1 / 32, 1.0)[::2], target_fraction=0.5, branch_steps=300,
-                    branch_batch=16, branch_lr=0.1, max_steps=3000, probe_samples=256,
+                    branch_batch=16, branch_lr=0.1, max_steps=3000, probe_samples=2048,
                     bootstrap=2000),
         True: dict(grid=(4, 16, 64, 256), repeats=3, dim=16, condition=1.0, noise_std=0.0,
                    dataset_size=2000, width=32, depth=1, lr_grid=_halves(1 / 16, 1.0)[::2],
                    target_fraction=0.5, branch_steps=100, branch_batch=16, branch_lr=0.1,
-                   max_steps=1000, probe_samples=128, bootstrap=1000),
+                   max_steps=1000, probe_samples=512, bootstrap=1000),
     },
 }
 _DEFAULTS: dict[str, dict[bool, dict[str, Any]]] = {

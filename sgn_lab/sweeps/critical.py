@@ -337,34 +337,16 @@ def _branch_network(c: SweepConfig, progress: Progress) -> _Branched:
         with torch.no_grad():
             return float(loss_fn(model(x_eval), y_eval))
 
-    def train(lr: float, batch: int, steps: int, gen: torch.Generator,
-              target: float | None = None) -> float:
-        """SGD steps; with a target, the first step at which it is reached (∞: never)."""
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-        for t in range(1, steps + 1):
-            idx = torch.randint(n, (batch,), generator=gen)
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x_train[idx]), y_train[idx]).backward()
-            opt.step()
-            if target is not None:
-                value = evaluate()
-                if value <= target:
-                    return float(t)
-                if not math.isfinite(value):
-                    return math.inf
-        return math.inf
-
     model.train(False)  # no dropout: the GPT-2 has none, the MLP no random layers
+    # The branch point: branch_steps of SGD from the initial weights.
     gen = torch.Generator().manual_seed(derive(c.seed, _KEY, SweepPurpose.PROBLEM,
                                                SweepPurpose.DRAWS))
-    train(c.branch_lr, c.branch_batch, c.branch_steps, gen)
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    checkpoint = buffer.getvalue()
-
-    def restore() -> None:
-        model.load_state_dict(torch.load(io.BytesIO(checkpoint)))
-
+    opt = torch.optim.SGD(model.parameters(), lr=c.branch_lr)
+    for _ in range(c.branch_steps):
+        idx = torch.randint(n, (c.branch_batch,), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x_train[idx]), y_train[idx]).backward()
+        opt.step()
     branch_loss = evaluate()
     target = _target(c, branch_loss, floor)
     probe = torch.randperm(n, generator=torch.Generator().manual_seed(
@@ -372,32 +354,86 @@ def _branch_network(c: SweepConfig, progress: Progress) -> _Branched:
     grads = flatten_grads(per_sample_grads(model, loss_fn, x_train[probe], y_train[probe]))
     b_simple = _b_simple(grads.to(_DTYPE))
 
+    branch_params = {k: p.detach() for k, p in model.named_parameters()}
     steps = np.full((len(c.grid), len(c.lr_grid), c.repeats), np.inf)
     for j, batch in enumerate(c.grid):
-        done = steps[j]
-        # The largest lr first: a too-large one diverges within a few steps, and the first
-        # complete lr bounds the budget of the rest.
-        for i in reversed(range(len(c.lr_grid))):
-            lr = c.lr_grid[i]
-            for r in range(c.repeats):
-                complete = np.isfinite(done).all(axis=1)
-                best = done[complete].mean(axis=1).min() if complete.any() else math.inf
-                # Past this many steps the run cannot make its lr's mean the best.
-                budget = c.max_steps
-                if math.isfinite(best):
-                    budget = min(budget, int(best * c.repeats - done[i, :r].sum()))
-                if budget < 1:
-                    break
-                restore()
-                gen = torch.Generator().manual_seed(derive(c.seed, _KEY, j, r,
-                                                           SweepPurpose.DRAWS))
-                done[i, r] = train(lr, batch, budget, gen, target)
-                if math.isinf(done[i, r]):
-                    break  # this lr has a seed that missed: it is not the best
+        gens = [torch.Generator().manual_seed(derive(c.seed, _KEY, j, r, SweepPurpose.DRAWS))
+                for r in range(c.repeats)]
+        steps[j] = run_branches(model, loss_fn, branch_params, (x_train, y_train),
+                                (x_eval, y_eval), lrs=c.lr_grid, batch_size=batch,
+                                generators=gens, target=target, max_steps=c.max_steps)
         progress(j + 1, len(c.grid))
-    restore()
     return _Branched(steps=steps, branch_loss=branch_loss, floor=floor, target=target,
                      b_simple=b_simple)
+
+
+def run_branches(
+    model: torch.nn.Module,
+    loss_fn: Any,
+    params: dict[str, Tensor],
+    train: tuple[Tensor, Tensor],
+    held_out: tuple[Tensor, Tensor],
+    *,
+    lrs: Any,
+    batch_size: int,
+    generators: list[torch.Generator],
+    target: float,
+    max_steps: int,
+) -> np.ndarray:
+    """Steps of plain SGD from ``params`` until the held-out loss first falls to ``target``.
+
+    One run per (lr, seed): seed r draws its minibatches (``batch_size`` indices with
+    replacement per step) from ``generators[r]``, the same for every lr (common random
+    numbers). After every step each run's loss on ``held_out`` is checked. Returns steps
+    (lrs, seeds), ∞ for a run that did not reach the target: it diverged (a non-finite loss),
+    ran ``max_steps``, or was stopped once it could no longer make its lr's mean the fewest
+    (:func:`_beyond_best`).
+
+    The runs still going take their steps together, as one ``torch.func.vmap`` of the gradient
+    over their stacked parameters (on small models R runs' step costs a few single steps);
+    their held-out losses are computed one run at a time, which is faster than a vmap whose
+    parameters are batched and inputs are not.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    fixed = {k: b.detach() for k, b in model.named_buffers()}
+
+    def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, (p, fixed), (x,)), y)
+
+    gradient = vmap(grad(loss))
+    x_train, y_train = train
+    rates = torch.tensor([float(lr) for lr in lrs], dtype=next(iter(params.values())).dtype)
+    seeds = len(generators)
+    done = np.full((len(rates), seeds), np.inf)
+    dead = np.zeros(done.shape, dtype=bool)
+    # The runs still going, lr-major, and their stacked parameters (runs, ...).
+    live = np.arange(done.size)
+    theta = {k: v.detach().expand(done.size, *v.shape).clone() for k, v in params.items()}
+    n = len(x_train)
+    for t in range(1, max_steps + 1):
+        idx = torch.stack([torch.randint(n, (batch_size,), generator=g) for g in generators])
+        idx = idx[torch.from_numpy(live % seeds)]  # each run its seed's minibatch
+        g = gradient(theta, x_train[idx], y_train[idx])
+        step = rates[torch.from_numpy(live // seeds)]
+        with torch.no_grad():
+            for k, v in theta.items():
+                v -= step.view(-1, *([1] * (v.dim() - 1))) * g[k]
+            current = np.array([float(loss({k: v[i] for k, v in theta.items()}, *held_out))
+                                for i in range(live.size)])
+        lr_i, seed_i = np.divmod(live, seeds)
+        reached = current <= target
+        done[lr_i[reached], seed_i[reached]] = t
+        blown = ~np.isfinite(current)
+        dead[lr_i[blown], seed_i[blown]] = True
+        keep = ~(reached | blown)
+        if not keep.all():
+            live = live[keep]
+            kept = torch.from_numpy(np.flatnonzero(keep))
+            theta = {k: v[kept] for k, v in theta.items()}
+        if live.size == 0 or _beyond_best(done, dead, t):
+            break
+    return done
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from matplotlib.figure import Figure
 from scipy import stats
 
@@ -285,3 +286,81 @@ def test_plot_draws_one_panel_per_problem_and_the_noise_scales(linreg):
     assert len(plot_scaling(linreg).axes) == 2  # the scaling command's plot dispatches here
     with pytest.raises(ValueError, match="critical-batch rows only"):
         plot_critical_batch(linreg.assign(sweep="batch"))
+
+
+# ------------------------------------------------------------------------------------------
+# networks: the vectorised branches against one torch.optim.SGD run at a time
+
+
+def _reference_steps(model, loss_fn, params, train, held_out, lr, batch_size, generator,
+                     target, max_steps):
+    """One branch the plain way: load the branch point, step torch.optim.SGD, check the loss."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    x, y = train
+    losses = []
+    for t in range(1, max_steps + 1):
+        idx = torch.randint(len(x), (batch_size,), generator=generator)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x[idx]), y[idx]).backward()
+        opt.step()
+        with torch.no_grad():
+            losses.append(float(loss_fn(model(held_out[0]), held_out[1])))
+        if losses[-1] <= target:
+            return float(t), losses
+        if not math.isfinite(losses[-1]):
+            return math.inf, losses
+    return math.inf, losses
+
+
+@pytest.mark.parametrize("problem", ["mlp", "transformer"])
+def test_branches_step_like_separate_sgd_runs(problem):
+    from sgn_lab.data import load_task
+    from sgn_lab.models import build_model, build_transformer
+    from sgn_lab.sweeps.critical import run_branches
+
+    torch.manual_seed(0)
+    if problem == "mlp":
+        task = load_task("teacher-student", seed=1, n=300, dim=6)
+        model = build_model("mlp", task.input_shape, 1, width=16, depth=1, activation="tanh")
+    else:
+        task = load_task("markov", seed=1, n=300, context=8)
+        model = build_transformer("gpt2", task, width=16, depth=1, heads=2)
+    model.train(False)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    train, held_out = (task.x_train, task.y_train), (task.x_test[:64], task.y_test[:64])
+    with torch.no_grad():
+        start = float(task.loss_fn(model(held_out[0]), held_out[1]))
+    # A target that some learning rates reach within the budget and others do not (the
+    # smallest lr is too slow, the largest diverges on the transformer).
+    lrs, seeds, batch, max_steps = (0.01, 0.1, 0.4, 3.0), 3, 8, 60
+    target = start - (0.12 if problem == "transformer" else 0.5 * start)
+
+    def generators():
+        return [torch.Generator().manual_seed(100 + r) for r in range(seeds)]
+
+    steps = run_branches(model, task.loss_fn, params, train, held_out, lrs=lrs,
+                         batch_size=batch, generators=generators(), target=target,
+                         max_steps=max_steps)
+    assert steps.shape == (len(lrs), seeds)
+    reference = np.full(steps.shape, np.inf)
+    near = np.zeros(steps.shape, dtype=bool)  # a loss within rounding of the target
+    for i, lr in enumerate(lrs):
+        for r, gen in enumerate(generators()):
+            reference[i, r], losses = _reference_steps(
+                model, task.loss_fn, params, train, held_out, lr, batch, gen, target, max_steps)
+            near[i, r] = np.min(np.abs(np.asarray(losses) - target)) < 1e-5 * abs(target)
+    assert np.isfinite(reference).any() and not np.isfinite(reference).all()
+    # Runs that reached the target give the same step; a run stopped early because its lr
+    # could no longer be the best is ∞ here but must not be faster than the best lr's mean.
+    best = np.nanmin(np.where(np.isfinite(reference).all(axis=1), reference.mean(axis=1),
+                              np.nan))
+    finite = np.isfinite(steps)
+    np.testing.assert_array_equal(steps[finite & ~near], reference[finite & ~near])
+    stopped = ~finite & np.isfinite(reference) & ~near
+    for i in np.unique(np.nonzero(stopped)[0]):
+        assert reference[i].mean() > best
+    # The selection is the loop's.
+    assert np.argmin(steps.mean(axis=1)) == np.argmin(reference.mean(axis=1))
