@@ -26,6 +26,7 @@ with the dict of :func:`sgn_lab.per_sample_grads`).
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -57,15 +58,36 @@ def heavy_ball(
     )
 
 
+def _heavy_ball_drift(settings: dict[str, Any]) -> float:
+    # v ← μv + g, θ ← θ − ηv: at a steady gradient v → g/(1−μ).
+    return 1.0 / (1.0 - (settings.get("momentum") or 0.0))
+
+
+def _pnm_drift(settings: dict[str, Any]) -> float:
+    # Both buffers tend to g and the combination is divided by √Γ (Xie et al. 2021).
+    return 1.0 / math.sqrt(pnm_noise_factor(settings["beta0"]))
+
+
+_ADAPTIVE = ("its step is divided per coordinate by √v̂, so its size does not scale with the "
+             "gradient's and no lr of it gives SGD's mean step")
+
+
 @dataclass(frozen=True)
 class Method:
     """A named optimizer: how to build it, what its ``step`` takes, and its run-level
-    hyperparameters (besides lr) with their defaults (:data:`SETTINGS`)."""
+    hyperparameters (besides lr) with their defaults (:data:`SETTINGS`).
+
+    ``drift(settings)`` is the factor D of its mean step at a steady gradient g, ηDg (1 for
+    SGD), from its resolved hyperparameters; None where there is none, and ``drift_rule``
+    says why or how D comes about (:func:`matched_lr`).
+    """
 
     name: str
     factory: Callable[..., Optimizer]
     step_input: str
     summary: str
+    drift: Callable[[dict[str, Any]], float] | None
+    drift_rule: str
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -84,18 +106,26 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("sgd", torch.optim.SGD, "gradient", "plain minibatch SGD"),
-        Method("momentum", heavy_ball, "gradient", "SGD with heavy-ball momentum"),
-        Method("adam", torch.optim.Adam, "gradient", "Adam"),
-        Method("gaussian", GaussianNoiseSGD, "gradient", "SGD + isotropic Gaussian noise"),
+        Method("sgd", torch.optim.SGD, "gradient", "plain minibatch SGD",
+               _heavy_ball_drift, "η"),
+        Method("momentum", heavy_ball, "gradient", "SGD with heavy-ball momentum",
+               _heavy_ball_drift, "η/(1−μ)"),
+        Method("adam", torch.optim.Adam, "gradient", "Adam", None, _ADAPTIVE),
+        Method("gaussian", GaussianNoiseSGD, "gradient", "SGD + isotropic Gaussian noise",
+               _heavy_ball_drift, "η/(1−μ): the injected noise has mean zero"),
         Method("covariance", CovarianceNoiseSGD, "per_sample",
-               "large batch + covariance noise (Wen et al. 2020)"),
+               "large batch + covariance noise (Wen et al. 2020)", _heavy_ball_drift,
+               "η/(1−μ): the injected noise has mean zero"),
         Method("symmetric", SymmetricNoiseSGD, "closure",
-               "symmetric weight noise S-SGD (Sung et al. 2020)"),
-        Method("pnm", PNM, "gradient", "positive-negative momentum (Xie et al. 2021)"),
-        Method("adapnm", AdaPNM, "gradient", "AdaPNM (Xie et al. 2021)"),
+               "symmetric weight noise S-SGD (Sung et al. 2020)", _heavy_ball_drift,
+               "η/(1−μ): the gradients at w ± ε average to the gradient at w to first order"),
+        Method("pnm", PNM, "gradient", "positive-negative momentum (Xie et al. 2021)",
+               _pnm_drift, "η/√Γ, Γ = (1+β0)² + β0²"),
+        Method("adapnm", AdaPNM, "gradient", "AdaPNM (Xie et al. 2021)", None, _ADAPTIVE),
         Method("adaptive-hb", AdaptiveHeavyBall, "gradient",
-               "adaptive heavy-ball momentum (Sun et al. 2021)"),
+               "adaptive heavy-ball momentum (Sun et al. 2021)", None,
+               "its momentum β is set from the measured curvature at every step, so its "
+               "mean step η/(1−β_t) is not known before the run"),
     )
 }
 
@@ -140,6 +170,26 @@ def optimizer_kwargs(method: str, lr: float, settings: dict[str, Any], *, batch_
     if "seed" in METHODS[method].hyperparameters():
         kwargs["seed"] = seed
     return {**kwargs, **rest}
+
+
+def matched_lr(method: str, eta: float, settings: dict[str, Any]) -> float:
+    """The lr at which ``method`` has the mean step of SGD at lr ``eta``: η/D.
+
+    D is the method's drift factor (:attr:`Method.drift`) under its resolved hyperparameters
+    ``settings``: 1/(1−μ) with heavy-ball momentum μ (momentum; gaussian, covariance and
+    symmetric with their ``momentum``), 1/√Γ with Γ = (1+β0)² + β0² for PNM, 1 otherwise. So
+    momentum 0.9 gets 0.1·η and PNM at β0 = 1 gets √5·η. Adam, AdaPNM and adaptive heavy ball
+    have no such factor: a ValueError says why.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta > 0):
+        raise ValueError(f"the matched step η must be a positive number, got {eta!r}")
+    rule = METHODS[method]
+    if rule.drift is None:
+        raise ValueError(f"method {method!r} cannot be matched to SGD's mean step: "
+                         f"{rule.drift_rule}")
+    return float(eta / rule.drift({**SETTINGS[method], **settings}))
 
 
 def train_step(
@@ -213,6 +263,7 @@ __all__ = [
     "Method",
     "SymmetricNoiseSGD",
     "build_optimizer",
+    "matched_lr",
     "heavy_ball",
     "optimizer_kwargs",
     "pnm_noise_factor",
