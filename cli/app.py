@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sgn_lab.distributed.launch import WorkerError
+from sgn_lab.optim import METHODS
 from sgn_lab.run.config import FIELDS, SECTIONS, help_text
 from sgn_lab.sweeps.config import SWEEP_HELP
 
@@ -96,8 +97,10 @@ def _option_type(annotation: Any) -> type:
     return annotation
 
 
-def _config(config_file: Path | None, flags: dict[str, Any]):
-    """Defaults ← a TOML config file ← the flags given (None: not given), validated once."""
+def _config(config_file: Path | None, flags: dict[str, Any], *,
+            defaults: dict[str, Any] | None = None):
+    """Defaults ← ``defaults`` of the command ← a TOML config file ← the flags given (None:
+    not given), validated once."""
     from sgn_lab.checks import parse_options
     from sgn_lab.run.config import parse, read_file
 
@@ -114,7 +117,7 @@ def _config(config_file: Path | None, flags: dict[str, Any]):
         elif kind is dict and isinstance(value, str):
             given[flat] = (parse_options(value, where=f"--{flat.replace('_', '-')}")
                            if value else {})
-    return parse({**data, **given})
+    return parse({**(defaults or {}), **data, **given})
 
 
 def _progress() -> Progress:
@@ -240,6 +243,29 @@ def measure_rank(ranks: Any, run_config: Any, out: Path) -> None:
             progress, run_config.run_name), notify=_notify(progress), ranks=ranks)
 
 
+TuneOpt = Annotated[list[str] | None, Opt(
+    "--tune", help="Tune each method before comparing (the protocol of optimizer benchmarks): "
+    "KEY=LOW:HIGH:COUNT (COUNT log-spaced values from LOW to HIGH, both included, e.g. "
+    "lr=1e-3:1:7) or KEY=v1,v2,... (e.g. beta0=0.5,1,2), KEY any hyperparameter of a method "
+    "(a method that does not take it skips it; lr applies to all); METHOD.KEY=... for one "
+    "method only (e.g. adam.lr=1e-5:1e-2:7), replacing the grid of KEY for all. Repeat for "
+    "more keys: the grid is their Cartesian product. Every grid point runs at the first seed "
+    "with a validation split of the training set (--validation-fraction; 0.2 unless given); "
+    "each method's best point by --select then runs at every seed. Writes tuning.csv, "
+    "tuned.json and summary.csv into --out; --resume continues a killed sweep to the same "
+    "choice.")]
+SelectOpt = Annotated[str, Opt(
+    help="With --tune, what chooses each method's point at the final measurement: auto "
+    "(val_accuracy on a classification task, else val_loss), val_loss (lowest) or "
+    "val_accuracy (highest); ties go to the first point in grid order, diverged runs are "
+    "never chosen, and test metrics are never read.")]
+MatchStepOpt = Annotated[float | None, Opt(
+    help="Matched effective step: set each method's lr so that its mean step equals that of "
+    "SGD at this learning rate, for its own hyperparameters (sgn_lab.optim.matched_lr). A "
+    "method that cannot be matched (adam, adapnm, adaptive-hb) is an error: leave it out. Not "
+    "with --lr, an lr in --methods, or --tune of lr.")]
+
+
 @app.command()
 @run_options(skip=("method", "seed", "name", "nproc"))
 def compare(
@@ -252,23 +278,191 @@ def compare(
                              "seed.")] = Path("runs/compare"),
     config: ConfigOpt = None,
     resume: ResumeOpt = False,
+    tune: TuneOpt = None,
+    select: SelectOpt = "auto",
+    match_step: MatchStepOpt = None,
     **flags: Any,
 ) -> None:
-    """Run several methods (and seeds) on one task into one directory; print a summary."""
+    """Run several methods (and seeds) on one task into one directory; print a summary.
+
+    With --tune, each method first runs on a grid of its hyperparameters and is compared at
+    its best point on a validation split; with --match-step, at a matched effective step.
+    """
     from sgn_lab.run.loop import run_series
-    from sgn_lab.run.rundir import load_runs, writable_dir
+    from sgn_lab.run.rundir import writable_dir
+    from sgn_lab.run.tune import SELECT, parse_grids
 
     specs = [_method_spec(item) for item in methods.split(",") if item.strip()]
     if not specs:
         raise ValueError("--methods is empty")
-    configs = [_config(config, {**flags, **spec, "seed": seed})
-               for spec in specs for seed in _parse_ints("seeds", seeds)]
+    seed_list = _parse_ints("seeds", seeds)
+    grids = parse_grids(tune or [], where="--tune")
+    if select not in SELECT:
+        raise ValueError(f"--select must be one of {', '.join(SELECT)}, got {select!r}")
+    _check_lr_sources(specs, flags, grids, match_step)
+    if grids:
+        # A validation split is what tuning chooses on: 0.2 unless the user set one.
+        base = [_config(config, {**flags, **spec, "seed": seed_list[0]},
+                        defaults={"validation_fraction": 0.2}) for spec in specs]
+        _matched(base, match_step)  # an unmatched method stops before any run
+        _compare_tuned(base, grids, seed_list, out, select=select, match_step=match_step,
+                       resume=resume)
+        return
+    configs = _matched([_config(config, {**flags, **spec, "seed": seed})
+                        for spec in specs for seed in seed_list], match_step)
     writable_dir(out)
     with _progress() as progress:
         run_series(configs, out, resume=resume,
                    progress=lambda c: _advance(progress, c.resolved().run_name),
                    notify=_notify(progress))
-    metrics, _ = load_runs(*(out / c.resolved().run_name for c in configs))
+    console.print(_seeds_table([out / c.resolved().run_name for c in configs], seeds))
+    console.print(f"wrote {len(configs)} runs under {escape(str(out))}/")
+
+
+def _check_lr_sources(specs: list[dict[str, Any]], flags: dict[str, Any], grids: Any,
+                      match_step: float | None) -> None:
+    """One source per hyperparameter: a method spec, a flag, --tune or --match-step (lr)."""
+    from sgn_lab.run.tune import method_grids
+
+    if match_step is not None:
+        if not (match_step > 0 and match_step < float("inf")):
+            raise ValueError(f"--match-step must be a positive learning rate, got {match_step}")
+        if flags.get("lr") is not None:
+            raise ValueError("--match-step sets every lr: drop --lr")
+        if any(g.key == "lr" for g in grids):
+            raise ValueError("--match-step and --tune of lr both set the lr: choose one")
+    for grid in grids:
+        if grid.method is None and flags.get(grid.key) is not None:
+            raise ValueError(f"--tune {grid.key} and --{grid.key.replace('_', '-')} both set "
+                             f"{grid.key}: choose one")
+    for spec in specs:
+        if match_step is not None and "lr" in spec:
+            raise ValueError(f"--match-step sets every lr: drop lr from {_spec_text(spec)!r}")
+        if spec["method"] not in METHODS:
+            continue  # named by the config's own check
+        tuned = [k for k in method_grids(grids, spec["method"]) if k in spec]
+        if tuned:
+            raise ValueError(f"--tune sets {tuned[0]} of {spec['method']}: drop it from "
+                             f"{_spec_text(spec)!r}")
+
+
+def _spec_text(spec: dict[str, Any]) -> str:
+    return ":".join([spec["method"], *(f"{k}={v}" for k, v in spec.items() if k != "method")])
+
+
+def _matched(configs: list[Any], match_step: float | None) -> list[Any]:
+    """The configs at the matched effective step (unchanged without one)."""
+    from sgn_lab.run.tune import matched_config
+
+    if match_step is None:
+        return configs
+    try:
+        return [matched_config(c, match_step) for c in configs]
+    except ValueError as exc:
+        raise ValueError(f"--match-step {match_step}: {exc}") from None
+
+
+def _compare_tuned(base: list[Any], grids: Any, seeds: list[int], out: Path, *, select: str,
+                   match_step: float | None, resume: bool) -> None:
+    """``compare --tune``: the sweep, the tuning table, grid-edge warnings, the summary."""
+    from sgn_lab.run.tune import TUNED_FILE, TUNING_FILE, tune
+
+    with _progress() as progress:
+        result = tune(base, grids, seeds=seeds, root=out, select=select,
+                      match_step=match_step, resume=resume,
+                      progress=lambda c: _advance(progress, c.resolved().run_name),
+                      notify=_once(_notify(progress)))
+    console.print(_tuning_table(result))
+    for choice in result.choices:
+        for key, edge in choice.at_edge.items():
+            err_console.print(
+                f"[yellow]warning:[/yellow] {escape(choice.label)}: the chosen {key}="
+                f"{choice.setting[key]:g} is the {'lowest' if edge == 'low' else 'highest'} "
+                f"point of its grid; extend the grid {'below' if edge == 'low' else 'above'} it")
+    console.print(_tuned_summary_table(result, seeds))
+    console.print(f"wrote {len(result.tuning)} tuning runs and the chosen settings at "
+                  f"{len(seeds)} seeds under {escape(str(out))}/ ({TUNING_FILE}, {TUNED_FILE}, "
+                  "summary.csv)")
+
+
+def _once(notify: Callable[[str], None]) -> Callable[[str], None]:
+    """``notify`` for each distinct text once: the runs of a sweep share one model, so one
+    report of its Gram routes, not one per run."""
+    seen: set[str] = set()
+
+    def once(text: str) -> None:
+        if text not in seen:
+            seen.add(text)
+            notify(text)
+
+    return once
+
+
+def _tuning_table(result: Any) -> Table:
+    """Every grid point of every method: its values, the validation metric, the choice."""
+    tuning, metric = result.tuning, result.metric
+    keys = [k for k in tuning.columns
+            if k != "method" and k in FIELDS and FIELDS[k][0] == "optimizer"]
+    table = Table(title=f"tuning at seed {int(tuning['seed'].iloc[0])}: {metric} at the final "
+                  "measurement", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for column in ("method", *keys, metric, "chosen"):
+        table.add_column(column, justify="left" if column == "method" else "right",
+                         no_wrap=True)
+    for _, row in tuning.iterrows():
+        values = [_grid_cell(row[k]) for k in keys]
+        value = row[metric]
+        shown = ("diverged" if row["diverged"] else f"{value:.4g}" if value == value else "–")
+        table.add_row(str(row["method"]), *values, shown, "✓" if row["selected"] else "")
+    return table
+
+
+# summary.csv columns shown by compare --tune: (column, header, format).
+TUNED_COLUMNS = (
+    ("test_loss", "test loss", "{:.4g}"),
+    ("test_accuracy", "test acc", "{:.3f}"),
+    ("train_accuracy", "train acc", "{:.3f}"),
+    ("generalization_gap", "gap", "{:.3f}"),
+    ("trace", "tr S", "{:.3g}"),
+    ("effective_rank", "rank", "{:.1f}"),
+    ("hessian_top_eigenvalue", "λ_max", "{:.3g}"),
+)
+
+
+def _tuned_summary_table(result: Any, seeds: list[int]) -> Table:
+    """summary.csv as mean ± sd over seeds, one row per method at its chosen setting."""
+    summary = result.summary
+    shown = [c for c in TUNED_COLUMNS if f"{c[0]}_mean" in summary
+             and summary[f"{c[0]}_mean"].notna().any()]
+    left_out = int(summary["diverged"].sum())
+    table = Table(title=f"chosen settings (by {result.metric}): final measurement, mean ± sd "
+                  f"over seeds {','.join(map(str, seeds))}"
+                  + (f" ({left_out} diverged runs left out)" if left_out else ""),
+                  box=box.SIMPLE_HEAD, padding=(0, 1))
+    keys = list(dict.fromkeys(k for c in result.choices for k in c.setting if k != "lr"))
+    for column in ("method", "lr", *keys, *(header for _, header, _ in shown)):
+        table.add_column(column, justify="left" if column == "method" else "right",
+                         no_wrap=True)
+    for _, row in summary.iterrows():
+        cells = [_grid_cell(row[k]) for k in keys]
+        for key, _, fmt in shown:
+            mean, sd = row[f"{key}_mean"], row[f"{key}_sd"]
+            text = fmt.format(mean) if mean == mean else "–"
+            cells.append(text + (f" ± {fmt.format(sd)}" if sd == sd else ""))
+        table.add_row(str(row["method"]), f"{row['lr']:g}", *cells)
+    return table
+
+
+def _grid_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "–" if value != value else f"{value:g}"
+    return str(value)
+
+
+def _seeds_table(paths: Any, seeds: str) -> Table:
+    """The final measurement of runs, mean ± sd over seeds per label."""
+    from sgn_lab.run.rundir import load_runs
+
+    metrics, _ = load_runs(*paths)
     final = metrics.sort_values("step").groupby("run").tail(1)
     shown = [c for c in SUMMARY_COLUMNS if c[0] in final and c[0] != "step"]
     summary = final.groupby("label", sort=False)[[c for c, _, _ in shown]].agg(["mean", "std"])
@@ -283,8 +477,7 @@ def compare(
             text = fmt.format(mean) if mean == mean else "–"
             cells.append(text + (f" ± {fmt.format(sd)}" if sd == sd else ""))
         table.add_row(*cells)
-    console.print(table)
-    console.print(f"wrote {len(configs)} runs under {escape(str(out))}/")
+    return table
 
 
 def _method_spec(item: str) -> dict[str, Any]:

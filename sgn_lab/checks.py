@@ -14,6 +14,13 @@ from typing import Any
 
 import numpy as np
 
+
+class NonFiniteError(ValueError):
+    """A NaN or inf in a computed per-sample loss, gradient or Gram: the model's numbers, not
+    an argument, are at fault. Still a ValueError; a run's loop counts it, at a measurement,
+    as divergence (:class:`sgn_lab.run.loop.Diverged`)."""
+
+
 SYMMETRY_TOLERANCE = 1e-10
 """Relative asymmetry (and negative eigenvalue, per dimension) tolerated by :func:`symmetric`."""
 

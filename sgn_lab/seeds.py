@@ -24,6 +24,7 @@ class Purpose(IntEnum):
     DATA_ORDER = 8  # the order of the training minibatches
     CHUNK = 9  # random layers of one chunk of a streamed computation
     PROJECTION = 10  # the blocks of a streamed random projection (sketch)
+    VALIDATION = 11  # which training samples are held out as the validation set
 
 
 class SweepPurpose(IntEnum):

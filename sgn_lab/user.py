@@ -36,6 +36,7 @@ import inspect
 import re
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +159,7 @@ def user_task(reference: str, *, seed: int, options: Mapping[str, Any],
                      test_fraction=test_fraction, n_train=n_train, n_test=n_test,
                      x_test=None if test is None else test[0],
                      y_test=None if test is None else test[1], to_inputs=torch.as_tensor)
-    return Task(task.name, task.x_train, task.y_train, task.x_test, task.y_test,
-                task.num_classes, task.info, loss=loss)
+    return replace(task, loss=loss)
 
 
 def _pair(data: Any, reference: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -215,8 +215,9 @@ def _subsampled(task: Task, rng: np.random.Generator, *, n_train: int | None,
     train = torch.as_tensor(subset(np.arange(len(task.x_train)), n_train, name="n_train",
                                    rng=rng))
     test = torch.as_tensor(subset(np.arange(len(task.x_test)), n_test, name="n_test", rng=rng))
-    return Task(task.name, task.x_train[train], task.y_train[train], task.x_test[test],
-                task.y_test[test], task.num_classes, task.info, loss=task.loss)
+    # replace: whatever else the task holds (its loss, a validation set of its own) is kept.
+    return replace(task, x_train=task.x_train[train], y_train=task.y_train[train],
+                   x_test=task.x_test[test], y_test=task.y_test[test])
 
 
 def _first_line(exc: BaseException) -> str:

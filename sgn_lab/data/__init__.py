@@ -5,7 +5,7 @@
 ``files``  user data: ``npz:PATH`` and ``cifar10:FOLDER``
 ``language``  language tasks: ``text:PATH`` and the synthetic ``markov`` language; one sample
            is one window of T tokens
-``split``  the seeded train/test split and the Task it makes
+``split``  the seeded train/test split, the validation hold-out and the Task they make
 """
 
 from sgn_lab.data.files import (
@@ -16,7 +16,7 @@ from sgn_lab.data.files import (
     load_npz,
 )
 from sgn_lab.data.language import TOKEN_KINDS, load_text, markov_entropy_rate, markov_stationary
-from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task
+from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, hold_out_validation
 from sgn_lab.data.tasks import FILE_TASKS, TASKS, load_task
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "TASKS",
     "TOKEN_KINDS",
     "Task",
+    "hold_out_validation",
     "load_cifar10",
     "load_npz",
     "load_task",

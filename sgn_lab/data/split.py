@@ -1,9 +1,10 @@
-"""A task's tensors: the seeded train/test split, subsampling, and the Task they make."""
+"""A task's tensors: the seeded train/test split, subsampling, the validation hold-out, and
+the Task they make."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ DEFAULT_TEST_FRACTION = 0.25
 
 @dataclass(frozen=True)
 class Task:
-    """A supervised data set, split into train and test.
+    """A supervised data set, split into train and test, and optionally a validation set.
 
     A sample is one row of ``x_*`` with the same row of ``y_*``. For a language task
     (:attr:`is_sequence`) a sample is one *window*: T input tokens and the T next tokens as its
@@ -37,6 +38,10 @@ class Task:
         int64 labels in ``[0, num_classes)`` of shape (n,) for classification; float32 values
         of shape (n,) for regression; for a language task, int64 next-token ids (n, T), row i
         being the input window x_i shifted by one token.
+    x_val, y_val
+        The validation set, laid out as ``x_train`` / ``y_train``, or None (both) when there is
+        none: samples held out of the training set (:func:`hold_out_validation`, a run's
+        ``validation_fraction``), so never trained on, never probed and never test samples.
     num_classes
         Number of classes; 0 for regression. For a language task, the vocabulary size.
     info
@@ -76,6 +81,21 @@ class Task:
     num_classes: int
     info: dict[str, Any] = field(default_factory=dict)
     loss: LossFn | None = None
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.x_val is None) != (self.y_val is None):
+            raise ValueError("a task's validation set needs both x_val and y_val, or neither")
+        if self.x_val is not None and self.y_val is not None and len(self.x_val) != len(
+                self.y_val):
+            raise ValueError(f"x_val has {len(self.x_val)} samples but y_val has "
+                             f"{len(self.y_val)}")
+
+    @property
+    def has_validation(self) -> bool:
+        """True when the task holds a validation set (``x_val``, ``y_val``)."""
+        return self.x_val is not None
 
     @property
     def is_sequence(self) -> bool:
@@ -160,3 +180,34 @@ def subset(indices: np.ndarray, size: int | None, *, name: str,
     if size > len(indices):
         raise ValueError(f"{name}={size!r} exceeds the {len(indices)} samples available")
     return indices[rng.permutation(len(indices))[:size]]
+
+
+def hold_out_validation(task: Task, validation_fraction: float, *, seed: int) -> Task:
+    """``task`` with round(f · n) of its n training samples moved to a validation set.
+
+    The validation samples are a random subset drawn with a CPU generator seeded with
+    ``seed`` (a run derives it from its training seed, :data:`sgn_lab.seeds.Purpose.
+    VALIDATION`); the rest stay the training set, both in their original order, and the test
+    set is untouched. ``validation_fraction`` 0 returns ``task`` as it is.
+
+    Raises ValueError when the fraction is outside [0, 1), when it leaves no validation or no
+    training sample, or when the task has a validation set of its own already.
+    """
+    f = validation_fraction
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
+        raise ValueError(f"validation_fraction must be a number in [0, 1), got {f!r}")
+    if f == 0:
+        return task
+    if task.has_validation:
+        raise ValueError(f"validation_fraction={f} asks for a validation set, but task "
+                         f"{task.name!r} has its own already")
+    n = len(task.x_train)
+    held_out = int(round(f * n))
+    if not 1 <= held_out < n:
+        raise ValueError(f"validation_fraction={f} of {n} training samples leaves {held_out} "
+                         f"validation and {n - held_out} training samples; both must be at "
+                         "least 1")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val, train = order[:held_out].sort().values, order[held_out:].sort().values
+    return replace(task, x_train=task.x_train[train], y_train=task.y_train[train],
+                   x_val=task.x_train[val], y_val=task.y_train[val])

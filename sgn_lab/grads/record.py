@@ -44,6 +44,7 @@ from torch.func import vmap
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from sgn_lab.checks import NonFiniteError
 from sgn_lab.grads._functorch import (
     batched_attention,
     batched_linear,
@@ -331,7 +332,7 @@ def _forward(model, loss_fn, xs, targets, params, n, force_copy):
     bad = ~torch.isfinite(losses.detach())
     if bad.any():
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"non-finite loss {losses[i].item()} for sample {i}")
+        raise NonFiniteError(f"non-finite loss {losses[i].item()} for sample {i}")
     return recorder, losses
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from sgn_lab.checks import NonFiniteError
 from sgn_lab.grads.recurrent import Recurrence
 from sgn_lab.models.wrapped import unwrapped
 
@@ -297,11 +298,12 @@ def _whole(grads: list[Tensor]) -> Tensor | None:
 
 
 def check_finite(losses: Tensor, grads: dict[str, Tensor], *, offset: int = 0) -> None:
-    """Raise a ValueError naming the first sample (and parameter) with a NaN or inf."""
+    """Raise a :class:`~sgn_lab.checks.NonFiniteError` (a ValueError) naming the first sample
+    (and parameter) with a NaN or inf."""
     bad = ~torch.isfinite(losses)
     if bad.any():
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"non-finite loss {losses[i].item()} for sample {offset + i}")
+        raise NonFiniteError(f"non-finite loss {losses[i].item()} for sample {offset + i}")
     for name, g in grads.items():
         rows = g.reshape(g.shape[0], -1)
         # A row's sum is finite when all its entries are (one read of G, no n×d mask); a
@@ -311,7 +313,7 @@ def check_finite(losses: Tensor, grads: dict[str, Tensor], *, offset: int = 0) -
             bad = suspect[~torch.isfinite(rows[suspect]).all(dim=1)]
             if len(bad):
                 i = int(bad[0])
-                raise ValueError(
+                raise NonFiniteError(
                     f"non-finite gradient for sample {offset + i} in parameter '{name}'"
                 )
 

@@ -94,8 +94,10 @@ METRIC_LABELS: dict[str, str] = {
     "weight_decay": "weight decay",
     # training metrics
     "train_loss": "training loss",
+    "val_loss": "validation loss",
     "test_loss": "test loss",
     "train_accuracy": "training accuracy",
+    "val_accuracy": "validation accuracy",
     "test_accuracy": "test accuracy",
     # NoiseStats: magnitude
     "n": "per-sample gradients n",
@@ -163,6 +165,7 @@ LOG_METRICS: frozenset[str] = frozenset(
         "curvature_alignment",
         "update_trace",
         "train_loss",
+        "val_loss",
         "test_loss",
     }
 )

@@ -4,17 +4,19 @@
 ``instruments``  the named families of measured quantities (sgn, tails, curvature, updates,
                  eval) and the Measurement they share
 ``probe``        NoiseProbe: a schedule over instruments inside any training loop
-``loop``         run_measurement, run_series: the one training loop, resume rules
+``loop``         run_measurement, run_series: the one training loop, resume rules, Diverged
 ``rundir``       run directories: atomic writes, the lock, load_run
 """
 
 from sgn_lab.run.config import RunConfig, parse
 from sgn_lab.run.instruments import INSTRUMENTS, Instrument, Measurement
-from sgn_lab.run.loop import run_measurement, run_series
+from sgn_lab.run.loop import Diverged, DivergedMeasurement, run_measurement, run_series
 from sgn_lab.run.probe import NoiseProbe, ProbeResult, update_noise
 from sgn_lab.run.rundir import Run, RunDirError, load_run, load_runs
 
 __all__ = [
+    "Diverged",
+    "DivergedMeasurement",
     "INSTRUMENTS",
     "Instrument",
     "Measurement",

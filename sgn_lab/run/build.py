@@ -3,7 +3,8 @@
 ``task.name``
     a built-in task string (``mnist1d``, ``markov``, ``linreg:dim=50``, ``npz:PATH``,
     ``text:PATH``, ...; :func:`sgn_lab.data.load_task`) or ``pkg.module:callable``
-    (:mod:`sgn_lab.user`); ``task.options`` are its keyword options.
+    (:mod:`sgn_lab.user`); ``task.options`` are its keyword options, and
+    ``task.validation_fraction`` of its training samples become its validation set.
 ``model.name``
     a built-in model (:data:`sgn_lab.models.MODELS`), a transformer built from a Hugging Face
     config (``gpt2``, ``bert``, ``vit``), ``hf:PATH`` (a model saved in a local folder), or
@@ -22,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from sgn_lab.data import Task, load_task
+from sgn_lab.data import Task, hold_out_validation, load_task
 from sgn_lab.models import MODELS, build_model
 from sgn_lab.models.hf import TRANSFORMERS, build_transformer, load_pretrained
 from sgn_lab.models.modes import restored_modes
+from sgn_lab.seeds import Purpose, seed_for
 from sgn_lab.user import _first_line, is_reference, user_model
 
 if TYPE_CHECKING:
@@ -51,10 +53,17 @@ def model_kind(name: str) -> str:
 
 
 def build_task(config: RunConfig) -> Task:
-    """The run's task, seeded with its training seed."""
-    task = config.task
-    return load_task(task.name, seed=config.training.seed, n_train=task.n_train,
-                     **task.options)
+    """The run's task, seeded with its training seed: loaded (and subsampled to ``n_train``),
+    then ``validation_fraction`` of its training samples held out as its validation set
+    (:func:`~sgn_lab.data.hold_out_validation`, seeded by ``Purpose.VALIDATION``).
+
+    The one place a run's data are made: training, the probe set (drawn from the training
+    samples that remain) and the eval instrument all take this task.
+    """
+    spec, seed = config.task, config.training.seed
+    task = load_task(spec.name, seed=seed, n_train=spec.n_train, **spec.options)
+    return hold_out_validation(task, spec.validation_fraction,
+                               seed=seed_for(seed, 0, Purpose.VALIDATION))
 
 
 def build_run_model(config: RunConfig, task: Task) -> nn.Module:

@@ -45,6 +45,10 @@ class TaskSection(_Section):
                       "pkg.module:callable.")
     n_train: int | None = Field(None, ge=2, description="Subsample the training set to this "
                                 "many samples.")
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of the training samples held out as a validation "
+        "set (seeded by the run's seed; never trained on or probed), measured as val_loss, "
+        "val_accuracy; 0: none.")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Keyword options of the task (its callable's, or a "
         "built-in's such as context for text:FILE); on the command line k=v,k=v.")

@@ -9,7 +9,8 @@ per-sample gradients or Gram, the noise statistics — once, on first use.
 =========== ===================================================================== =========
 name        columns                                                               needs G
 =========== ===================================================================== =========
-eval        train_loss, train_accuracy, test_loss, test_accuracy                  no
+eval        train_loss, train_accuracy; val_loss, val_accuracy (with a            no
+            validation set); test_loss, test_accuracy (with a test set)
 sgn         every :class:`~sgn_lab.NoiseStats` scalar (trace, noise_scale with     no
             its error, effective_rank, ...); spectra ``sgn`` and ``isotropic``
 tails       tail_index, normality_pvalue, normality_reject_fraction, kurtosis     no [1]
@@ -160,7 +161,9 @@ class Measurement:
 
 @dataclass(frozen=True)
 class Eval:
-    """Mean loss and accuracy on the training set and, when given, the test set."""
+    """Mean loss and accuracy (NaN for regression, per token for token sequences;
+    :meth:`~sgn_lab.run.probe.NoiseProbe.evaluate`) on the training set and, when the probe
+    has them, the validation set (``val_*``) and the test set (``test_*``)."""
 
     name: str = "eval"
     needs_grads: bool = False
@@ -169,6 +172,8 @@ class Eval:
         p = m.probe
         row = {}
         row["train_loss"], row["train_accuracy"] = p.evaluate(p.x_train, p.y_train)
+        if p.x_val is not None and p.y_val is not None:
+            row["val_loss"], row["val_accuracy"] = p.evaluate(p.x_val, p.y_val)
         if p.x_test is not None and p.y_test is not None:
             row["test_loss"], row["test_accuracy"] = p.evaluate(p.x_test, p.y_test)
         return row

@@ -7,6 +7,12 @@ measurement (``resume=True``) and ends with the same numbers as one that never s
 :func:`run_series` runs several configs into one folder with the same rule for each: a
 complete run with the same config is kept, an interrupted one resumed, and a run with another
 config is never overwritten or mixed in.
+
+A run whose loss (or a measurement's per-sample loss, gradient or Gram) turns NaN or inf has
+diverged (:class:`Diverged`). ``on_divergence="raise"`` stops with the error and leaves the run
+incomplete; ``"record"`` ends the run there, keeps what it measured, and marks it complete
+with the message under the status key ``diverged`` (:attr:`sgn_lab.run.rundir.Run.diverged`),
+so that a series goes on and a re-run keeps it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from typing import Any
 
 import torch
 
+from sgn_lab import checks
+from sgn_lab.checks import NonFiniteError
 from sgn_lab.distributed.gns import GradientNoiseScale, gns_hook
 from sgn_lab.distributed.ranks import Ranks
 from sgn_lab.optim import METHODS, build_optimizer, optimizer_kwargs, train_step
@@ -39,8 +47,20 @@ from sgn_lab.run.rundir import (
 from sgn_lab.seeds import Purpose, seed_for
 
 GNS_FILE = "gns.csv"  # the DDP noise scale, one row per training step (nproc > 1)
+ON_DIVERGENCE = ("raise", "record")
 Progress = Callable[[int, int], None]
 Notify = Callable[[str], None]
+
+
+class Diverged(FloatingPointError):
+    """Training diverged: the minibatch loss is NaN or inf. The message is one line naming
+    the step, the method and the learning rate."""
+
+
+class DivergedMeasurement(Diverged, ValueError):
+    """Training diverged, found by a measurement: a per-sample loss, gradient or Gram of the
+    probe set is NaN or inf (:class:`~sgn_lab.checks.NonFiniteError`). Both a
+    :class:`Diverged` and the ValueError that check has always raised."""
 
 
 def saved_config(out: str | Path) -> RunConfig | None:
@@ -81,6 +101,7 @@ def run_measurement(
     progress: Progress | None = None,
     notify: Notify | None = None,
     ranks: Ranks | None = None,
+    on_divergence: str = "raise",
 ) -> Path:
     """Train and measure as ``config`` says (see :func:`plan`), writing the run directory.
 
@@ -88,10 +109,16 @@ def run_measurement(
     path's coverage report (each parameter's route), which also goes to ``coverage.csv``.
     A complete run is left as it is. Returns the run directory.
 
+    ``on_divergence``: when training diverges (:class:`Diverged`), ``"raise"`` the error and
+    leave the run incomplete, or ``"record"`` it: the run stops there, keeps the rows it
+    measured, and its ``config.json`` status gets ``complete: true`` and ``diverged`` (the
+    error's one-line message), so that it is never run again.
+
     ``ranks``: every process of a torch.distributed group calls this with its
     :class:`~sgn_lab.distributed.Ranks` (``config.training.nproc`` must be the group's size):
     rank 0 holds the lock, plans and writes; the others train and measure with it.
     """
+    checks.choice("on_divergence", on_divergence, ON_DIVERGENCE)
     out = Path(out)
     ranks = ranks or Ranks()
     with ExitStack() as stack:
@@ -101,7 +128,8 @@ def run_measurement(
         if planned.training.nproc != ranks.size:
             raise ValueError(f"the run is set for nproc={planned.training.nproc} processes but "
                              f"runs in {ranks.size}")
-        _train(planned, out, resume=resume, progress=progress, notify=notify, ranks=ranks)
+        _train(planned, out, resume=resume, progress=progress, notify=notify, ranks=ranks,
+               on_divergence=on_divergence)
     return out
 
 
@@ -123,14 +151,17 @@ def run_series(
     progress: Callable[[RunConfig], Progress | None] | None = None,
     done: Progress | None = None,
     notify: Notify | None = None,
+    on_divergence: str = "raise",
 ) -> list[Path]:
     """Run each config into ``root/<its run name>`` (compare, figures): complete runs with the
     same config are kept, interrupted ones resumed, other settings are an error. The names are
     checked to be distinct, and every directory against its config, before the first run.
 
     ``progress(config)`` gives a run's step callback; ``done(runs done, runs)`` follows the
-    series.
+    series. ``on_divergence`` as in :func:`run_measurement`: with ``"record"`` a diverged run
+    is marked so (complete) and the series goes on to the next.
     """
+    checks.choice("on_divergence", on_divergence, ON_DIVERGENCE)
     root = Path(root)
     names = [c.resolved().run_name for c in configs]
     clash = sorted({n for n in names if names.count(n) > 1})
@@ -143,7 +174,7 @@ def run_series(
     for index, config in enumerate(configs):
         paths.append(run_measurement(config, root / config.resolved().run_name, resume=resume,
                                      progress=progress(config) if progress else None,
-                                     notify=notify))
+                                     notify=notify, on_divergence=on_divergence))
         if done is not None:
             done(index + 1, len(configs))
     return paths
@@ -173,7 +204,7 @@ def identity_columns(config: RunConfig) -> dict[str, Any]:
 
 
 def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | None,
-           notify: Notify | None, ranks: Ranks) -> None:
+           notify: Notify | None, ranks: Ranks, on_divergence: str) -> None:
     training, probe_cfg, opt = config.training, config.probe, config.optimizer
     device = resolve_device(training.device, ranks)
     task = build_task(config)
@@ -196,8 +227,9 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
     instruments = list(probe_cfg.instruments)
     probe = NoiseProbe(
         model, loss_fn, task.x_train, task.y_train, x_test=task.x_test, y_test=task.y_test,
-        every=probe_cfg.measure_every, samples=probe_cfg.probe_samples,
-        fresh=probe_cfg.fresh_probe, batch_size=training.batch_size, instruments=instruments,
+        x_val=task.x_val, y_val=task.y_val, every=probe_cfg.measure_every,
+        samples=probe_cfg.probe_samples, fresh=probe_cfg.fresh_probe,
+        batch_size=training.batch_size, instruments=instruments,
         update_repeats=probe_cfg.update_repeats if "updates" in instruments else 0,
         optimizer=optimizer, method=opt.method, grads=probe_cfg.grads,
         chunk_size=probe_cfg.chunk_size, seed=training.seed, ranks=ranks,
@@ -231,10 +263,16 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
         status = {**config.to_dict(), "run": config.run_name, "sgn_lab_version": __version__}
         recorder = RunRecorder(out, config=status, identity=identity_columns(config),
                                resume_from=resumed_at, log=config.output.log, notify=notify)
+    diverged: str | None = None
     try:
         for step in range(start, total + 1):
             if (probe.due(step) or step == total) and step != resumed_at:
-                result = probe.measure(step, epoch=step / steps_per_epoch)
+                try:
+                    result = probe.measure(step, epoch=step / steps_per_epoch)
+                except NonFiniteError as exc:
+                    raise DivergedMeasurement(
+                        f"training diverged: {exc} at the measurement of step {step} (method "
+                        f"{opt.method}, lr {opt.lr}); lower the learning rate") from exc
                 if opt.sigma_trace_factor is not None and result.noise is not None:
                     # Isotropic noise of the SGN's magnitude: σ² = c·tr(S)/d, re-matched at
                     # every measurement (σ lives in the optimizer state: a resume keeps it).
@@ -262,17 +300,23 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
             if gns is not None:
                 gns.step()
             if not math.isfinite(loss):
-                raise FloatingPointError(
+                raise Diverged(
                     f"training diverged: loss {loss} at step {step} (method {opt.method}, "
                     f"lr {opt.lr}); lower the learning rate")
             if progress is not None:
                 progress(step + 1, total)
-    except BaseException:
-        if recorder is not None:
-            recorder.close()
-        raise
+    except BaseException as exc:
+        if not (isinstance(exc, Diverged) and on_divergence == "record"):
+            if recorder is not None:
+                recorder.close()
+            raise
+        # Recorded: the run ends here, complete, with the rows (and the checkpoint) of its
+        # last measurement. The minibatch loss is summed over the ranks, so all stop at once;
+        # a measurement's check runs on each rank's share of the probe set (nproc > 1: one
+        # rank's NaN can stop that rank alone, as with "raise").
+        diverged = str(exc)
     if recorder is not None:
-        recorder.finish()
+        recorder.finish(diverged=diverged)
     ranks.barrier()  # nobody leaves before rank 0 has written the end
 
 

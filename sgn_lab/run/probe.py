@@ -51,6 +51,9 @@ class NoiseProbe:
         are measured on all of it.
     x_test, y_test
         Optional test data for test loss and accuracy.
+    x_val, y_val
+        Optional validation data (held out of the training set, never probed) for validation
+        loss and accuracy.
     every
         Measure when ``step % every == 0``.
     samples
@@ -116,6 +119,8 @@ class NoiseProbe:
         *,
         x_test: Tensor | None = None,
         y_test: Tensor | None = None,
+        x_val: Tensor | None = None,
+        y_val: Tensor | None = None,
         every: int = 100,
         samples: int = 512,
         fresh: bool = False,
@@ -173,6 +178,7 @@ class NoiseProbe:
         self.model, self.loss_fn = model, loss_fn
         self.x_train, self.y_train = x_train, y_train
         self.x_test, self.y_test = x_test, y_test
+        self.x_val, self.y_val = x_val, y_val
         self.every, self.samples, self.fresh = every, min(samples, n_train), fresh
         self.batch_size = batch_size
         self.update_repeats, self.optimizer, self.method = update_repeats, optimizer, method

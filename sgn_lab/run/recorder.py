@@ -132,9 +132,16 @@ class RunRecorder:
         if self._tensorboard is not None:
             self._tensorboard.write(result)
 
-    def finish(self, *, complete: bool = True) -> None:
-        """Mark the run complete (or not) in ``config.json`` and close the live views."""
-        write_json(self.out / CONFIG_FILE, {**self.status, "complete": complete})
+    def finish(self, *, complete: bool = True, diverged: str | None = None) -> None:
+        """Mark the run complete (or not) in ``config.json`` and close the live views.
+
+        ``diverged``: the run ended because training diverged; this message goes into the
+        status as ``diverged`` (:attr:`sgn_lab.run.rundir.Run.diverged`).
+        """
+        status = {**self.status, "complete": complete}
+        if diverged is not None:
+            status["diverged"] = diverged
+        write_json(self.out / CONFIG_FILE, status)
         self.close()
 
     def close(self) -> None:

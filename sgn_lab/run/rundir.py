@@ -3,8 +3,9 @@
 A run directory holds
 
 - ``config.json``   the resolved configuration (every hyperparameter, defaults included), and
-                    the run's status (``complete``, ``run``, ``sgn_lab_version``); the same file
-                    re-runs it (``sgn-lab measure --config``);
+                    the run's status (``complete``, ``run``, ``sgn_lab_version``, and
+                    ``diverged``, the message, for a run that diverged and was recorded so);
+                    the same file re-runs it (``sgn-lab measure --config``);
 - ``metrics.csv``   one row per measurement: the run's identity (run, label, task, model,
                     method, seed), every optimizer hyperparameter, step and epoch, and each
                     instrument's columns (see README, "A run directory");
@@ -15,8 +16,8 @@ A run directory holds
                     and in total, with errors), one row per step and name;
 - ``coverage.csv``  with the Gram path: each trainable parameter's route and why;
 - ``checkpoint.pt`` model, optimizer and random-generator states at the last measurement
-                    (the final state once the run is complete), from which ``--resume``
-                    continues.
+                    (the final state once the run is complete; for a diverged run, that of its
+                    last measurement), from which ``--resume`` continues.
 
 Every file is written to a temporary name in the same folder, with the permissions the user's
 umask gives, and renamed over the old one, so an interrupted run never leaves a half-written
@@ -52,7 +53,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 COVERAGE_FILE = "coverage.csv"
 LOCK_FILE = ".lock"
 # Keys of config.json that describe the run's status rather than its configuration.
-STATUS_KEYS = ("complete", "run", "sgn_lab_version")
+STATUS_KEYS = ("complete", "run", "sgn_lab_version", "diverged")
 # Wall-clock time of each measurement: documented, and never part of a comparison of runs.
 TIMING_COLUMNS = ("measure_seconds",)
 
@@ -172,8 +173,14 @@ class Run:
 
     @property
     def complete(self) -> bool:
-        """Whether the run reached its last step (an interrupted run can be resumed)."""
+        """Whether the run is finished: it reached its last step, or diverged and was recorded
+        so (an interrupted run can be resumed)."""
         return bool(self.config.get("complete", False))
+
+    @property
+    def diverged(self) -> str | None:
+        """The one-line message of the divergence that ended the run, or None."""
+        return self.config.get("diverged")
 
 
 def _read_table(file: Path) -> pd.DataFrame:

@@ -190,7 +190,7 @@ def _check(grams: Mapping[str, Tensor], dims: Mapping[str, int]) -> int:
             raise ValueError(f"the Gram of {name!r} is over {K.shape[0]} samples, the others "
                              f"over {n}")
         if not bool(torch.isfinite(K).all()):
-            raise ValueError(f"non-finite value in the Gram of {name!r}")
+            raise checks.NonFiniteError(f"non-finite value in the Gram of {name!r}")
         d = dims.get(name)
         if d is None or isinstance(d, bool) or not isinstance(d, int) or d < 1:
             raise ValueError(f"dims must give the number of entries d >= 1 of {name!r}, got "

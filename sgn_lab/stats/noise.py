@@ -183,7 +183,8 @@ def noise_stats(
         checks.samples("n", n)
         if not torch.isfinite(G).all():
             row = int((~torch.isfinite(G)).any(dim=1).nonzero()[0, 0])
-            raise ValueError(f"non-finite value in the per-sample gradient of sample {row}")
+            raise checks.NonFiniteError(f"non-finite value in the per-sample gradient of "
+                                        f"sample {row}")
         mean, diag_variance, gram_or_cov = centred_moments(G)
         eigenvalues = nonzero_descending(torch.linalg.eigvalsh(gram_or_cov) / (n - 1), max(n, d))
         total = mean.to(G.device) * n  # Σ_i g_i, float64
@@ -289,7 +290,7 @@ def _gram_moments(
     K = gram.to(torch.float64)
     if not torch.isfinite(K).all():
         row = int((~torch.isfinite(K)).any(dim=1).nonzero()[0, 0])
-        raise ValueError(f"non-finite value in row {row} of the Gram matrix")
+        raise checks.NonFiniteError(f"non-finite value in row {row} of the Gram matrix")
     centred = K - K.mean(dim=0, keepdim=True)
     centred = centred - centred.mean(dim=1, keepdim=True)  # C K C
     centred = (centred + centred.T) / 2  # exact symmetry for eigvalsh
