@@ -257,8 +257,9 @@ TuneOpt = Annotated[list[str] | None, Opt(
 SelectOpt = Annotated[str, Opt(
     help="With --tune, what chooses each method's point at the final measurement: auto "
     "(val_accuracy on a classification task, else val_loss), val_loss (lowest) or "
-    "val_accuracy (highest); ties go to the first point in grid order, diverged runs are "
-    "never chosen, and test metrics are never read.")]
+    "val_accuracy (highest); a tie in accuracy goes to the lower val_loss, then to the "
+    "first point in grid order; diverged runs are never chosen, and test metrics are never "
+    "read.")]
 MatchStepOpt = Annotated[float | None, Opt(
     help="Matched effective step: set each method's lr so that its mean step equals that of "
     "SGD at this learning rate, for its own hyperparameters (sgn_lab.optim.matched_lr). A "
