@@ -106,22 +106,33 @@ def test_large_batch_figure_scales_update_noise_by_lr(tmp_path):
         final["noise_trace"].to_numpy(), rel=1e-6)
 
 
-def test_methods_figure_reports_the_gap_of_every_method_task_and_seed(tmp_path):
+def test_methods_figure_runs_each_method_at_its_tuned_lr(tmp_path):
     import pandas as pd
 
     from sgn_lab.figures import methods
 
-    config = tiny_config("methods", seeds=[0, 1])
+    config = tiny_config("methods", seeds=[0, 1], tune=["lr=0.01,0.3"])
     config["tasks"] = {task: {**fields, **TINY_RUN, "measure_every": 4}
                        for task, fields in config["tasks"].items()}
     config["methods"] = {m: config["methods"][m] for m in ("sgd", "pnm")}
     table = pd.read_csv(methods.make(config, tmp_path))
+    tuning = pd.read_csv(tmp_path / "methods-tuning.csv")
     assert_images(tmp_path, "methods")
-    assert len(table) == len(config["tasks"]) * 2 * 2
+    tasks = len(config["tasks"])
+    assert len(table) == tasks * 2 * 2 and len(tuning) == tasks * 2 * 2
     assert set(table["method"]) == {"sgd", "pnm"} and set(table["seed"]) == {0, 1}
     assert table["generalization_gap"].to_numpy() == pytest.approx(
         (table["train_accuracy"] - table["test_accuracy"]).to_numpy())
-    assert table["hessian_top_eigenvalue"].notna().all()
+    assert table[["hessian_top_eigenvalue", "trace", "effective_rank"]].notna().all().all()
+    # One choice per task and method: the best validation accuracy of its grid (the lower
+    # validation loss on a tie is the recipe's rule; here the check only needs the maximum),
+    # and every seed's run at that lr.
+    for (task, method), rows in tuning.groupby(["task", "method"]):
+        assert rows["selected"].sum() == 1
+        chosen = rows[rows["selected"]]
+        assert float(chosen["value"].iloc[0]) == rows["value"].max()
+        runs = table[(table["task"] == task) & (table["method"] == method)]
+        assert set(runs["lr"]) == {float(chosen["lr"].iloc[0])}
 
 
 def test_symmetric_figure_has_each_method_at_each_batch_size(tmp_path):
