@@ -58,8 +58,9 @@ class Diverged(FloatingPointError):
 
 
 class DivergedMeasurement(Diverged, ValueError):
-    """Training diverged, found by a measurement: a per-sample loss, gradient or Gram of the
-    probe set is NaN or inf (:class:`~sgn_lab.checks.NonFiniteError`). Both a
+    """Training diverged, found by a per-sample check: a per-sample loss, gradient or Gram is
+    NaN or inf (:class:`~sgn_lab.checks.NonFiniteError`), of the probe set at a measurement or
+    of the minibatch of a method that steps on per-sample gradients (covariance noise). Both a
     :class:`Diverged` and the ValueError that check has always raised."""
 
 
@@ -293,8 +294,13 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
                 order, position = torch.randperm(n_train, generator=data_gen), 0
             idx = order[position : position + training.batch_size][share]
             position += training.batch_size
-            loss = train_step(opt.method, optimizer, stepped, loss_fn,
-                              task.x_train[idx].to(device), task.y_train[idx].to(device))
+            try:
+                loss = train_step(opt.method, optimizer, stepped, loss_fn,
+                                  task.x_train[idx].to(device), task.y_train[idx].to(device))
+            except NonFiniteError as exc:  # a method that steps on per-sample gradients
+                raise DivergedMeasurement(
+                    f"training diverged: {exc} in the minibatch of step {step} (method "
+                    f"{opt.method}, lr {opt.lr}); lower the learning rate") from exc
             if ranks.distributed:  # the minibatch loss: the mean of the equal shares' losses
                 loss = float(ranks.sum(torch.tensor([loss], dtype=torch.float64))) / ranks.size
             if gns is not None:

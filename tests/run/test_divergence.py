@@ -81,6 +81,18 @@ def test_a_non_finite_measurement_counts_as_divergence(tmp_path):
     assert list(run.metrics["step"]) == [0, 1]
 
 
+def test_a_non_finite_minibatch_of_per_sample_gradients_counts_as_divergence(tmp_path):
+    # Covariance noise steps on the per-sample gradients of its minibatch: their check, not
+    # the minibatch loss, is what sees the NaN first.
+    config = small(method="covariance", lr=1e6, measure_every=100)
+    with pytest.raises(DivergedMeasurement, match="in the minibatch of step") as info:
+        run_measurement(config, tmp_path / "raised")
+    assert isinstance(info.value.__cause__, NonFiniteError)
+    run_measurement(config, tmp_path / "recorded", on_divergence="record")
+    run = load_run(tmp_path / "recorded")
+    assert run.complete and run.diverged == str(info.value)
+
+
 def test_non_finite_per_sample_values_are_still_value_errors():
     model = torch.nn.Linear(2, 1)
     with torch.no_grad():
