@@ -5,8 +5,9 @@ grid (first seed) with a validation split carved from the training set; the lr w
 final validation metric is chosen; that setting reruns at every seed. The figure shows, per
 task (one row of panels), the chosen settings' final test accuracy, generalisation gap
 (train − test accuracy), sharpness (top Hessian eigenvalue), SGN trace and effective rank,
-mean ± sd over seeds, each method's chosen lr under its bar; and the sensitivity curve, the
-final validation metric of every tuning run against its lr, one line per method.
+mean ± sd over seeds (bars) and each seed (dots), each method's chosen lr under its bar; and
+the sensitivity curve, the final validation metric of every tuning run against its lr, one
+line per method.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ def _figure(final: pd.DataFrame, sensitivity: pd.DataFrame, methods: list[str]) 
                 ax.bar(range(len(present)), [stats.loc[m, (column, "mean")] for m in present],
                        yerr=[stats.loc[m, (column, "std")] for m in present], capsize=3,
                        color=[method_color(m) for m in present])
+                # Each seed too: an sd of three values hides an outlier behind a symmetric bar.
+                for x, method in enumerate(present):
+                    seeds = part.loc[part["method"] == method, column]
+                    ax.plot(np.full(len(seeds), x), seeds, ".", color="black", ms=3)
                 ax.set_xticks(range(len(present)), ticks, rotation=90, fontsize=6)
                 ax.set_ylabel(METRIC_LABELS.get(column, column.replace("_", " ")))
                 ax.set_title(task, loc="left", fontsize=8)
