@@ -569,6 +569,17 @@ def scaling(
             f"{rel:+.1%}" if rel == rel else "–",
         )
     console.print(shown)
+    if sweep == "critical-batch":
+        from sgn_lab.sweeps.critical import lr_at_edge
+
+        for end in ("low", "high"):
+            at = [f"{b:g}" for b, side in lr_at_edge(table) if side == end]
+            if at:
+                err_console.print(
+                    f"warning: at B = {', '.join(at)} the best lr is the {end}est of lr_grid: S "
+                    f"there is an upper bound and B_noise_fit biased; extend lr_grid "
+                    f"{'below' if end == 'low' else 'above'} it (--options lr_grid=...)",
+                    markup=False, highlight=False)
     console.print(f"wrote {escape(str(out))}/scaling_{sweep}.csv, .png and .pdf")
 
 

@@ -320,6 +320,13 @@ def _critical_panel(ax: Axes, part: pd.DataFrame, problem: str) -> None:
     for bi, si, ei in zip(b[ok], s[ok], b[ok] * s[ok], strict=True):
         ax.annotate(f"{bi:g}", (ei, si), textcoords="offset points", xytext=(3, 3),
                     fontsize=5.5, color="0.35")
+    from sgn_lab.sweeps.critical import lr_at_edge
+
+    edge = np.isin(b, [bi for bi, _ in lr_at_edge(part)]) & ok
+    if edge.any():  # S there is only an upper bound: the best lr may lie outside the grid
+        ax.plot(b[edge] * s[edge], s[edge], "o", markersize=7, markerfacecolor="none",
+                markeredgecolor=_CRITICAL_COLORS["theory"], zorder=4,
+                label="best lr at the grid's end (S an upper bound)")
     s_min, e_min = _critical_values(part, "s_min"), _critical_values(part, "e_min")
     if np.isfinite(s_min) and np.isfinite(e_min) and s_min > 0 and e_min > 0 and ok.any():
         grid = np.geomspace(b[ok].min() / 4, b[ok].max() * 4, 200)

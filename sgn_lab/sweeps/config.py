@@ -164,7 +164,7 @@ _CRITICAL: dict[str, dict[bool, dict[str, Any]]] = {
     "transformer": {
         False: dict(grid=(4, 8, 16, 32, 64, 128, 256), repeats=4, dim=16, condition=1.0,
                     noise_std=0.0, dataset_size=4000, width=64, depth=2,
-                    lr_grid=_halves(1 / 32, 1.0)[::2], target_fraction=0.5, branch_steps=300,
+                    lr_grid=_halves(1 / 256, 1.0)[::2], target_fraction=0.5, branch_steps=300,
                     branch_batch=16, branch_lr=0.1, max_steps=3000, probe_samples=2048,
                     bootstrap=2000),
         True: dict(grid=(4, 16, 64, 256), repeats=3, dim=16, condition=1.0, noise_std=0.0,

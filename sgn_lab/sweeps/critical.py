@@ -43,8 +43,9 @@ The protocol, identical for the three:
 
 Rows (sweep, x, quantity, measured, ci_low, ci_high, theory, rel_error): per B (x = B)
 ``steps``, ``samples`` (E = B·S) and ``lr`` (the selected one, no CI); per sweep (x = NaN)
-``s_min``, ``e_min``, ``b_noise_fit``, ``b_simple``, and ``branch_loss``, ``target_loss``
-(no CI). Theory, linreg only (NaN otherwise):
+``s_min``, ``e_min``, ``b_noise_fit``, ``b_simple``, and ``branch_loss``, ``target_loss``,
+``lr_grid_low``, ``lr_grid_high`` (no CI; a B whose selected lr is an end of the grid is
+flagged by :func:`lr_at_edge`: its S is an upper bound). Theory, linreg only (NaN otherwise):
 
 - ``b_noise_fit`` and ``b_simple``: the closed forms at the branch point,
   :func:`sgn_lab.theory.linreg_noise_scales`;
@@ -474,5 +475,26 @@ def sweep_critical(c: SweepConfig, progress: Progress) -> list[dict[str, Any]]:
     row(nan, "b_simple", branched.b_simple, th["b_simple"] if th else nan)
     row(nan, "branch_loss", (branched.branch_loss, nan, nan), nan)
     row(nan, "target_loss", (branched.target, nan, nan), nan)
+    row(nan, "lr_grid_low", (min(c.lr_grid), nan, nan), nan)
+    row(nan, "lr_grid_high", (max(c.lr_grid), nan, nan), nan)
     return rows
+
+
+def lr_at_edge(table: Any) -> list[tuple[float, str]]:
+    """The batch sizes whose selected lr is an end of the lr grid: (B, "low" or "high").
+
+    There the best lr may lie outside the grid, so S at that B is only an upper bound on the
+    steps at the optimal lr, and the fit through it is biased (towards a larger B_noise when
+    the small batches are the ones affected). From the table alone (its ``lr`` rows and
+    ``lr_grid_low``/``lr_grid_high``).
+    """
+    values = {q: table.loc[table["quantity"] == q, "measured"] for q in
+              ("lr_grid_low", "lr_grid_high")}
+    if any(v.empty for v in values.values()):
+        return []
+    low, high = float(values["lr_grid_low"].iloc[0]), float(values["lr_grid_high"].iloc[0])
+    chosen = table[table["quantity"] == "lr"]
+    return [(float(b), "low" if lr == low else "high")
+            for b, lr in zip(chosen["x"], chosen["measured"], strict=True)
+            if lr in (low, high)]
 

@@ -23,7 +23,7 @@ from sgn_lab import theory
 from sgn_lab.plots import plot_scaling
 from sgn_lab.plots.sweeps import plot_critical_batch
 from sgn_lab.sweeps import COLUMNS, Z95, run_sweep, sweep_config
-from sgn_lab.sweeps.critical import bootstrap_fit, fit_critical_batch, select_lr
+from sgn_lab.sweeps.critical import bootstrap_fit, fit_critical_batch, lr_at_edge, select_lr
 
 Z999 = 3.2905267314919255
 
@@ -186,8 +186,11 @@ def test_table_shape(linreg):
     for quantity in ("steps", "samples", "lr"):
         part = linreg[linreg["quantity"] == quantity]
         assert part["x"].tolist() == list(config.grid)
-    for quantity in ("s_min", "e_min", "b_noise_fit", "b_simple", "branch_loss", "target_loss"):
+    for quantity in ("s_min", "e_min", "b_noise_fit", "b_simple", "branch_loss", "target_loss",
+                     "lr_grid_low", "lr_grid_high"):
         assert math.isnan(value(linreg, quantity, "x"))
+    assert value(linreg, "lr_grid_low") == min(config.lr_grid)
+    assert value(linreg, "lr_grid_high") == max(config.lr_grid)
     steps = linreg[linreg["quantity"] == "steps"]
     samples = linreg[linreg["quantity"] == "samples"]
     np.testing.assert_allclose(samples["measured"], steps["measured"] * steps["x"])
@@ -364,3 +367,12 @@ def test_branches_step_like_separate_sgd_runs(problem):
         assert reference[i].mean() > best
     # The selection is the loop's.
     assert np.argmin(steps.mean(axis=1)) == np.argmin(reference.mean(axis=1))
+
+
+def test_a_best_lr_at_an_end_of_the_grid_is_flagged():
+    rows = [dict(x=b, quantity="lr", measured=lr) for b, lr in
+            ((4, 0.01), (16, 0.02), (64, 0.04), (256, 0.08))]
+    rows += [dict(x=math.nan, quantity="lr_grid_low", measured=0.01),
+             dict(x=math.nan, quantity="lr_grid_high", measured=0.08)]
+    assert lr_at_edge(pd.DataFrame(rows)) == [(4.0, "low"), (256.0, "high")]
+    assert lr_at_edge(pd.DataFrame(rows[:4])) == []  # a table without the grid's ends
