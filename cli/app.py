@@ -578,7 +578,8 @@ def scaling(
                 err_console.print(
                     f"warning: at B = {', '.join(at)} the best lr is the {end}est of lr_grid: S "
                     f"there is an upper bound and B_noise_fit biased; extend lr_grid "
-                    f"{'below' if end == 'low' else 'above'} it (--options lr_grid=...)",
+                    f"{'below' if end == 'low' else 'above'} it (run_sweep('critical-batch', "
+                    f"lr_grid=...) or a figure config's problem options)",
                     markup=False, highlight=False)
     console.print(f"wrote {escape(str(out))}/scaling_{sweep}.csv, .png and .pdf")
 

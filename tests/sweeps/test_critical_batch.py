@@ -376,3 +376,29 @@ def test_a_best_lr_at_an_end_of_the_grid_is_flagged():
              dict(x=math.nan, quantity="lr_grid_high", measured=0.08)]
     assert lr_at_edge(pd.DataFrame(rows)) == [(4.0, "low"), (256.0, "high")]
     assert lr_at_edge(pd.DataFrame(rows[:4])) == []  # a table without the grid's ends
+
+
+def test_cli_warns_where_the_best_lr_is_an_end_of_the_grid(tmp_path, monkeypatch, capsys):
+    from helpers import run_main
+
+    import sgn_lab.sweeps
+
+    real = sgn_lab.sweeps.run_sweep
+
+    def narrow(name, **kwargs):  # a grid of two lrs, too narrow for every batch size
+        return real(name, **{**kwargs, "grid": (2, 8, 32), "repeats": 3, "bootstrap": 100,
+                             "lr_grid": (0.25, 0.5)})
+
+    monkeypatch.setattr(sgn_lab.sweeps, "run_sweep", narrow)
+    code, out, err = run_main(monkeypatch, capsys, "scaling", "--sweep", "critical-batch",
+                              "--quick", "--out", str(tmp_path))
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert lines == [
+        "warning: at B = 2 the best lr is the lowest of lr_grid: S there is an upper bound and "
+        "B_noise_fit biased; extend lr_grid below it (run_sweep('critical-batch', lr_grid=...) "
+        "or a figure config's problem options)",
+        "warning: at B = 8, 32 the best lr is the highest of lr_grid: S there is an upper bound "
+        "and B_noise_fit biased; extend lr_grid above it (run_sweep('critical-batch', "
+        "lr_grid=...) or a figure config's problem options)",
+    ]
