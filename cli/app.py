@@ -528,20 +528,21 @@ def scaling(
         False
     ),
     seed: Annotated[int, Opt(help="Seed of every draw.")] = 0,
-    options: Annotated[str, Opt(help="Options of the sweep as key=value,key=value, e.g. "
-                                "problem=mlp for critical-batch (its options: "
+    options: Annotated[str, Opt(help="Options of the sweep as key=value,key=value, a list as "
+                                "v1/v2/... or LOW:HIGH:COUNT (log-spaced), e.g. "
+                                "problem=mlp,lr_grid=0.01:1:7 for critical-batch (its options: "
                                 "sgn_lab.sweeps.sweep_config).")] = "",
 ) -> None:
     """Theory against measurement: a sweep with confidence intervals, as a table and figure."""
-    from sgn_lab.checks import parse_options
     from sgn_lab.plots import plot_scaling, save_figure
     from sgn_lab.run.rundir import writable_dir, write_table
-    from sgn_lab.sweeps import SWEEPS, run_sweep, sweep_config
+    from sgn_lab.sweeps import SWEEPS, parse_sweep_options, run_sweep, sweep_config
 
     if sweep not in SWEEPS:
         raise ValueError(f"unknown sweep {sweep!r}; choose one of {', '.join(SWEEPS)}")
-    given = parse_options(options, where="--options") if options else {}
-    sweep_config(sweep, quick=quick, seed=seed, **given)  # bad options fail before any work
+    given = parse_sweep_options(options) if options else {}
+    # Bad options fail before any work.
+    config = sweep_config(sweep, quick=quick, seed=seed, **given)
     writable_dir(out)
     with _progress() as progress:
         table = run_sweep(sweep, quick=quick, seed=seed,
@@ -570,18 +571,33 @@ def scaling(
         )
     console.print(shown)
     if sweep == "critical-batch":
-        from sgn_lab.sweeps.critical import lr_at_edge
-
-        for end in ("low", "high"):
-            at = [f"{b:g}" for b, side in lr_at_edge(table) if side == end]
-            if at:
-                err_console.print(
-                    f"warning: at B = {', '.join(at)} the best lr is the {end}est of lr_grid: S "
-                    f"there is an upper bound and B_noise_fit biased; extend lr_grid "
-                    f"{'below' if end == 'low' else 'above'} it (run_sweep('critical-batch', "
-                    f"lr_grid=...) or a figure config's problem options)",
-                    markup=False, highlight=False)
+        _warn_lr_at_edge(table, config.lr_grid, given)
     console.print(f"wrote {escape(str(out))}/scaling_{sweep}.csv, .png and .pdf")
+
+
+def _warn_lr_at_edge(table: Any, lr_grid: tuple[float, ...], given: dict[str, Any]) -> None:
+    """A warning per end of lr_grid that was some batch size's best lr, and the --options of
+    a grid two of its steps wider at each such end."""
+    from sgn_lab.sweeps import format_sweep_options
+    from sgn_lab.sweeps.critical import lr_at_edge
+
+    edges = lr_at_edge(table)
+    for end in ("low", "high"):
+        at = [f"{b:g}" for b, side in edges if side == end]
+        if at:
+            err_console.print(
+                f"warning: at B = {', '.join(at)} the best lr is the {end}est of lr_grid: S "
+                f"there is an upper bound and B_noise_fit biased; extend lr_grid "
+                f"{'below' if end == 'low' else 'above'} it", markup=False, highlight=False)
+    if edges:
+        low, high, count = min(lr_grid), max(lr_grid), len(lr_grid)
+        ratio = (high / low) ** (1 / (count - 1)) if count > 1 else 2.0
+        sides = {side for _, side in edges}
+        low, high = low / ratio**2 if "low" in sides else low, (
+            high * ratio**2 if "high" in sides else high)
+        wider = {**given, "lr_grid": f"{low:.4g}:{high:.4g}:{count + 2 * len(sides)}"}
+        err_console.print(f"rerun with --options {format_sweep_options(wider)} (or a figure "
+                          "config's problem options)", markup=False, highlight=False)
 
 
 @app.command()

@@ -139,6 +139,36 @@ def parse_options(text: str, *, where: str) -> dict[str, Any]:
     return options
 
 
+def log_spaced(spec: str, *, shown: str, forms: str) -> tuple[float, ...]:
+    """``"1e-3:1:7"`` -> 7 log-spaced points from 1e-3 to 1, both exactly, 12 significant
+    digits (so 1e-3:1:7 gives 0.01 rather than 0.009999999999999998).
+
+    ``shown`` names the text in messages (``"--tune 'lr=1e-3:1:7'"``), ``forms`` the ways to
+    write it (for a spec without two colons).
+    """
+    parts = spec.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"{shown}: write {forms}")
+    try:
+        low, high = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ValueError(f"{shown}: LOW and HIGH must be numbers, got {parts[0]!r} and "
+                         f"{parts[1]!r}") from None
+    try:
+        count = int(parts[2])
+    except ValueError:
+        raise ValueError(f"{shown}: COUNT must be an integer, got {parts[2]!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low > 0):
+        raise ValueError(f"{shown}: a log-spaced grid needs finite LOW > 0, got {low}")
+    if low >= high:
+        raise ValueError(f"{shown}: LOW must be below HIGH, got {low} >= {high}")
+    if count < 2:
+        raise ValueError(f"{shown}: COUNT must be at least 2, got {count}")
+    values = [float(f"{low * (high / low) ** (i / (count - 1)):.12g}") for i in range(count)]
+    values[0], values[-1] = low, high
+    return tuple(values)
+
+
 def parse_value(text: str) -> Any:
     """A value written as text: ``true``/``false``, an int, a float, or else the text."""
     if text.lower() in ("true", "false"):

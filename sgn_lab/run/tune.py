@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from sgn_lab.checks import parse_value
+from sgn_lab.checks import log_spaced, parse_value
 from sgn_lab.optim import METHODS
 from sgn_lab.run.config import FIELDS, HYPERPARAMETERS, OptimizerSection, RunConfig, parse
 from sgn_lab.run.loop import Notify, Progress, run_series
@@ -159,31 +159,12 @@ def _value(key: str, text: str, shown: str) -> Any:
 
 
 def _log_values(key: str, spec: str, shown: str) -> tuple[Any, ...]:
-    """COUNT log-spaced points from LOW to HIGH, both exactly; 12 significant digits, so that
-    1e-3:1:7 gives 0.01 rather than 0.009999999999999998."""
+    """COUNT log-spaced points from LOW to HIGH (:func:`sgn_lab.checks.log_spaced`), rounded
+    for an integer key."""
     if _kind(key) is str:
         raise ValueError(f"{shown}: {key} takes names; list them as {key}=a,b")
-    parts = spec.split(":")
-    if len(parts) != 3:
-        raise ValueError(f"{shown}: write {GRID_FORMS}")
-    try:
-        low, high = float(parts[0]), float(parts[1])
-    except ValueError:
-        raise ValueError(f"{shown}: LOW and HIGH must be numbers, got {parts[0]!r} and "
-                         f"{parts[1]!r}") from None
-    try:
-        count = int(parts[2])
-    except ValueError:
-        raise ValueError(f"{shown}: COUNT must be an integer, got {parts[2]!r}") from None
-    if not (math.isfinite(low) and math.isfinite(high) and low > 0):
-        raise ValueError(f"{shown}: a log-spaced grid needs finite LOW > 0, got {low}")
-    if low >= high:
-        raise ValueError(f"{shown}: LOW must be below HIGH, got {low} >= {high}")
-    if count < 2:
-        raise ValueError(f"{shown}: COUNT must be at least 2, got {count}")
-    values = [float(f"{low * (high / low) ** (i / (count - 1)):.12g}") for i in range(count)]
-    values[0], values[-1] = low, high
-    return tuple(round(v) for v in values) if _kind(key) is int else tuple(values)
+    values = log_spaced(spec, shown=shown, forms=GRID_FORMS)
+    return tuple(round(v) for v in values) if _kind(key) is int else values
 
 
 def method_grids(grids: Sequence[Grid], method: str) -> dict[str, Grid]:

@@ -5,7 +5,16 @@ measured values with 95% intervals next to the closed form of :mod:`sgn_lab.theo
 ``runs``    the simulations (run_sweep); figures of their tables are sgn_lab.plots.sweeps's
 """
 
-from sgn_lab.sweeps.config import COLUMNS, SWEEPS, Z95, SweepConfig, sweep_config
+from sgn_lab.sweeps.config import (
+    COLUMNS,
+    SWEEPS,
+    Z95,
+    SweepConfig,
+    format_sweep_options,
+    parse_sweep_options,
+    sweep_config,
+)
 from sgn_lab.sweeps.runs import run_config, run_sweep
 
-__all__ = ["COLUMNS", "SWEEPS", "Z95", "SweepConfig", "run_config", "run_sweep", "sweep_config"]
+__all__ = ["COLUMNS", "SWEEPS", "Z95", "SweepConfig", "format_sweep_options",
+           "parse_sweep_options", "run_config", "run_sweep", "sweep_config"]

@@ -227,6 +227,48 @@ def sweep_config(name: str, *, quick: bool = False, seed: int = 0, **options: An
     return config
 
 
+LIST_OPTIONS: tuple[str, ...] = ("grid", "lr_grid")
+"""Options whose value is a list: written ``a/b/c`` (these values) or ``LOW:HIGH:COUNT``
+(COUNT log-spaced points, both ends included) in :func:`parse_sweep_options`."""
+
+LIST_FORMS = "KEY=v1/v2/... or KEY=LOW:HIGH:COUNT (e.g. lr_grid=1e-3:1:7)"
+
+
+def parse_sweep_options(text: str, *, where: str = "--options") -> dict[str, Any]:
+    """``"problem=mlp,lr_grid=0.01:1:5,grid=4/16/64"`` -> options of :func:`sweep_config`.
+
+    Values are read as :func:`sgn_lab.checks.parse_value` does; a list option
+    (:data:`LIST_OPTIONS`) becomes a tuple: ``v1/v2/...`` these values (one value alone is a
+    one-value list), ``LOW:HIGH:COUNT`` COUNT log-spaced points (batch sizes rounded to
+    integers). The values themselves are checked by :func:`sweep_config`.
+    """
+    options = checks.parse_options(text, where=where)
+    for key in LIST_OPTIONS:
+        value = options.get(key)
+        if value is None:
+            continue
+        shown = f"{where} {key}={value}"
+        if isinstance(value, str) and ":" in value:
+            points = checks.log_spaced(value, shown=shown, forms=LIST_FORMS)
+            options[key] = tuple(round(v) for v in points) if key == "grid" else points
+        elif isinstance(value, str):
+            options[key] = tuple(checks.parse_value(v.strip()) for v in value.split("/"))
+        else:
+            options[key] = (value,)
+    return options
+
+
+def format_sweep_options(options: dict[str, Any]) -> str:
+    """The inverse of :func:`parse_sweep_options`, lists as ``v1/v2/...``: text for
+    ``--options``."""
+    def shown(value: Any) -> str:
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            return "/".join(map(str, value))
+        return str(value)
+
+    return ",".join(f"{key}={shown(value)}" for key, value in options.items())
+
+
 def _check_sweep(name: Any) -> None:
     if name not in SWEEPS:
         raise ValueError(f"unknown sweep {name!r}; choose one of {', '.join(SWEEPS)}")

@@ -155,7 +155,7 @@ def test_cli_runs_the_sweep_and_names_bad_input(tmp_path, monkeypatch, capsys):
     code, out, _ = run_main(monkeypatch, capsys, "scaling", "--sweep", "critical-batch",
                             "--quick", "--options", "grid=1,repeats=3", "--out",
                             str(tmp_path))
-    assert code == 2  # "grid=1" is not a grid
+    assert code == 2  # "grid=1" is a grid of one batch size: the fit needs three
     code, out, err = run_main(monkeypatch, capsys, "scaling", "--sweep", "critical-batch",
                               "--quick", "--options", "problem=cnn", "--out", str(tmp_path))
     assert code == 2
@@ -381,24 +381,18 @@ def test_a_best_lr_at_an_end_of_the_grid_is_flagged():
 def test_cli_warns_where_the_best_lr_is_an_end_of_the_grid(tmp_path, monkeypatch, capsys):
     from helpers import run_main
 
-    import sgn_lab.sweeps
-
-    real = sgn_lab.sweeps.run_sweep
-
-    def narrow(name, **kwargs):  # a grid of two lrs, too narrow for every batch size
-        return real(name, **{**kwargs, "grid": (2, 8, 32), "repeats": 3, "bootstrap": 100,
-                             "lr_grid": (0.25, 0.5)})
-
-    monkeypatch.setattr(sgn_lab.sweeps, "run_sweep", narrow)
+    # A grid of two lrs, too narrow for every batch size, given through --options.
     code, out, err = run_main(monkeypatch, capsys, "scaling", "--sweep", "critical-batch",
-                              "--quick", "--out", str(tmp_path))
+                              "--quick", "--out", str(tmp_path), "--options",
+                              "grid=2/8/32,repeats=3,bootstrap=100,lr_grid=0.25/0.5")
     assert code == 0, err
-    lines = [line for line in err.splitlines() if line.startswith("warning:")]
+    lines = [line for line in err.splitlines() if line.startswith(("warning:", "rerun"))]
     assert lines == [
         "warning: at B = 2 the best lr is the lowest of lr_grid: S there is an upper bound and "
-        "B_noise_fit biased; extend lr_grid below it (run_sweep('critical-batch', lr_grid=...) "
-        "or a figure config's problem options)",
+        "B_noise_fit biased; extend lr_grid below it",
         "warning: at B = 8, 32 the best lr is the highest of lr_grid: S there is an upper bound "
-        "and B_noise_fit biased; extend lr_grid above it (run_sweep('critical-batch', "
-        "lr_grid=...) or a figure config's problem options)",
+        "and B_noise_fit biased; extend lr_grid above it",
+        # Two steps (factor 2) wider at both ends: 0.25/4 to 0.5·4, 6 points.
+        "rerun with --options grid=2/8/32,repeats=3,bootstrap=100,lr_grid=0.0625:2:6 (or a "
+        "figure config's problem options)",
     ]

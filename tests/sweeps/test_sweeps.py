@@ -18,7 +18,16 @@ from matplotlib.figure import Figure
 
 from sgn_lab import theory
 from sgn_lab.plots import METRIC_LABELS, plot_scaling
-from sgn_lab.sweeps import COLUMNS, SWEEPS, Z95, SweepConfig, run_sweep, sweep_config
+from sgn_lab.sweeps import (
+    COLUMNS,
+    SWEEPS,
+    Z95,
+    SweepConfig,
+    format_sweep_options,
+    parse_sweep_options,
+    run_sweep,
+    sweep_config,
+)
 
 Z999 = 3.2905267314919255  # two-sided 99.9%
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -106,6 +115,27 @@ def test_bad_options_are_value_errors_naming_them() -> None:
         sweep_config("large-batch", grid=(16,))  # B_L must exceed B_S = 16
     with pytest.raises(ValueError, match="lr"):
         run_sweep("beta0", quick=True, lr=5.0)  # past PNM's stability bound: the theory says so
+
+
+def test_options_text_with_lists() -> None:
+    options = parse_sweep_options("problem=mlp,grid=4/16/64,lr_grid=0.01:1:5,repeats=3")
+    assert options["problem"] == "mlp" and options["repeats"] == 3
+    assert options["grid"] == (4, 16, 64)
+    np.testing.assert_allclose(options["lr_grid"], np.logspace(-2, 0, 5), rtol=1e-12)
+    assert options["lr_grid"][0] == 0.01 and options["lr_grid"][-1] == 1.0  # ends exactly
+    assert parse_sweep_options("grid=2:64:6")["grid"] == (2, 4, 8, 16, 32, 64)  # rounded
+    assert parse_sweep_options("lr_grid=0.5")["lr_grid"] == (0.5,)  # one value, a list
+    config = sweep_config("critical-batch", quick=True,
+                          **parse_sweep_options("grid=64/4/16,lr_grid=0.5/0.125"))
+    assert config.grid == (4, 16, 64) and config.lr_grid == (0.125, 0.5)
+    for text in ("problem=mlp,grid=4/16/64,lr_grid=0.01/0.1/1", "dim=5,distance=0.5"):
+        assert format_sweep_options(parse_sweep_options(text)) == text  # its inverse
+    with pytest.raises(ValueError, match="COUNT must be at least 2, got 1"):
+        parse_sweep_options("lr_grid=0.01:1:1")
+    with pytest.raises(ValueError, match="lr_grid=1:2: write KEY=v1/v2"):
+        parse_sweep_options("lr_grid=1:2")
+    with pytest.raises(ValueError, match="lr_grid value"):  # sweep_config checks the values
+        sweep_config("critical-batch", **parse_sweep_options("lr_grid=0.1/x"))
 
 
 def test_defaults_per_sweep() -> None:
