@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from sgn_lab import __version__
 from sgn_lab.run.config import RunConfig, parse
 from sgn_lab.run.loop import run_series
-from sgn_lab.run.rundir import Run, load_run
+from sgn_lab.run.rundir import Run, load_run, write_json, write_table
+from sgn_lab.sweeps import run_config, sweep_config
 
 
 def figure_configs(name: str, settings: dict[str, dict[str, Any]]) -> dict[str, RunConfig]:
@@ -49,6 +52,27 @@ def figure_runs(out: Path, name: str, settings: dict[str, dict[str, Any]], *,
                         ignore_index=True)
     final = metrics.sort_values("step", kind="stable").groupby("setting", sort=False).tail(1)
     return metrics, spectra, final.reset_index(drop=True)
+
+
+def figure_sweep(out: Path, label: str, sweep: str, *, quick: bool, seed: int,
+                 options: dict[str, Any], progress: Callable[[int, int], None] | None = None
+                 ) -> pd.DataFrame:
+    """The table of sweep ``sweep`` with these settings, kept as ``out/sweeps/<label>.csv``.
+
+    The table is written when the sweep finishes, then its config (``<label>.json``, the
+    :class:`sgn_lab.sweeps.SweepConfig` and the sgn-lab version): a later call with the same
+    config reads it back instead of running the sweep again, so an interrupted ``sgn-lab
+    figures`` keeps every sweep it finished. Other settings run the sweep and replace both.
+    """
+    config = sweep_config(sweep, quick=quick, seed=seed, **options)
+    record = {"sgn_lab": __version__, **config.to_dict()}
+    csv, meta = out / "sweeps" / f"{label}.csv", out / "sweeps" / f"{label}.json"
+    if csv.is_file() and meta.is_file() and json.loads(meta.read_text()) == record:
+        return pd.read_csv(csv)
+    table = run_config(config, progress=progress)
+    write_table(csv, table)
+    write_json(meta, record)  # last: a config file means its table is complete
+    return table
 
 
 def expand(config: dict[str, Any], key: str = "grid") -> dict[str, dict[str, Any]]:

@@ -16,10 +16,10 @@ from typing import Any
 
 import pandas as pd
 
+from sgn_lab.figures._runs import figure_sweep
 from sgn_lab.plots import save_figure
 from sgn_lab.plots.sweeps import plot_critical_batch
 from sgn_lab.run.rundir import write_table
-from sgn_lab.sweeps import run_sweep
 
 
 def make(
@@ -30,15 +30,19 @@ def make(
     Config keys: ``seed``, ``quick_sweep`` (each problem's own quick defaults) and
     ``problems``: problem name (linreg, mlp, transformer) -> options of
     :func:`sgn_lab.sweeps.run_sweep` (``{}``: the defaults). The CSV is the sweeps' tables
-    one after the other, with a ``problem`` column.
+    one after the other, with a ``problem`` column. Each problem's table is kept as it
+    finishes (``sweeps/<name>-<problem>.csv``, :func:`figure_sweep`): a rerun with the same
+    settings reads it back.
     """
     problems = config.get("problems") or {}
     if not problems:
         raise ValueError("the critical-batch figure needs at least one entry in 'problems'")
     tables = []
     for i, (problem, options) in enumerate(problems.items()):
-        table = run_sweep("critical-batch", quick=bool(config.get("quick_sweep", False)),
-                          seed=int(config.get("seed", 0)), problem=problem, **dict(options))
+        table = figure_sweep(out, f"{config['name']}-{problem}", "critical-batch",
+                             quick=bool(config.get("quick_sweep", False)),
+                             seed=int(config.get("seed", 0)),
+                             options={"problem": problem, **dict(options)})
         if progress is not None:
             progress(i + 1, len(problems))
         tables.append(table.assign(problem=problem))

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sgn_lab.figures._runs import figure_sweep
 from sgn_lab.plots import plot_scaling, save_figure
 from sgn_lab.run.rundir import write_table
-from sgn_lab.sweeps import run_sweep
 
 
 def make(
@@ -17,13 +17,14 @@ def make(
     """Run the sweep named by ``config["sweep"]`` and write ``<name>.csv``, ``.png``, ``.pdf``.
 
     Config keys: ``sweep`` (batch or beta0), ``seed``, ``quick_sweep`` (the sweep's own quick
-    grid) and ``options`` (passed to :func:`sgn_lab.sweeps.run_sweep`).
+    grid) and ``options`` (passed to :func:`sgn_lab.sweeps.run_sweep`). The sweep's table is
+    kept (``sweeps/<name>.csv``, :func:`figure_sweep`): a rerun with the same settings reads
+    it back.
     """
-    table = run_sweep(
-        config["sweep"], quick=bool(config.get("quick_sweep", False)),
-        seed=int(config.get("seed", 0)), progress=progress, **config.get("options", {}),
-    )
     name = config["name"]
+    table = figure_sweep(out, name, config["sweep"], quick=bool(config.get("quick_sweep", False)),
+                         seed=int(config.get("seed", 0)), options=config.get("options", {}),
+                         progress=progress)
     csv = write_table(out / f"{name}.csv", table)
     save_figure(plot_scaling(table), out / name)
     return csv

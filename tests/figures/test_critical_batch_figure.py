@@ -43,3 +43,37 @@ def test_recipe_writes_table_and_images(registered, tmp_path):
                                       "b_noise_fit", "b_simple"}
     with pytest.raises(ValueError, match="at least one entry in 'problems'"):
         critical_batch.make({**config, "problems": {}}, tmp_path)
+
+
+def test_an_interrupted_figure_keeps_the_problems_it_finished(registered, tmp_path,
+                                                              monkeypatch):
+    from sgn_lab.figures import _runs, critical_batch
+
+    config = {"name": "critical-batch", "seed": 0, "quick_sweep": True, "problems": {
+        "linreg": dict(grid=(1, 8, 64), repeats=3, bootstrap=200),
+        "mlp": dict(grid=(8, 32, 128), repeats=2, bootstrap=200, lr_grid=(0.1, 0.4),
+                    branch_steps=50, max_steps=400, probe_samples=64)}}
+    real, ran = _runs.run_config, []
+
+    def interrupted(c, **kwargs):
+        ran.append(c.problem)
+        if c.problem == "mlp" and len(ran) == 2:
+            raise KeyboardInterrupt  # stopped during the second problem
+        return real(c, **kwargs)
+
+    monkeypatch.setattr(_runs, "run_config", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        critical_batch.make(config, tmp_path)
+    kept = pd.read_csv(tmp_path / "sweeps" / "critical-batch-linreg.csv")
+    assert not (tmp_path / "sweeps" / "critical-batch-mlp.json").exists()
+    # The rerun runs only what was not finished, and its table holds the kept one as it was.
+    critical_batch.make(config, tmp_path)
+    assert ran == ["linreg", "mlp", "mlp"]
+    table = pd.read_csv(tmp_path / "critical-batch.csv")
+    pd.testing.assert_frame_equal(
+        table[table["problem"] == "linreg"].drop(columns="problem").reset_index(drop=True),
+        kept)
+    # Other settings of a problem run it again.
+    config["problems"]["linreg"] = dict(grid=(1, 8, 64), repeats=3, bootstrap=100)
+    critical_batch.make(config, tmp_path)
+    assert ran == ["linreg", "mlp", "mlp", "linreg"]
