@@ -544,12 +544,16 @@ def scaling(
     # Bad options fail before any work.
     config = sweep_config(sweep, quick=quick, seed=seed, **given)
     writable_dir(out)
+    # critical-batch keeps its finished batch sizes here: a rerun of an interrupted sweep
+    # with the same options resumes after them.
+    state = out / f"scaling_{sweep}.state"
     with _progress() as progress:
-        table = run_sweep(sweep, quick=quick, seed=seed,
+        table = run_sweep(sweep, quick=quick, seed=seed, state_file=state,
                           progress=_advance(progress, f"sweep {sweep}"), **given)
     figure = plot_scaling(table)  # built before anything is written
     write_table(out / f"scaling_{sweep}.csv", table)
     save_figure(figure, out / f"scaling_{sweep}")
+    state.unlink(missing_ok=True)
     shown = Table(title=f"{sweep} sweep: measured ± 95% CI half-width against theory",
                   box=box.SIMPLE_HEAD, padding=(0, 1))
     for column in ("quantity", "x", "measured", "theory", "rel. error"):

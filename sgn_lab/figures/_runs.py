@@ -62,16 +62,20 @@ def figure_sweep(out: Path, label: str, sweep: str, *, quick: bool, seed: int,
     The table is written when the sweep finishes, then its config (``<label>.json``, the
     :class:`sgn_lab.sweeps.SweepConfig` and the sgn-lab version): a later call with the same
     config reads it back instead of running the sweep again, so an interrupted ``sgn-lab
-    figures`` keeps every sweep it finished. Other settings run the sweep and replace both.
+    figures`` keeps every sweep it finished. Within a sweep, ``critical-batch`` keeps each
+    batch size as it finishes (``<label>.state``, see :func:`sgn_lab.sweeps.run_sweep`). Other
+    settings run the sweep and replace all of them.
     """
     config = sweep_config(sweep, quick=quick, seed=seed, **options)
     record = {"sgn_lab": __version__, **config.to_dict()}
-    csv, meta = out / "sweeps" / f"{label}.csv", out / "sweeps" / f"{label}.json"
+    folder = out / "sweeps"
+    csv, meta, state = (folder / f"{label}{suffix}" for suffix in (".csv", ".json", ".state"))
     if csv.is_file() and meta.is_file() and json.loads(meta.read_text()) == record:
         return pd.read_csv(csv)
-    table = run_config(config, progress=progress)
+    table = run_config(config, progress=progress, state_file=state)
     write_table(csv, table)
     write_json(meta, record)  # last: a config file means its table is complete
+    state.unlink(missing_ok=True)
     return table
 
 

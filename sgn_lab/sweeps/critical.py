@@ -62,6 +62,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -209,6 +210,45 @@ class _Branched:
     theory: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _Kept:
+    """The steps (lrs, seeds) of every batch size finished so far, saved to ``path`` after
+    each one (None: kept in memory only), so that an interrupted sweep resumes at the next.
+
+    A saved file is used only when it was written for the same config, sgn-lab version and
+    target loss (recomputed from the branch point): the kept batch sizes are then exactly what
+    a rerun would compute, as every batch size draws from seeds of its own.
+    """
+
+    path: Path | None
+    record: dict[str, Any]
+    steps: np.ndarray  # (B, lrs, seeds); NaN for a batch size not finished
+
+    @classmethod
+    def open(cls, path: Path | None, c: SweepConfig, target: float) -> _Kept:
+        from sgn_lab import __version__
+        from sgn_lab.run.rundir import load_checkpoint
+
+        record = {"sgn_lab": __version__, **c.to_dict(), "target": float(target)}
+        steps = np.full((len(c.grid), len(c.lr_grid), c.repeats), np.nan)
+        if path is not None and path.is_file():
+            state = load_checkpoint(path)
+            if state.get("record") == record and tuple(state["steps"].shape) == steps.shape:
+                steps = state["steps"].numpy().copy()
+        return cls(path, record, steps)
+
+    def get(self, j: int) -> np.ndarray | None:
+        return None if np.isnan(self.steps[j]).any() else self.steps[j].copy()
+
+    def put(self, j: int, steps: np.ndarray) -> None:
+        from sgn_lab.run.rundir import save_checkpoint
+
+        self.steps[j] = steps
+        if self.path is not None:
+            save_checkpoint(self.path, {"record": self.record,
+                                        "steps": torch.from_numpy(self.steps.copy())})
+
+
 def _target(c: SweepConfig, branch_loss: float, floor: float) -> float:
     if not branch_loss > floor:
         raise ValueError(f"the branch point's loss {branch_loss:.6g} is not above the optimum "
@@ -239,7 +279,7 @@ def _beyond_best(done: np.ndarray, dead: np.ndarray, t: int) -> bool:
 # linreg -------------------------------------------------------------------------------------
 
 
-def _branch_linreg(c: SweepConfig, progress: Progress) -> _Branched:
+def _branch_linreg(c: SweepConfig, progress: Progress, state_file: Path | None) -> _Branched:
     from sgn_lab.sweeps.runs import _generator, _half_squared_error, _linear_model, _linreg
 
     problem = _linreg(c, _KEY)
@@ -268,8 +308,14 @@ def _branch_linreg(c: SweepConfig, progress: Progress) -> _Branched:
     b_simple = _b_simple(grads.to(_DTYPE))
 
     rates = torch.tensor(c.lr_grid, dtype=_DTYPE)
+    kept = _Kept.open(state_file, c, target)
     steps = np.full((len(c.grid), len(c.lr_grid), c.repeats), np.inf)
     for j, batch in enumerate(c.grid):
+        finished = kept.get(j)
+        if finished is not None:
+            steps[j] = finished
+            progress(j + 1, len(c.grid))
+            continue
         gen = _generator(c.seed, _KEY, j, SweepPurpose.DRAWS)
         theta = w_branch.expand(len(rates), c.repeats, -1).clone()  # (lrs, seeds, d)
         done = steps[j]
@@ -288,6 +334,7 @@ def _branch_linreg(c: SweepConfig, progress: Progress) -> _Branched:
             theta[torch.from_numpy(blown)] = w_branch  # parked (finite), no longer updated
             if (np.isfinite(done) | dead).all() or _beyond_best(done, dead, t):
                 break
+        kept.put(j, steps[j])
         progress(j + 1, len(c.grid))
 
     predicted = np.stack([
@@ -311,7 +358,7 @@ def _branch_linreg(c: SweepConfig, progress: Progress) -> _Branched:
 # mlp and transformer ------------------------------------------------------------------------
 
 
-def _branch_network(c: SweepConfig, progress: Progress) -> _Branched:
+def _branch_network(c: SweepConfig, progress: Progress, state_file: Path | None) -> _Branched:
     task_seed = derive(c.seed, _KEY, SweepPurpose.PROBLEM) % 2**32
     if c.problem == "mlp":
         task = load_task("teacher-student", seed=task_seed, n=c.dataset_size, dim=c.dim)
@@ -356,13 +403,19 @@ def _branch_network(c: SweepConfig, progress: Progress) -> _Branched:
     b_simple = _b_simple(grads.to(_DTYPE))
 
     branch_params = {k: p.detach() for k, p in model.named_parameters()}
+    kept = _Kept.open(state_file, c, target)
     steps = np.full((len(c.grid), len(c.lr_grid), c.repeats), np.inf)
     for j, batch in enumerate(c.grid):
-        gens = [torch.Generator().manual_seed(derive(c.seed, _KEY, j, r, SweepPurpose.DRAWS))
-                for r in range(c.repeats)]
-        steps[j] = run_branches(model, loss_fn, branch_params, (x_train, y_train),
-                                (x_eval, y_eval), lrs=c.lr_grid, batch_size=batch,
-                                generators=gens, target=target, max_steps=c.max_steps)
+        finished = kept.get(j)
+        if finished is None:
+            gens = [torch.Generator().manual_seed(derive(c.seed, _KEY, j, r,
+                                                         SweepPurpose.DRAWS))
+                    for r in range(c.repeats)]
+            finished = run_branches(model, loss_fn, branch_params, (x_train, y_train),
+                                    (x_eval, y_eval), lrs=c.lr_grid, batch_size=batch,
+                                    generators=gens, target=target, max_steps=c.max_steps)
+            kept.put(j, finished)
+        steps[j] = finished
         progress(j + 1, len(c.grid))
     return _Branched(steps=steps, branch_loss=branch_loss, floor=floor, target=target,
                      b_simple=b_simple)
@@ -441,9 +494,13 @@ def run_branches(
 # the sweep
 
 
-def sweep_critical(c: SweepConfig, progress: Progress) -> list[dict[str, Any]]:
-    """The rows of the critical-batch sweep (see the module docstring)."""
-    branched = (_branch_linreg if c.problem == "linreg" else _branch_network)(c, progress)
+def sweep_critical(c: SweepConfig, progress: Progress,
+                   state_file: str | Path | None = None) -> list[dict[str, Any]]:
+    """The rows of the critical-batch sweep (see the module docstring); each batch size's
+    steps are kept in ``state_file`` as they finish (:class:`_Kept`)."""
+    state_file = Path(state_file) if state_file is not None else None
+    branched = (_branch_linreg if c.problem == "linreg" else _branch_network)(c, progress,
+                                                                              state_file)
     th = branched.theory
     nan = math.nan
     grid = np.asarray(c.grid, dtype=np.float64)

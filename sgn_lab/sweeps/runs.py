@@ -90,6 +90,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -124,6 +125,7 @@ def run_sweep(
     quick: bool = False,
     seed: int = 0,
     progress: Progress | None = None,
+    state_file: str | Path | None = None,
     **options: Any,
 ) -> pd.DataFrame:
     """Run sweep ``name`` (one of :data:`SWEEPS`) and return its tidy table.
@@ -141,6 +143,11 @@ def run_sweep(
     progress
         Called as ``progress(done, total)`` each time a unit of work finishes (a grid point;
         for ``batch`` a block of data sets, since all its points finish together).
+    state_file
+        A file where ``critical-batch`` keeps each batch size's runs as they finish (minutes
+        to an hour each in full mode): a rerun with the same file and config resumes after the
+        last one kept, to the same table. The caller removes it once the table is written. The
+        other sweeps take seconds to minutes in all and write nothing there.
     **options
         Overrides of the sweep's defaults (:func:`sweep_config`), e.g. ``grid=(1, 4, 16)``,
         ``repeats=100``, ``lr=0.1``.
@@ -152,18 +159,22 @@ def run_sweep(
         rel_error; sorted by quantity (in the sweep's order) then x.
     """
     config = sweep_config(name, quick=quick, seed=seed, **options)
-    return run_config(config, progress=progress)
+    return run_config(config, progress=progress, state_file=state_file)
 
 
-def run_config(config: SweepConfig, *, progress: Progress | None = None) -> pd.DataFrame:
+def run_config(config: SweepConfig, *, progress: Progress | None = None,
+               state_file: str | Path | None = None) -> pd.DataFrame:
     """Run a sweep from its :class:`SweepConfig` (see :func:`run_sweep`)."""
     if not isinstance(config, SweepConfig):
         raise TypeError(f"config must be a SweepConfig, got {type(config).__name__}")
     _check_sweep(config.sweep)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be callable(done, total) or None, got {progress!r}")
-    runner = _RUNNERS[config.sweep]
-    rows = runner(config, progress or (lambda done, total: None))
+    progress = progress or (lambda done, total: None)
+    if config.sweep == "critical-batch":
+        rows = _sweep_critical_batch(config, progress, state_file)
+    else:  # seconds to minutes in all: nothing worth keeping
+        rows = _RUNNERS[config.sweep](config, progress)
     table = _tidy(config.sweep, rows)
     return table
 
@@ -546,12 +557,13 @@ def _gaussian_step(w: Tensor, grads: Tensor, lr: float, sigma: float, seed: int)
     return (w - theta.detach()) / lr
 
 
-def _sweep_critical_batch(c: SweepConfig, progress: Progress) -> list[dict[str, Any]]:
+def _sweep_critical_batch(c: SweepConfig, progress: Progress,
+                          state_file: str | Path | None = None) -> list[dict[str, Any]]:
     """The critical-batch sweep lives in :mod:`sgn_lab.sweeps.critical` (imported here, late:
     it uses this module's linear-regression helpers)."""
     from sgn_lab.sweeps.critical import sweep_critical
 
-    return sweep_critical(c, progress)
+    return sweep_critical(c, progress, state_file)
 
 
 _RUNNERS: dict[str, Callable[[SweepConfig, Progress], list[dict[str, Any]]]] = {

@@ -69,6 +69,9 @@ def test_an_interrupted_figure_keeps_the_problems_it_finished(registered, tmp_pa
     # The rerun runs only what was not finished, and its table holds the kept one as it was.
     critical_batch.make(config, tmp_path)
     assert ran == ["linreg", "mlp", "mlp"]
+    assert sorted(p.name for p in (tmp_path / "sweeps").iterdir()) == [
+        "critical-batch-linreg.csv", "critical-batch-linreg.json", "critical-batch-mlp.csv",
+        "critical-batch-mlp.json"]  # the finished sweeps' states are gone
     table = pd.read_csv(tmp_path / "critical-batch.csv")
     pd.testing.assert_frame_equal(
         table[table["problem"] == "linreg"].drop(columns="problem").reset_index(drop=True),

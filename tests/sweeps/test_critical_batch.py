@@ -168,6 +168,7 @@ def test_cli_runs_the_sweep_and_names_bad_input(tmp_path, monkeypatch, capsys):
     assert "b_noise_fit" in out and "b_simple" in out
     for suffix in ("csv", "png", "pdf"):
         assert (tmp_path / f"scaling_critical-batch.{suffix}").is_file()
+    assert not (tmp_path / "scaling_critical-batch.state").exists()  # done: not kept
 
 
 # ------------------------------------------------------------------------------------------
@@ -396,3 +397,52 @@ def test_cli_warns_where_the_best_lr_is_an_end_of_the_grid(tmp_path, monkeypatch
         "rerun with --options grid=2/8/32,repeats=3,bootstrap=100,lr_grid=0.0625:2:6 (or a "
         "figure config's problem options)",
     ]
+
+
+# ------------------------------------------------------------------------------------------
+# an interrupted sweep
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(units: int):
+    def progress(done: int, total: int) -> None:
+        if done == units:
+            raise _Stop
+    return progress
+
+
+@pytest.mark.parametrize("problem, options", [
+    ("linreg", dict(grid=(1, 8, 64), repeats=3, bootstrap=200)),
+    ("mlp", dict(grid=(8, 32, 128), repeats=2, bootstrap=200, lr_grid=(0.1, 0.4),
+                 branch_steps=50, max_steps=400, probe_samples=64)),
+])
+def test_an_interrupted_sweep_resumes_to_the_same_table(problem, options, tmp_path):
+    from sgn_lab.run.rundir import load_checkpoint, save_checkpoint
+
+    whole = run_sweep("critical-batch", quick=True, problem=problem, **options)
+    state = tmp_path / "sweep.state"
+    with pytest.raises(_Stop):  # stopped once the first two batch sizes are done
+        run_sweep("critical-batch", quick=True, problem=problem, state_file=state,
+                  progress=_stop_after(2), **options)
+    kept = load_checkpoint(state)
+    assert np.isfinite(kept["steps"][:2].numpy()).any()
+    assert np.isnan(kept["steps"][2].numpy()).all()  # not finished: not kept
+    resumed = run_sweep("critical-batch", quick=True, problem=problem, state_file=state,
+                        **options)
+    pd.testing.assert_frame_equal(resumed, whole)
+    # The kept batch sizes are read, not rerun: doubled steps there show in the table.
+    doubled = kept["steps"].clone()
+    doubled[0] *= 2
+    save_checkpoint(state, {**kept, "steps": doubled})
+    marked = run_sweep("critical-batch", quick=True, problem=problem, state_file=state,
+                       **options)
+    steps = [value(t[t["x"] == options["grid"][0]], "steps") for t in (whole, marked)]
+    assert steps[1] == pytest.approx(2 * steps[0])
+    # Another config does not use the state of this one.
+    other = {**options, "bootstrap": 100}
+    pd.testing.assert_frame_equal(
+        run_sweep("critical-batch", quick=True, problem=problem, state_file=state, **other),
+        run_sweep("critical-batch", quick=True, problem=problem, **other))
