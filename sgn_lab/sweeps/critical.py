@@ -81,6 +81,8 @@ _KEY = SWEEPS.index("critical-batch")
 # Keys of this sweep's own seeds, beside SweepPurpose's (derive(seed, _KEY, key)).
 _PROBE, _BOOTSTRAP, _INIT = 100, 101, 102
 _EVAL = 256  # held-out samples (windows) on which mlp and transformer check the target
+DIVERGENCE_FACTOR = 1e6
+"""A branch whose loss exceeds this many times the loss at the branch point has diverged."""
 
 # --------------------------------------------------------------------------------------------
 # the fit
@@ -329,7 +331,8 @@ def _branch_linreg(c: SweepConfig, progress: Progress, state_file: Path | None) 
             current = loss(theta).numpy()
             pending = np.isinf(done) & ~dead
             done[pending & (current <= target)] = t
-            blown = pending & (~np.isfinite(current) | (current > 1e6 * branch_loss))
+            limit = DIVERGENCE_FACTOR * branch_loss
+            blown = pending & (~np.isfinite(current) | (current > limit))
             dead |= blown
             theta[torch.from_numpy(blown)] = w_branch  # parked (finite), no longer updated
             if (np.isfinite(done) | dead).all() or _beyond_best(done, dead, t):
@@ -439,9 +442,9 @@ def run_branches(
     One run per (lr, seed): seed r draws its minibatches (``batch_size`` indices with
     replacement per step) from ``generators[r]``, the same for every lr (common random
     numbers). After every step each run's loss on ``held_out`` is checked. Returns steps
-    (lrs, seeds), ∞ for a run that did not reach the target: it diverged (a non-finite loss),
-    ran ``max_steps``, or was stopped once it could no longer make its lr's mean the fewest
-    (:func:`_beyond_best`).
+    (lrs, seeds), ∞ for a run that did not reach the target: it diverged (a non-finite loss,
+    or one above 10⁶ times the loss at ``params``), ran ``max_steps``, or was stopped once it
+    could no longer make its lr's mean the fewest (:func:`_beyond_best`).
 
     The runs still going take their steps together, as one ``torch.func.vmap`` of the gradient
     over their stacked parameters (on small models R runs' step costs a few single steps);
@@ -464,6 +467,9 @@ def run_branches(
     # The runs still going, lr-major, and their stacked parameters (runs, ...).
     live = np.arange(done.size)
     theta = {k: v.detach().expand(done.size, *v.shape).clone() for k, v in params.items()}
+    with torch.no_grad():
+        start = float(loss({k: v.detach() for k, v in params.items()}, *held_out))
+    limit = DIVERGENCE_FACTOR * start if start > 0 else math.inf
     n = len(x_train)
     for t in range(1, max_steps + 1):
         idx = torch.stack([torch.randint(n, (batch_size,), generator=g) for g in generators])
@@ -478,7 +484,9 @@ def run_branches(
         lr_i, seed_i = np.divmod(live, seeds)
         reached = current <= target
         done[lr_i[reached], seed_i[reached]] = t
-        blown = ~np.isfinite(current)
+        # Stopped once far above the start, not only at an overflow: a run that blows up
+        # would otherwise be stepped (and counted as pending) until its floats run out.
+        blown = ~np.isfinite(current) | (current > limit)
         dead[lr_i[blown], seed_i[blown]] = True
         keep = ~(reached | blown)
         if not keep.all():

@@ -370,6 +370,34 @@ def test_branches_step_like_separate_sgd_runs(problem):
     assert np.argmin(steps.mean(axis=1)) == np.argmin(reference.mean(axis=1))
 
 
+def test_a_run_far_above_its_start_is_stopped_as_diverged():
+    from sgn_lab.data import load_task
+    from sgn_lab.models import build_model
+    from sgn_lab.sweeps.critical import run_branches
+
+    torch.manual_seed(0)
+    task = load_task("teacher-student", seed=1, n=300, dim=6)
+    model = build_model("mlp", task.input_shape, 1, width=16, depth=1, activation="tanh")
+    model.train(False)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    train, held_out = (task.x_train, task.y_train), (task.x_test[:64], task.y_test[:64])
+    gen = torch.Generator().manual_seed(7)
+    steps = run_branches(model, task.loss_fn, params, train, held_out, lrs=(5.0,),
+                         batch_size=8, generators=[gen], target=-1.0, max_steps=3000)
+    assert steps.tolist() == [[math.inf]]
+    # The steps it took: the minibatches drawn from its generator.
+    drawn, replay = 0, torch.Generator().manual_seed(7)
+    while not torch.equal(replay.get_state(), gen.get_state()):
+        torch.randint(len(train[0]), (8,), generator=replay)
+        drawn += 1
+    with torch.no_grad():
+        start = float(task.loss_fn(model(held_out[0]), held_out[1]))
+    _, losses = _reference_steps(model, task.loss_fn, params, train, held_out, 5.0, 8,
+                                 torch.Generator().manual_seed(7), -1.0, 3000)
+    first_above = 1 + next(t for t, v in enumerate(losses) if v > 1e6 * start)
+    assert drawn == first_above < len(losses)  # stopped there, before the overflow
+
+
 def test_a_best_lr_at_an_end_of_the_grid_is_flagged():
     rows = [dict(x=b, quantity="lr", measured=lr) for b, lr in
             ((4, 0.01), (16, 0.02), (64, 0.04), (256, 0.08))]
