@@ -447,9 +447,11 @@ def run_branches(
     could no longer make its lr's mean the fewest (:func:`_beyond_best`).
 
     The runs still going take their steps together, as one ``torch.func.vmap`` of the gradient
-    over their stacked parameters (on small models R runs' step costs a few single steps);
-    their held-out losses are computed one run at a time, which is faster than a vmap whose
-    parameters are batched and inputs are not.
+    over their stacked parameters; their held-out losses are computed one run at a time, which
+    is faster than a vmap whose parameters are batched and inputs are not (3× on the sweep's
+    GPT-2). Against the runs one at a time (``benchmarks/bench_branches.py``) this is about 2×
+    faster on the sweep's MLP; on its GPT-2 the held-out losses take most of the time in both,
+    so the gain is small.
     """
     from torch.func import functional_call, grad, vmap
 
