@@ -98,7 +98,10 @@ def test_figures_command_makes_the_chosen_figures_from_a_config_folder(
                             "--experiments", str(configs), "--out", str(tmp_path / "out"))
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "batch.csv", "batch.pdf", "batch.png"]
+        "batch.csv", "batch.pdf", "batch.png", "sweeps"]
+    # The sweep's table, kept with its config for a rerun.
+    assert sorted(p.name for p in (tmp_path / "out" / "sweeps").iterdir()) == [
+        "batch.csv", "batch.json"]
 
 
 @pytest.mark.parametrize("args, message", [
