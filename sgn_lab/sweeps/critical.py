@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,7 @@ class _Branched:
 @dataclass
 class _Kept:
     """The steps (lrs, seeds) of every batch size finished so far, saved to ``path`` after
-    each one (None: kept in memory only), so that an interrupted sweep resumes at the next.
+    each one (None: nowhere), so that an interrupted sweep resumes at the next.
 
     A saved file is used only when it was written for the same config, sgn-lab version and
     target loss (recomputed from the branch point): the kept batch sizes are then exactly what
@@ -239,16 +240,20 @@ class _Kept:
                 steps = state["steps"].numpy().copy()
         return cls(path, record, steps)
 
-    def get(self, j: int) -> np.ndarray | None:
-        return None if np.isnan(self.steps[j]).any() else self.steps[j].copy()
-
-    def put(self, j: int, steps: np.ndarray) -> None:
+    def over_grid(self, grid: tuple[int, ...], progress: Progress,
+                  run: Callable[[int, int], np.ndarray]) -> np.ndarray:
+        """Steps (B, lrs, seeds): for each batch size ``grid[j]`` the kept steps, or else
+        ``run(j, B)``'s (lrs, seeds), saved as soon as they are computed."""
         from sgn_lab.run.rundir import save_checkpoint
 
-        self.steps[j] = steps
-        if self.path is not None:
-            save_checkpoint(self.path, {"record": self.record,
-                                        "steps": torch.from_numpy(self.steps.copy())})
+        for j, batch in enumerate(grid):
+            if np.isnan(self.steps[j]).any():
+                self.steps[j] = run(j, batch)
+                if self.path is not None:
+                    save_checkpoint(self.path, {"record": self.record,
+                                                "steps": torch.from_numpy(self.steps.copy())})
+            progress(j + 1, len(grid))
+        return self.steps.copy()
 
 
 def _target(c: SweepConfig, branch_loss: float, floor: float) -> float:
@@ -310,17 +315,12 @@ def _branch_linreg(c: SweepConfig, progress: Progress, state_file: Path | None) 
     b_simple = _b_simple(grads.to(_DTYPE))
 
     rates = torch.tensor(c.lr_grid, dtype=_DTYPE)
-    kept = _Kept.open(state_file, c, target)
-    steps = np.full((len(c.grid), len(c.lr_grid), c.repeats), np.inf)
-    for j, batch in enumerate(c.grid):
-        finished = kept.get(j)
-        if finished is not None:
-            steps[j] = finished
-            progress(j + 1, len(c.grid))
-            continue
+    limit = DIVERGENCE_FACTOR * branch_loss
+
+    def branches(j: int, batch: int) -> np.ndarray:
         gen = _generator(c.seed, _KEY, j, SweepPurpose.DRAWS)
         theta = w_branch.expand(len(rates), c.repeats, -1).clone()  # (lrs, seeds, d)
-        done = steps[j]
+        done = np.full((len(rates), c.repeats), np.inf)
         dead = np.zeros(done.shape, dtype=bool)
         for t in range(1, c.max_steps + 1):
             x, y = problem.sample((c.repeats, batch), gen)  # shared by the lrs
@@ -331,14 +331,14 @@ def _branch_linreg(c: SweepConfig, progress: Progress, state_file: Path | None) 
             current = loss(theta).numpy()
             pending = np.isinf(done) & ~dead
             done[pending & (current <= target)] = t
-            limit = DIVERGENCE_FACTOR * branch_loss
             blown = pending & (~np.isfinite(current) | (current > limit))
             dead |= blown
             theta[torch.from_numpy(blown)] = w_branch  # parked (finite), no longer updated
             if (np.isfinite(done) | dead).all() or _beyond_best(done, dead, t):
                 break
-        kept.put(j, steps[j])
-        progress(j + 1, len(c.grid))
+        return done
+
+    steps = _Kept.open(state_file, c, target).over_grid(c.grid, progress, branches)
 
     predicted = np.stack([
         theory.linreg_steps_to_loss(H, delta, sigma, c.lr_grid, b, target,
@@ -406,20 +406,15 @@ def _branch_network(c: SweepConfig, progress: Progress, state_file: Path | None)
     b_simple = _b_simple(grads.to(_DTYPE))
 
     branch_params = {k: p.detach() for k, p in model.named_parameters()}
-    kept = _Kept.open(state_file, c, target)
-    steps = np.full((len(c.grid), len(c.lr_grid), c.repeats), np.inf)
-    for j, batch in enumerate(c.grid):
-        finished = kept.get(j)
-        if finished is None:
-            gens = [torch.Generator().manual_seed(derive(c.seed, _KEY, j, r,
-                                                         SweepPurpose.DRAWS))
-                    for r in range(c.repeats)]
-            finished = run_branches(model, loss_fn, branch_params, (x_train, y_train),
-                                    (x_eval, y_eval), lrs=c.lr_grid, batch_size=batch,
-                                    generators=gens, target=target, max_steps=c.max_steps)
-            kept.put(j, finished)
-        steps[j] = finished
-        progress(j + 1, len(c.grid))
+
+    def branches(j: int, batch: int) -> np.ndarray:
+        gens = [torch.Generator().manual_seed(derive(c.seed, _KEY, j, r, SweepPurpose.DRAWS))
+                for r in range(c.repeats)]
+        return run_branches(model, loss_fn, branch_params, (x_train, y_train),
+                            (x_eval, y_eval), lrs=c.lr_grid, batch_size=batch,
+                            generators=gens, target=target, max_steps=c.max_steps)
+
+    steps = _Kept.open(state_file, c, target).over_grid(c.grid, progress, branches)
     return _Branched(steps=steps, branch_loss=branch_loss, floor=floor, target=target,
                      b_simple=b_simple)
 

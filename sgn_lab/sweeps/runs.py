@@ -571,6 +571,7 @@ _RUNNERS: dict[str, Callable[[SweepConfig, Progress], list[dict[str, Any]]]] = {
     "beta0": _sweep_beta0,
     "sigma": _sweep_sigma,
     "large-batch": _sweep_large_batch,
-    "critical-batch": _sweep_critical_batch,
 }
+"""The sweeps that run in one go; critical-batch, which keeps a state file, is called by
+:func:`run_config` itself."""
 
