@@ -8,6 +8,7 @@ import signal
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sgn_lab.data import DataWarning, task_help
 from sgn_lab.distributed.launch import WorkerError
 from sgn_lab.optim import METHODS
 from sgn_lab.run.config import FIELDS, SECTIONS, help_text
@@ -79,11 +81,17 @@ def run_options(*, skip: tuple[str, ...] = ()) -> Callable[[Callable], Callable]
                         if annotation is bool else f"--{flat.replace('_', '-')}")
             params.append(inspect.Parameter(
                 flat, inspect.Parameter.KEYWORD_ONLY, default=None,
-                annotation=Annotated[annotation | None, Opt(declared, help=help_text(flat))]))
+                annotation=Annotated[annotation | None, Opt(declared, help=_help(flat))]))
         command.__signature__ = signature.replace(parameters=params)
         return command
 
     return add
+
+
+def _help(flat: str) -> str:
+    """An option's help: the config schema's, but --task's from the data registry, so that
+    every file task (jsonl:PATH, hfdata:DIR, ...) is listed with its options."""
+    return task_help() if flat == "task" else help_text(flat)
 
 
 def _option_type(annotation: Any) -> type:
@@ -648,9 +656,23 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM as Ctrl-C: temporary files are removed on the way out
 
 
+def _show_warning(shown: Callable[..., None]) -> Callable[..., None]:
+    """``warnings.showwarning`` that prints a :class:`DataWarning` (examples truncated on
+    loading) as one line, ``warning: ...``, and leaves every other warning to ``shown``."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, DataWarning):
+            err_console.print(f"warning: {message}", markup=False, highlight=False)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main() -> None:
     """Entry point: bad input ends with a one-line message and exit code 2, no traceback."""
     signal.signal(signal.SIGTERM, _interrupt)
+    warnings.showwarning = _show_warning(warnings.showwarning)
     if os.environ.get("RANK", "0") != "0":  # one of torchrun's processes: rank 0 speaks
         console.quiet = err_console.quiet = True
     try:

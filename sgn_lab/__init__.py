@@ -15,6 +15,8 @@ __version__ = "0.1.0"  # before the imports: each run records it
 from sgn_lab.grads import (
     GramCoverage,
     GramMismatchError,
+    SampleMixingError,
+    SampleMixingWarning,
     batchnorm_to_groupnorm,
     flatten_grads,
     gram_and_mean_gradient,
@@ -58,6 +60,8 @@ __all__ = [
     "ProbeResult",
     "Run",
     "RunConfig",
+    "SampleMixingError",
+    "SampleMixingWarning",
     "ShapeStats",
     "batchnorm_to_groupnorm",
     "curvature_stats",

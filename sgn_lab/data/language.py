@@ -120,13 +120,28 @@ def _read_tokens(path: Path, tokens: str) -> tuple[np.ndarray, list[str] | None]
             f"{str(path)!r} is not UTF-8 text: invalid byte {data[exc.start]:#04x} at byte "
             f"offset {exc.start}"
         ) from None
+    ids, vocab = encode_texts([text], tokens)
+    return ids[0], vocab
+
+
+def encode_texts(texts: list[str], tokens: str) -> tuple[list[np.ndarray], list[str] | None]:
+    """Token ids of each text, (L_k,) int64, by ``tokens`` (:data:`TOKEN_KINDS`), and the
+    character vocabulary (None for bytes).
+
+    ``"byte"``: the UTF-8 bytes of each text (ids 0..255). ``"char"``: the vocabulary is the
+    distinct characters of all the texts together, sorted by code point, and a character's id
+    is its index there, so every text of one data set shares one vocabulary.
+    """
     if tokens == "byte":
-        return np.frombuffer(data, dtype=np.uint8).astype(np.int64), None
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+                for t in texts], None
     # UTF-32 gives one code point per 4-byte unit; np.unique sorts them, and its inverse is
     # each character's index in that sorted vocabulary, without a Python loop over the text.
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
     vocab_codes, ids = np.unique(codes, return_inverse=True)
-    return ids.astype(np.int64).reshape(-1), [chr(c) for c in vocab_codes.tolist()]
+    ids = ids.astype(np.int64).reshape(-1)
+    ends = np.cumsum([len(t) for t in texts])  # len counts code points: one UTF-32 unit each
+    return np.split(ids, ends[:-1]), [chr(c) for c in vocab_codes.tolist()]
 
 
 def _windows(ids: np.ndarray, context: int, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,6 +26,10 @@ class Task:
     targets; its loss is the mean of its T per-token cross entropies, and a batch's loss is the
     mean over its windows. Training, per-sample gradients, the Gram path and evaluation all use
     this definition, so a per-sample gradient of a language task is one window's gradient.
+    A padded task of examples of different lengths (``jsonl:``, ``hfdata:``;
+    :mod:`sgn_lab.data.examples`) has ``PAD_ID`` (-1) at the padding of x and
+    ``IGNORE_INDEX`` (-100) in y where there is no target: a sample is one example, its loss
+    the mean over its real targets, a batch's loss the mean over samples.
 
     Attributes
     ----------
@@ -68,6 +72,9 @@ class Task:
         - ``text``: ``"path"``, ``"tokens"`` (``"byte"`` or ``"char"``), ``"context"`` T,
           ``"vocab"`` (the characters, sorted by code point, for ``"char"``; None for bytes),
           ``"vocab_size"``.
+        - ``jsonl``, ``hfdata``: ``"padded"`` True, ``"padding"`` (``"right"`` or
+          ``"left"``), ``"vocab_size"``, ``"length"`` T, ``"loss_average"`` and the others
+          listed in :mod:`sgn_lab.data.examples`.
     loss
         The task's mean-reduced loss ``loss(outputs, targets)``; None: the default for its
         targets (:attr:`loss_fn`).

@@ -14,6 +14,11 @@ Every task is addressed by one string, so that a CLI flag such as ``--task`` can
 ``npz:PATH``                       arrays from a local ``.npz`` file (see :func:`load_npz`)
 ``text:PATH``                      next-token prediction on a local UTF-8 text file
                                    (see :func:`load_text`)
+``jsonl:PATH``                     examples of different lengths, one JSON object a line:
+                                   language modelling or classification, padded
+                                   (see :func:`sgn_lab.data.examples.load_jsonl`)
+``hfdata:DIR``                     the same from a ``datasets`` folder (``save_to_disk``;
+                                   see :func:`sgn_lab.data.examples.load_hfdata`)
 ``cifar10:FOLDER``                 the CIFAR-10 python batches in a local folder
                                    (see :func:`load_cifar10`)
 ``pkg.module:callable``            your own task, options as keywords (see :mod:`sgn_lab.user`)
@@ -24,6 +29,9 @@ subsampling) comes from one ``numpy.random.Generator`` seeded with ``seed``: the
 the same tensors, a different seed a different draw and split. Inputs are float32 tensors of
 shape (n, ...); targets are int64 class labels (n,) for classification and float32 values (n,)
 for regression.
+
+The file tasks are registered in :data:`FILE_TASK_HELP` (prefix, form, one line of help),
+from which :func:`task_help` writes the help of a ``--task`` option.
 
 A language task (``markov``, ``text:PATH``) has int64 token ids as inputs and targets, both of
 shape (n, T), and its samples are *windows*: sample i is the input window x_i (T tokens) with
@@ -48,6 +56,7 @@ import torch
 from torch import Tensor
 
 from sgn_lab.checks import boolean, fraction, integer, number, parse_options, seed_value
+from sgn_lab.data.examples import load_hfdata, load_jsonl
 from sgn_lab.data.files import load_cifar10, load_npz
 from sgn_lab.data.language import _markov, _token_tensor, load_text
 from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, _assemble, _float32
@@ -56,9 +65,19 @@ from sgn_lab.user import is_reference, user_task
 TASKS = ("digits", "gaussian-mixture", "linreg", "markov", "mnist1d", "teacher-student")
 """Names of the built-in tasks."""
 
-FILE_TASKS = ("npz", "cifar10", "text")
-"""Prefixes of task strings that read user data: ``npz:PATH``, ``cifar10:FOLDER`` and
-``text:PATH``."""
+FILE_TASK_HELP: dict[str, tuple[str, str]] = {
+    "npz": ("npz:PATH", "arrays x, y (optional x_test, y_test) of a .npz file"),
+    "cifar10": ("cifar10:DIR", "the CIFAR-10 python batches in a folder"),
+    "text": ("text:PATH", "next-token windows of a UTF-8 text file"),
+    "jsonl": ("jsonl:PATH", "examples of different lengths, one JSON object a line (a text "
+              "field; a label field for classification), padded"),
+    "hfdata": ("hfdata:DIR", "the same from a datasets folder written by save_to_disk"),
+}
+"""The file tasks, the registry :func:`load_task` dispatches on: prefix -> (form, help)."""
+
+FILE_TASKS = tuple(FILE_TASK_HELP)
+"""Prefixes of task strings that read user data: ``npz:PATH``, ``cifar10:FOLDER``,
+``text:PATH``, ``jsonl:PATH`` and ``hfdata:DIR``."""
 
 # MNIST-1D's own generator holds out 20% (4000 train / 1000 test); keep its familiar sizes.
 _TASK_TEST_FRACTION = {"mnist1d": 0.2}
@@ -67,8 +86,27 @@ _TASK_TEST_FRACTION = {"mnist1d": 0.2}
 _TASK_INPUTS: dict[str, Callable[[np.ndarray], Tensor]] = {"markov": _token_tensor}
 
 _FILE_LOADERS: dict[str, Callable[..., Task]] = {
-    "npz": load_npz, "cifar10": load_cifar10, "text": load_text,
+    "npz": load_npz, "cifar10": load_cifar10, "text": load_text, "jsonl": load_jsonl,
+    "hfdata": load_hfdata,
 }
+# Parameters of a file loader that load_task sets itself: the rest are the task's options.
+_LOADER_KEYS = ("path", "folder", "seed", "test_fraction", "n_train", "n_test")
+
+
+def file_task_options(kind: str) -> list[str]:
+    """The options of the file task ``kind`` (one of :data:`FILE_TASKS`), in order."""
+    return [p for p in inspect.signature(_FILE_LOADERS[kind]).parameters
+            if p not in _LOADER_KEYS]
+
+
+def task_help() -> str:
+    """The help of a task option, from :data:`TASKS` and :data:`FILE_TASK_HELP`."""
+    files = "; ".join(
+        f"{form}: {text}" + (f" (options: {', '.join(options)})" if options else "")
+        for kind, (form, text) in FILE_TASK_HELP.items()
+        for options in [file_task_options(kind)])
+    return (f"Task: {', '.join(TASKS)} (options as linreg:dim=50); {files}; or your own "
+            "pkg.module:callable. File tasks take their options from --task-options k=v,k=v.")
 
 Built = tuple[np.ndarray, np.ndarray, int, dict[str, Any]]
 
@@ -90,7 +128,8 @@ def load_task(
         A built-in name (one of :data:`TASKS`), optionally followed by options as
         ``NAME:key=value,key=value`` (values are read as int, float, ``true``/``false``, or
         else kept as text); or ``npz:PATH`` (:func:`load_npz`); or ``cifar10:FOLDER``
-        (:func:`load_cifar10`); or ``text:PATH`` (:func:`load_text`). A path may contain ``:``
+        (:func:`load_cifar10`); or ``text:PATH`` (:func:`load_text`); or ``jsonl:PATH`` or
+        ``hfdata:DIR`` (:mod:`sgn_lab.data.examples`). A path may contain ``:``
         and ``,``, so the options of these file tasks are given only as keywords. Or a
         reference ``pkg.module:callable`` to a task of one's own (:func:`sgn_lab.user.
         user_task`; its options as keywords).
@@ -133,6 +172,11 @@ def load_task(
         - ``npz``, ``cifar10``, ``text``: the keyword options of :func:`load_npz`,
           :func:`load_cifar10`, :func:`load_text` (``text``: ``context=64``, the window
           length T in tokens, and ``tokens="byte"`` or ``"char"``).
+        - ``jsonl``, ``hfdata``: the keyword options of :func:`~sgn_lab.data.examples.
+          load_jsonl` and :func:`~sgn_lab.data.examples.load_hfdata`: ``text_field="text"``,
+          ``label_field=None`` (a field name: classification), ``classes``, ``context=64``
+          (the most tokens kept of an example), ``tokens="byte"``, ``"char"`` or
+          ``"tokenizer:DIR"``, ``tokenizer=DIR``, ``padding="right"`` or ``"left"``.
 
     Returns
     -------
@@ -144,8 +188,8 @@ def load_task(
     ValueError
         An unknown task or option, or a bad option value (the message names it).
     FileNotFoundError
-        A missing file or folder for ``npz:`` / ``cifar10:`` / ``text:`` (the message names
-        it).
+        A missing file or folder for ``npz:`` / ``cifar10:`` / ``text:`` / ``jsonl:`` /
+        ``hfdata:`` (the message names it).
     """
     if not isinstance(name, str):
         raise ValueError(f"task must be a string, got {name!r}")
@@ -154,10 +198,7 @@ def load_task(
         if not arg:
             raise ValueError(f"task {name!r} needs a path: write {kind}:PATH")
         loader = _FILE_LOADERS[kind]
-        allowed = [
-            p for p in inspect.signature(loader).parameters
-            if p not in ("path", "folder", "seed", "test_fraction", "n_train", "n_test")
-        ]
+        allowed = file_task_options(kind)
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise ValueError(
@@ -178,7 +219,7 @@ def load_task(
                          n_train=n_train, n_test=n_test)
     if kind not in TASKS:
         # Kept short: the CLI prints it on one line of an 80-column terminal.
-        raise ValueError(f"unknown task {name!r}; see sgn_lab.data.TASKS, npz:, text:, cifar10:")
+        raise ValueError(f"unknown task {name!r}; see sgn_lab.data.TASKS, FILE_TASKS")
     from_spec = parse_options(arg, where=f"task {name!r}") if has_arg else {}
     both = sorted(set(from_spec) & set(options))
     if both:

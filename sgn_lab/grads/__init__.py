@@ -6,6 +6,7 @@ recording pass, with one rule per torch operation (``rules``) stating each use o
 parameter in factored form (``terms``), never forming an n × d matrix.
 """
 
+from sgn_lab.grads.consistency import SAMPLES, SampleMixingError, SampleMixingWarning
 from sgn_lab.grads.gram import (
     ROUTES,
     GramCoverage,
@@ -30,10 +31,13 @@ from sgn_lab.grads.vmap import (
 __all__ = [
     "BATCHNORM_POLICIES",
     "ROUTES",
+    "SAMPLES",
     "GramCoverage",
     "GramMismatchError",
     "GramResult",
     "ParameterRoute",
+    "SampleMixingError",
+    "SampleMixingWarning",
     "batchnorm_modules",
     "batchnorm_to_groupnorm",
     "check_finite",

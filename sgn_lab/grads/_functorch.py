@@ -37,6 +37,23 @@ def physical(value: Tensor) -> tuple[Tensor, int]:
     return _functorch.get_unwrapped(value), _functorch.maybe_get_bdim(value)
 
 
+def is_batched_by_vmap(value: Tensor) -> bool:
+    """Whether ``value`` carries a vmap's batch axis at any level, under any other functorch
+    transform (``grad`` wraps the tensors it differentiates)."""
+    while _functorch.is_functorch_wrapped_tensor(value):
+        if _functorch.is_batchedtensor(value):
+            return True
+        value = _functorch.get_unwrapped(value)
+    return False
+
+
+def innermost(value: Tensor) -> Tensor:
+    """The plain tensor under every vmap level of a batched tensor (itself when plain)."""
+    while _functorch.is_batchedtensor(value):
+        value = _functorch.get_unwrapped(value)
+    return value
+
+
 def sample_first(value: Tensor) -> Tensor:
     """The physical tensor of a batched tensor, detached, with the sample axis moved first."""
     tensor, axis = physical(value)

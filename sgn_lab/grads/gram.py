@@ -41,7 +41,21 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from sgn_lab.grads.record import Recording, Region, _changed, _rng_state, record
+from sgn_lab.grads.consistency import (
+    check_independent,
+    check_samples_option,
+    checked,
+    remember,
+    structure,
+)
+from sgn_lab.grads.record import (
+    Recording,
+    Region,
+    _changed,
+    _rng_state,
+    _set_rng_state,
+    record,
+)
 from sgn_lab.grads.terms import (
     Dense,
     Term,
@@ -74,6 +88,8 @@ ROUTE_HELP = {
     "loop": "one backward pass per sample: the last resort where vmap cannot get through",
     "none": "no gradient path to the loss (unused, or used without gradient)",
 }
+AUTO_VERIFY = 4
+"""Samples of the spot check on the first call for a model (``verify=None``)."""
 # Relative Frobenius error per parameter that verify= accepts, by the model's precision.
 _VERIFY_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 _VERIFY_RTOL_LOW = 3e-2  # bfloat16, float16
@@ -152,7 +168,8 @@ def per_sample_gram(
     *,
     batchnorm: str = "error",
     chunk_size: int | None = None,
-    verify: int = 0,
+    verify: int | None = None,
+    samples: str = "independent",
 ) -> Tensor:
     """The (n, n) float64 Gram matrix ``K_ij = g_i·g_j`` of the per-sample gradients.
 
@@ -171,16 +188,28 @@ def per_sample_gram(
         (dropout) cannot be chunked this way (the blocks would see different draws): that is
         a ValueError.
     verify
-        k > 0: also compute vmap per-sample gradients of the first k samples and compare
-        each parameter's Gram block with theirs; raises :class:`GramMismatchError` naming the
-        parameters that disagree beyond the precision of the model's dtype.
+        The checks of the call. ``None`` (default): on the first call for a model (and again
+        when its structure changes; :mod:`sgn_lab.grads.consistency`), the spot check on
+        ``AUTO_VERIFY`` samples and the consistency check below; later calls skip them.
+        k > 0: both on every call, the spot check on the first k samples. 0: neither.
+        The spot check computes vmap per-sample gradients of the first k samples and
+        compares each parameter's Gram block with theirs: :class:`GramMismatchError` names
+        the parameters that disagree beyond the precision of the model's dtype. The
+        consistency check compares the batched forward of a few samples with their
+        batch-of-one passes (:func:`~sgn_lab.grads.consistency.check_independent`).
+    samples
+        ``"independent"`` (default): a forward pass that mixes samples (``h - h.mean(0)``,
+        batch statistics, in-batch negatives) is a
+        :class:`~sgn_lab.grads.consistency.SampleMixingError`, since each g_i would be the
+        gradient of a batch of one rather than sample i's share of the batch's gradient.
+        ``"batch-of-one"``: those are the gradients wanted; mixing is a warning.
 
     Random layers such as dropout draw from torch's global generator, once per call.
     The centred Gram of the SGN is ``C K C`` with ``C = I − 11ᵀ/n``;
     ``sgn_lab.noise_stats(gram=K, dim=d)`` takes K directly.
     """
     return gram_result(model, loss_fn, inputs, targets, batchnorm=batchnorm,
-                       chunk_size=chunk_size, verify=verify).gram
+                       chunk_size=chunk_size, verify=verify, samples=samples).gram
 
 
 def gram_and_mean_gradient(
@@ -191,7 +220,8 @@ def gram_and_mean_gradient(
     *,
     batchnorm: str = "error",
     chunk_size: int | None = None,
-    verify: int = 0,
+    verify: int | None = None,
+    samples: str = "independent",
 ) -> tuple[Tensor, Tensor]:
     """:func:`per_sample_gram` and, from the same pass, the mean gradient ḡ (d,) in float64.
 
@@ -200,7 +230,7 @@ def gram_and_mean_gradient(
     mean exactly.
     """
     result = gram_result(model, loss_fn, inputs, targets, with_mean=True, batchnorm=batchnorm,
-                         chunk_size=chunk_size, verify=verify)
+                         chunk_size=chunk_size, verify=verify, samples=samples)
     assert result.mean is not None
     return result.gram, result.mean
 
@@ -212,15 +242,19 @@ def per_sample_gram_coverage(
     targets: Tensor,
     *,
     batchnorm: str = "error",
+    verify: int | None = None,
+    samples: str = "independent",
 ) -> GramCoverage:
     """Each trainable parameter's route in :func:`per_sample_gram` on these inputs, and why.
 
     Routes (``ROUTES``): ``ghost`` and ``per-sample`` are the fast exact routes, chosen by
     the cost model; ``vmap`` is the exact route for uses no rule covers; ``none`` a parameter
     without a gradient path. The routes depend on the call (the operations the forward pass
-    runs, the number of samples and positions), so this runs one Gram computation.
+    runs, the number of samples and positions), so this runs one Gram computation, with the
+    checks of ``verify`` and ``samples`` as in :func:`per_sample_gram`.
     """
-    return gram_result(model, loss_fn, inputs, targets, batchnorm=batchnorm).coverage
+    return gram_result(model, loss_fn, inputs, targets, batchnorm=batchnorm, verify=verify,
+                       samples=samples).coverage
 
 
 def gram_result(
@@ -233,25 +267,33 @@ def gram_result(
     per_parameter: bool = False,
     batchnorm: str = "error",
     chunk_size: int | None = None,
-    verify: int = 0,
+    verify: int | None = None,
+    samples: str = "independent",
 ) -> GramResult:
     """The Gram, the mean gradient (``with_mean``) and the coverage report of one call.
 
     ``per_parameter``: also each trainable parameter's own (n, n) float64 Gram
     K^p_ij = g_i^p·g_j^p (``parameter_grams``, whose sum is ``gram``), from the same pass at
     no extra cost but n² numbers per parameter; the per-layer noise scale
-    (:func:`sgn_lab.layer_noise_scale`) comes from them.
+    (:func:`sgn_lab.layer_noise_scale`) comes from them. The other options are those of
+    :func:`per_sample_gram`.
     """
     for label, value, low in (("chunk_size", chunk_size, 1), ("verify", verify, 0)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < low):
             raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
+    check_samples_option(samples)
     model, xs, targets, params, n = _prepared(model, inputs, targets)
+    key = structure("gram", model, loss_fn, xs, targets)
+    if verify is None:
+        verify = 0 if checked(model, key) else min(AUTO_VERIFY, n)
     with _batchnorm_policy(model, batchnorm):
         result, blocks, randomness = _chunked(model, loss_fn, xs, targets, params, with_mean,
                                               chunk_size or n, verify, per_parameter)
         if verify:
             _verify(model, loss_fn, xs, targets, params, blocks, randomness)
+            check_independent(model, loss_fn, xs, targets, samples=samples)
+            remember(model, key)
     return result
 
 
@@ -329,12 +371,15 @@ def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify, *, keep=Fal
     with ``per_parameter`` its ``parameter_grams`` hold each parameter's (n, n) Gram.
     """
     n = targets.shape[0]
+    start = _rng_state(targets.device)
     try:
         rec = record(model, loss_fn, xs, targets, params)
     except RuntimeError as refusal:  # vmap cannot transform some module: the last resort
         rec = _loop_recording(model, loss_fn, xs, targets, params, refusal)
-    if rec.unseen:
-        _vmap_unseen(model, loss_fn, xs, targets, rec)
+    if rec.unseen:  # from the same random draws (dropout masks) as the recording pass
+        with torch.random.fork_rng(devices=_cuda(targets)):
+            _set_rng_state(start, targets.device)
+            _vmap_unseen(model, loss_fn, xs, targets, rec)
     K = torch.zeros((n, n), dtype=torch.float64, device=targets.device)
     sums, routes, blocks, workspace, kept = [], [], {}, Workspace(), {}
     grams: dict[str, Tensor] | None = {} if per_parameter else None
@@ -474,11 +519,12 @@ def _vmap_unseen(model, loss_fn, xs, targets, rec: Recording) -> None:
     try:
         for name, p in model.named_parameters():
             p.requires_grad_(name in names)
-        grads = per_sample_grads(model, loss_fn, xs, targets)
+        grads = per_sample_grads(model, loss_fn, xs, targets, verify=0)
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
-    why = "used by operations that are not torch functions (TorchScript, C++ extensions)"
+    why = ("used by an operation the pass could not see (not a torch function: TorchScript, "
+           "a C++ extension; or a tensor derived before the pass)")
     for name, g in grads.items():
         rec.terms[name] = [(None, Dense(g.reshape(g.shape[0], -1), "unseen", "vmap"))]
         rec.reasons[name] = [why]
@@ -497,9 +543,9 @@ def _verify(model, loss_fn, xs, targets, params, blocks, randomness) -> None:
             _, blocks, _ = _one_pass(model, loss_fn, sub, sub_targets, params, None, k)
         with torch.random.fork_rng(devices=_cuda(targets)):
             torch.manual_seed(seed)
-            reference = per_sample_grads(model, loss_fn, sub, sub_targets)
+            reference = per_sample_grads(model, loss_fn, sub, sub_targets, verify=0)
     else:
-        reference = per_sample_grads(model, loss_fn, sub, sub_targets)
+        reference = per_sample_grads(model, loss_fn, sub, sub_targets, verify=0)
     dtype = min((p.dtype for p in params.values()), key=lambda t: torch.finfo(t).bits)
     rtol = _VERIFY_RTOL.get(dtype, _VERIFY_RTOL_LOW)
     # Each block's error against its own size, or against rtol·‖K‖ where that is larger:

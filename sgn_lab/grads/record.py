@@ -22,10 +22,18 @@ sample's slice of that gradient is its own signal, since under vmap sample i's l
 on sample i's slice alone.
 
 What is established rather than assumed: the sample axis of every saved operand and output
-(read from vmap, not from the layout); that no saved operand is modified in place before the
-backward pass (version counters; else that parameter is recorded again through its copy);
-that every parameter with a gradient path was seen (an autograd graph walk; the rest go to
-vmap per-sample gradients of their own).
+(read from vmap, not from the layout); that every saved operand holds the values the
+operation read (one the operation writes itself, ``h.mul_(γ)``, is saved as a copy taken
+before it runs; the version of every other is taken before it runs and compared after the
+forward pass, else that parameter is recorded again through its copy); that a rule states
+one use of one operand position (a tensor in two positions of one call takes the copy); and
+that every use of every parameter was stated: each stated use reads the parameter through a
+view of its own (``_Recorder._use``), and an autograd graph walk finds any other node that
+reads a parameter or an alias of one (TorchScript, a C++ extension), whose parameter then
+gets vmap per-sample gradients of its own, whole.
+
+Hugging Face's mask code reads mask values to skip building a mask, which vmap refuses:
+:func:`sgn_lab.grads.hf_masks.traceable_masks` makes it build the mask during the pass.
 """
 
 from __future__ import annotations
@@ -50,10 +58,12 @@ from sgn_lab.grads._functorch import (
     batched_linear,
     broadcast_to_samples,
     current_level,
+    innermost,
     is_batched,
     physical,
     sample_first,
 )
+from sgn_lab.grads.hf_masks import traceable_masks
 from sgn_lab.grads.recurrent import RECURRENT
 from sgn_lab.grads.rules import RULES, Op, Plan, Rule
 from sgn_lab.grads.terms import Dense, Term, scaled, transposed
@@ -129,7 +139,7 @@ class Recording:
 
     terms: dict[str, list[tuple[Region | None, Term]]]  # parameter -> (region, term) of uses
     reasons: dict[str, list[str]]  # parameter -> why its copy was used
-    unseen: list[str]  # parameters with a gradient path the pass did not see
+    unseen: list[str]  # parameters with a use the pass did not see (they take vmap whole)
     randomness: bool  # whether the forward pass drew random numbers
 
 
@@ -145,6 +155,10 @@ class _Recorder(TorchFunctionMode):
         self.failed: dict[str, str] = {}
         self.aliases: list[Tensor] = []  # kept alive, so that their ids stay theirs
         self.entered: list[Callable] = []
+        # Every use the pass sees reads the parameter (or alias) through a view of its own
+        # (``_use``): any other autograd node that reads one is a use no rule saw.
+        self.markers: set = set()
+        self.tracked: dict = {}  # autograd node of a parameter or alias -> parameter name
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -161,6 +175,10 @@ class _Recorder(TorchFunctionMode):
         if aliased is not None:
             return aliased
         rule = RULES.get(func)
+        if len({id(t) for t in found}) < len(found):
+            # One tensor in two operand positions (F.linear(W, W)): a rule would state one
+            # position's use while the copy carried both; the copy alone states both.
+            rule = None
         if rule is not None:
             return self._by_rule(rule, func, args, kwargs)
         if _REDISPATCH is not None and isinstance(func, types.FunctionType) and (
@@ -181,19 +199,22 @@ class _Recorder(TorchFunctionMode):
             return None
         source, name = args[0], _name(func)
         ref = self.refs[id(source)]
+
+        def run() -> Any:
+            return func(self._use(source), *args[1:], **kwargs)
+
         if name in _CASTS and not any(isinstance(v, Tensor) and v.requires_grad
                                       for v in (*args[1:], *kwargs.values())):
-            out = func(*args, **kwargs)
+            out = run()
             return self._register(out, ref) if isinstance(out, Tensor) else None
         if (name in _TRANSPOSES and source.dim() == 2 and ref.region is None
                 and _swaps(name, args[1:], kwargs)):
-            return self._register(func(*args, **kwargs), replace(ref, transposed=not
-                                                                 ref.transposed))
+            return self._register(run(), replace(ref, transposed=not ref.transposed))
         factor = _factor(name, args[1:], kwargs)
         if factor is not None:
-            return self._register(func(*args, **kwargs), replace(ref, scale=ref.scale * factor))
+            return self._register(run(), replace(ref, scale=ref.scale * factor))
         if name in _SLICES and not ref.transposed:
-            out = func(*args, **kwargs)
+            out = run()
             parts = list(out) if isinstance(out, list | tuple) else [out]
             boxes = [_box(part, source) for part in parts]
             if any(box is None for box in boxes):
@@ -206,7 +227,19 @@ class _Recorder(TorchFunctionMode):
     def _register(self, out: Tensor, ref: _Ref) -> Tensor:
         self.refs[id(out)] = ref
         self.aliases.append(out)
+        if out.grad_fn is not None:
+            self.tracked[out.grad_fn] = ref.name
         return out
+
+    def _use(self, tensor: Tensor) -> Tensor:
+        """``tensor`` (a parameter or an alias of one) through a view of its own for one use
+        the pass states, so that the graph walk of :func:`record` can tell it from uses that
+        no rule saw."""
+        view = torch.ops.aten.alias.default(tensor)
+        if view.grad_fn is not None:
+            self.markers.add(view.grad_fn)
+            self.aliases.append(view)
+        return view
 
     def _by_rule(self, rule: Rule, func: Callable, args: tuple, kwargs: dict) -> Any:
         operands = rule.bind(args, kwargs)
@@ -236,13 +269,30 @@ class _Recorder(TorchFunctionMode):
                              for v in _tensors(args, kwargs)):
             takes = self._give_up(takes, refs, operands, replace, rule.name,
                                   "no operand carries the samples")
+        for slot in takes:
+            replace[id(operands[slot])] = self._use(operands[slot])
         args, kwargs = _substitute(args, replace), _substitute(kwargs, replace)
         operands = rule.bind(args, kwargs)
+        # The formula must read the values the operation reads: an operand that the operation
+        # itself writes (h.mul_(γ) keeps h) is saved as a copy taken before it runs, and the
+        # version of every other is taken before it runs too, so that any write after that,
+        # this operation's own included, is caught by record().
+        written = _written(func, args, kwargs)
+        before: dict[str, tuple[Any, int | None]] = {}
+        for slot in plan.keep if takes else ():
+            value = operands[slot]
+            if not isinstance(value, Tensor):
+                before[slot] = (value, None)
+            elif any(_shares_memory(value, w) for w in written):
+                before[slot] = (_samples_first(value, self.level).clone(), None)
+            else:
+                value = _samples_first(value, self.level)
+                before[slot] = (value, value._version)
         out = batched_linear(operands, self.level) if func is F.linear else None
         if out is None:
             out = func(*args, **kwargs)
         if takes:
-            self._keep(rule, plan, takes, refs, operands, out)
+            self._keep(rule, plan, takes, refs, operands, out, before)
         return out
 
     def _give_up(self, takes, refs, operands, replace, op, why) -> list[str]:
@@ -251,17 +301,19 @@ class _Recorder(TorchFunctionMode):
         return []
 
     def _keep(self, rule: Rule, plan: Plan, takes: list[str], refs: dict[str, _Ref],
-              operands: dict[str, Any], out: Any) -> None:
+              operands: dict[str, Any], out: Any, before: dict[str, tuple[Any, int | None]]
+              ) -> None:
+        """Record the call; ``before`` holds each kept operand, samples first, as the
+        operation read it, with its version then (None: a copy or not a tensor)."""
         if not is_batched(out, self.level) or not physical(out)[0].requires_grad:
             for slot in takes:  # recorded again, through the copy
                 self.failed[refs[slot].name] = f"{rule.name}: its output has no sample axis"
             return
         saved, versions = {}, []
         for slot in plan.keep:
-            value = operands[slot]
-            if isinstance(value, Tensor):  # the physical tensor's version counter
-                value = sample_first(value) if is_batched(value, self.level) else value
-                versions.append((value, value._version))
+            value, version = before[slot]
+            if version is not None:  # the physical tensor's version counter
+                versions.append((value, version))
             saved[slot] = value
         tensor, axis = physical(out)
         self.records.append(_Record(
@@ -273,7 +325,7 @@ class _Recorder(TorchFunctionMode):
         self.reasons[ref.name].append(why)
         copy = self.copies.get(id(tensor))
         if copy is None:
-            batched = broadcast_to_samples(tensor, self.n, self.level)
+            batched = broadcast_to_samples(self._use(tensor), self.n, self.level)
             copy = _Copy(batched, get_gradient_edge(physical(batched)[0]), ref,
                          tuple(tensor.shape))
             self.copies[id(tensor)] = copy
@@ -289,12 +341,12 @@ def record(model: nn.Module, loss_fn: LossFn, xs: tuple[Tensor, ...], targets: T
     state = _rng_state(targets.device)
     for _ in range(len(params) + 1):
         recorder, losses = _forward(model, loss_fn, xs, targets, params, n, force_copy)
-        nodes, leaves = _graph(losses)
+        nodes, unmarked = _graph(losses, recorder, params)
         invalid = dict(recorder.failed)
         for rec in recorder.records:
             why = ""
             if any(t._version != v for t, v in rec.versions):
-                why = "an operand was modified in place after the operation"
+                why = "an operand was modified in place after the operation read it"
             elif rec.edge.node not in nodes and rec.output._version != rec.version:
                 # An in-place op on a view of the output rebuilt its history: the recorded
                 # edge no longer receives the gradient.
@@ -306,9 +358,7 @@ def record(model: nn.Module, loss_fn: LossFn, xs: tuple[Tensor, ...], targets: T
         force_copy.update(invalid)
         _set_rng_state(state, targets.device)  # the same random draws as the first time
     randomness = _changed(state, targets.device)
-    used = {rec_ref.name for rec in recorder.records for rec_ref in rec.refs.values()}
-    used |= {copy.ref.name for copy in recorder.copies.values()}
-    unseen = [name for name in params if name not in used and id(params[name]) in leaves]
+    unseen = [name for name in params if name in unmarked]
     terms = _signals(recorder, losses)
     return Recording(terms, dict(recorder.reasons), unseen, randomness)
 
@@ -328,7 +378,8 @@ def _forward(model, loss_fn, xs, targets, params, n, force_copy):
                              f"sample it returned shape {shape}")
         return loss
 
-    losses = vmap(sample_loss, randomness="different")(*xs, targets)
+    with traceable_masks():
+        losses = vmap(sample_loss, randomness="different")(*xs, targets)
     bad = ~torch.isfinite(losses.detach())
     if bad.any():
         i = int(bad.nonzero()[0, 0])
@@ -362,20 +413,32 @@ def _signals(recorder: _Recorder, losses: Tensor) -> dict[str, list[tuple[Region
     return dict(terms)
 
 
-def _graph(losses: Tensor) -> tuple[set, set[int]]:
-    """The autograd nodes that ``losses`` reaches, and the ids of the leaf tensors among them."""
-    leaves: set[int] = set()
+def _graph(losses: Tensor, recorder: _Recorder, params: dict[str, Tensor]
+           ) -> tuple[set, set[str]]:
+    """The autograd nodes that ``losses`` reaches, and the parameters that one of them reads
+    other than through a use the pass stated.
+
+    Every stated use (a rule's operand, a per-sample copy, an alias) reads its parameter
+    through a view of its own (``_Recorder._use``); any other node that reads a parameter or
+    an alias of one is a use that no rule saw (a TorchScript function, a C++ extension, a
+    tensor derived before the pass), and that parameter takes the exact vmap route whole.
+    """
+    tracked = dict(recorder.tracked)
+    for name, p in params.items():
+        tracked[get_gradient_edge(p).node] = name
+    unmarked: set[str] = set()
     stack, seen = [losses.grad_fn], set()
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            leaves.add(id(variable))
-        stack.extend(child for child, _ in node.next_functions)
-    return seen, leaves
+        for child, _ in node.next_functions:
+            name = tracked.get(child)
+            if name is not None and node not in recorder.markers:
+                unmarked.add(name)
+            stack.append(child)
+    return seen, unmarked
 
 
 def _edge(tensor: Tensor) -> GradientEdge:
@@ -391,6 +454,30 @@ def _edge(tensor: Tensor) -> GradientEdge:
             and base.data_ptr() == tensor.data_ptr()):
         return get_gradient_edge(base)
     return get_gradient_edge(tensor)
+
+
+def _samples_first(value: Tensor, level: int) -> Tensor:
+    return sample_first(value) if is_batched(value, level) else value
+
+
+def _written(func: Callable, args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensors a call writes into: its first operand for an in-place method
+    (``mul_``, ``__imul__``) and its ``out=`` tensors."""
+    name = _name(func)
+    in_place = (name.endswith("_") and not name.startswith("__")) or (
+        name.startswith("__i") and name.endswith("__"))
+    out = kwargs.get("out")
+    written = [out] if isinstance(out, Tensor) else [t for t in out or () if
+                                                      isinstance(t, Tensor)]
+    if in_place and args and isinstance(args[0], Tensor):
+        written.append(args[0])
+    return written
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors (batched or not) are views of one storage."""
+    a, b = innermost(a), innermost(b)
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _factor(name: str, rest: tuple, kwargs: dict) -> float | None:

@@ -20,6 +20,15 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from sgn_lab.checks import NonFiniteError
+from sgn_lab.grads.consistency import (
+    CHECK_SAMPLES,
+    check_independent,
+    check_samples_option,
+    checked,
+    remember,
+    structure,
+)
+from sgn_lab.grads.hf_masks import traceable_masks
 from sgn_lab.grads.recurrent import Recurrence
 from sgn_lab.models.wrapped import unwrapped
 
@@ -45,6 +54,8 @@ def per_sample_grads(
     *,
     batchnorm: str = "error",
     seed: int | None = None,
+    verify: int | None = None,
+    samples: str = "independent",
 ) -> dict[str, Tensor]:
     """Gradient of each sample's loss with respect to every trainable parameter.
 
@@ -81,6 +92,16 @@ def per_sample_grads(
         Seed for random layers such as dropout, which draw independent randomness for each
         sample. ``None`` uses (and advances) torch's global generator; an integer makes the
         draws reproducible without touching the global generator.
+    verify
+        The consistency check (:func:`~sgn_lab.grads.consistency.check_independent`): the
+        batched forward of a few samples against their batch-of-one passes, which catches a
+        forward pass that mixes samples. ``None`` (default): on the first call for a model
+        (again when its structure changes), on ``CHECK_SAMPLES`` samples; k > 0: on every
+        call, on the first k samples; 0: never.
+    samples
+        ``"independent"`` (default): a forward pass that mixes samples is a
+        :class:`~sgn_lab.grads.consistency.SampleMixingError`; ``"batch-of-one"``: the
+        gradients of each sample alone are what is wanted, and mixing is a warning.
 
     Returns
     -------
@@ -93,6 +114,10 @@ def per_sample_grads(
     model = unwrapped(model)
     xs = _as_tuple(inputs)
     n = _num_samples(xs, targets)
+    check_samples_option(samples)
+    if verify is not None and (isinstance(verify, bool) or not isinstance(verify, int)
+                               or verify < 0):
+        raise ValueError(f"verify must be an integer >= 0 or None, got {verify!r}")
     if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
             or chunk_size < 1):
@@ -129,9 +154,24 @@ def per_sample_grads(
 
     in_dims = (None,) + (0,) * (len(xs) + 1)
     compute = vmap(grad_and_value(sample_loss), in_dims=in_dims, randomness="different")
-    with _batchnorm_policy(model, batchnorm), _seeded(seed, device):
+    key = structure("grads", model, loss_fn, xs, targets)
+    if verify is None:
+        verify = 0 if checked(model, key) else CHECK_SAMPLES
+    with _batchnorm_policy(model, batchnorm):
+        grads = _computed(model, loss_fn, xs, targets, trainable, compute, chunk_size, seed,
+                          device)
+        if verify:
+            check_independent(model, loss_fn, xs, targets, samples=samples, count=verify)
+            remember(model, key)
+    return grads
+
+
+def _computed(model, loss_fn, xs, targets, trainable, compute, chunk_size, seed, device):
+    """The per-sample gradients: vmap in chunks, or the last resort where vmap refuses."""
+    n = targets.shape[0]
+    with _seeded(seed, device):
         try:
-            with recurrence(model):
+            with recurrence(model), traceable_masks():
                 if chunk_size >= n:  # one chunk: vmap's own output, no copy
                     grads, losses = compute(trainable, *xs, targets)
                     check_finite(losses, grads)
@@ -149,7 +189,7 @@ def per_sample_grads(
             pick = slice(0, min(2, n))
 
             def attempt() -> None:
-                with recurrence(model):
+                with recurrence(model), traceable_masks():
                     compute(trainable, *(x[pick] for x in xs), targets[pick])
 
             return last_resort(model, loss_fn, xs, targets, refusal, attempt)[0]

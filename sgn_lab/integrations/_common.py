@@ -26,6 +26,14 @@ Precision
     Weights held in float16 or bfloat16 are measured on a float32 copy of the model, made for
     each measurement.
 
+The loss
+    Each probe sample's loss is ``loss_fn`` on a batch of that one sample, and the measured
+    mean gradient is the mean of the per-sample gradients. With the built-in losses (cross
+    entropy, :func:`sgn_lab.models.losses.token_cross_entropy`) a sample's loss is its mean
+    over its real tokens, and the eval instrument's ``train_loss``/``test_loss`` the mean over
+    samples of those per-sample losses; a trainer's own loss may average otherwise (over all
+    tokens of a batch). ``config.json`` states it as ``probe.loss_average``.
+
 The run directory is the one ``sgn-lab measure`` writes (:class:`~sgn_lab.run.recorder.
 RunRecorder`), held under its lock from the start of training to its end.
 """
@@ -46,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from sgn_lab import checks
+from sgn_lab.models.losses import loss_average
 from sgn_lab.models.modes import restored_modes
 from sgn_lab.run.config import GRADS_PATHS
 from sgn_lab.run.instruments import INSTRUMENTS, Instrument
@@ -190,11 +199,12 @@ class TrainingFacts:
     training: Mapping[str, Any]  # trainer-specific settings for config.json
 
 
-def describe(settings: ProbeSettings, facts: TrainingFacts) -> tuple[dict[str, Any],
-                                                                      dict[str, Any]]:
+def describe(settings: ProbeSettings, facts: TrainingFacts, *, loss_fn: LossFn | None = None
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The identity columns and config.json of a run, with ``sgn-lab measure``'s names:
     the label is the method and its learning rate, the run the label and the seed unless
-    ``name`` is given."""
+    ``name`` is given. ``config["probe"]["loss_average"]`` says in words what the probe's loss
+    averages (:func:`sgn_lab.models.losses.loss_average`)."""
     from sgn_lab import __version__
 
     label = f"{facts.method}-lr={facts.lr:g}"
@@ -211,7 +221,8 @@ def describe(settings: ProbeSettings, facts: TrainingFacts) -> tuple[dict[str, A
         "probe": {"measure_every": settings.every, "probe_samples": settings.samples,
                   "instruments": settings.instrument_names, "grads": settings.grads,
                   "chunk_size": settings.chunk_size,
-                  "eval_samples": None if settings.eval_x is None else len(settings.eval_x)},
+                  "eval_samples": None if settings.eval_x is None else len(settings.eval_x),
+                  **({} if loss_fn is None else {"loss_average": loss_average(loss_fn)})},
         "output": {"name": settings.name, "log": list(settings.log)},
         "run": run,
         "sgn_lab_version": __version__,
@@ -238,7 +249,7 @@ class Session:
             y_test=settings.eval_y, every=settings.every, samples=settings.samples,
             instruments=list(settings.instruments), grads=settings.grads,
             chunk_size=settings.chunk_size, seed=facts.seed)
-        identity, config = describe(settings, facts)
+        identity, config = describe(settings, facts, loss_fn=loss_fn)
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(locked(settings.out))
         try:

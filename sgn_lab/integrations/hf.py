@@ -19,6 +19,25 @@ The loss
     ``probe_x = ids[:, :-1]``, ``probe_y = ids[:, 1:]`` (the attention is causal, so the logits
     of the shorter window are the same).
 
+    Averages: each probe sample's loss is ``loss_fn`` on that sample alone; with
+    :func:`~sgn_lab.models.losses.token_cross_entropy` it is the mean over the sample's real
+    targets (those not ``IGNORE_INDEX``), and the probe's mean gradient and ``train_loss`` are
+    means over samples. The Trainer's own loss of a causal LM is the mean over all real tokens
+    of its batch (with ``num_items_in_batch``, of all its micro-batches): for windows of one
+    length the two agree; for padded examples of different lengths the Trainer weights each
+    example by its length and the probe does not. ``config.json`` states the probe's average
+    as ``probe.loss_average``.
+
+Padded examples
+    Examples of different lengths enter the probe as one tensor: ``probe_x`` int64 (n, T) with
+    :data:`sgn_lab.data.PAD_ID` (-1) at the padding, ``probe_y`` next tokens (n, T) with
+    ``IGNORE_INDEX`` (-100) at the padding and at each last real position
+    (:func:`padded_next_token_pairs` makes them from a Trainer batch's ``input_ids`` and
+    ``attention_mask``; :func:`sgn_lab.data.padded_batch` from token lists). With
+    ``padded=True`` (the default when ``probe_x`` holds a negative id) a Hugging Face model is
+    called with ``input_ids = x.clamp(min=0)`` and ``attention_mask = (x >= 0)``
+    (:class:`~sgn_lab.models.hf.Logits`).
+
 When
     At ``on_train_begin`` (step 0, or the step a checkpoint resumes from), at ``on_step_end``
     when ``state.global_step`` (optimizer steps: once per ``gradient_accumulation_steps``
@@ -59,10 +78,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import PretrainedConfig, TrainerCallback
 
+from sgn_lab.data import PAD_ID
 from sgn_lab.integrations._common import (
     ProbeSettings,
     Session,
@@ -71,11 +92,11 @@ from sgn_lab.integrations._common import (
     optimizer_name,
 )
 from sgn_lab.models.hf import Logits
-from sgn_lab.models.losses import token_cross_entropy
+from sgn_lab.models.losses import IGNORE_INDEX, token_cross_entropy
 from sgn_lab.run.instruments import Instrument
 from sgn_lab.run.probe import LossFn
 
-__all__ = ["SGNTrainerCallback", "default_loss", "next_token_pairs"]
+__all__ = ["SGNTrainerCallback", "default_loss", "next_token_pairs", "padded_next_token_pairs"]
 
 
 def next_token_pairs(input_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,6 +106,26 @@ def next_token_pairs(input_ids: Tensor) -> tuple[Tensor, Tensor]:
         shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else input_ids
         raise ValueError(f"input_ids must be (n, T) token windows with T >= 2, got {shape!r}")
     return input_ids[:, :-1], input_ids[:, 1:]
+
+
+def padded_next_token_pairs(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The probe set of a causal LM trained on padded batches (``labels = input_ids`` with the
+    padding ignored): x = ``input_ids`` with :data:`sgn_lab.data.PAD_ID` (-1) where
+    ``attention_mask`` is 0, and y (n, T) with y_t = input_ids_{t+1} where positions t and
+    t+1 are both real, ``IGNORE_INDEX`` (-100) elsewhere (the last real position, the
+    padding). Either padding side; their average is per sample (module docstring). With
+    right padding the per-token losses are the Trainer's; with left padding the Trainer's
+    shifted labels also score the last padding position's prediction of the first real
+    token, which has no target here (a padding position predicts nothing)."""
+    if (not isinstance(input_ids, Tensor) or not isinstance(attention_mask, Tensor)
+            or input_ids.dim() != 2 or attention_mask.shape != input_ids.shape):
+        raise ValueError("input_ids and attention_mask must be (n, T) tensors of one shape")
+    real = attention_mask.bool()
+    x = torch.where(real, input_ids, torch.full_like(input_ids, PAD_ID))
+    y = torch.full_like(input_ids, IGNORE_INDEX)
+    both = real[:, :-1] & real[:, 1:]
+    y[:, :-1] = torch.where(both, input_ids[:, 1:], y[:, :-1])
+    return x, y
 
 
 def default_loss(probe_y: Tensor) -> LossFn:
@@ -129,6 +170,10 @@ class SGNTrainerCallback(TrainerCallback):
         dataset's class name).
     input_name
         The keyword a Hugging Face model takes ``probe_x`` as (``pixel_values`` for ViT).
+    padded
+        ``probe_x`` holds token ids padded with ``PAD_ID`` (-1): a Hugging Face model is called
+        with the attention mask ``x >= 0`` (module docstring). Default: True when ``probe_x``
+        is an integer tensor holding a negative id.
     log
         ``("tensorboard",)``: also write TensorBoard event files in ``out/tensorboard``.
     """
@@ -151,6 +196,7 @@ class SGNTrainerCallback(TrainerCallback):
         name: str | None = None,
         task: str | None = None,
         input_name: str = "input_ids",
+        padded: bool | None = None,
         log: Sequence[str] = (),
     ) -> None:
         self.settings = ProbeSettings.checked(
@@ -163,6 +209,14 @@ class SGNTrainerCallback(TrainerCallback):
             raise ValueError(f"input_name must be a non-empty string, got {input_name!r}")
         self.loss_fn = loss_fn if loss_fn is not None else default_loss(probe_y)
         self.input_name = input_name
+        if padded is None:
+            padded = (not probe_x.is_floating_point() and probe_x.numel() > 0
+                      and bool((probe_x < 0).any()))
+        elif not isinstance(padded, bool):
+            raise ValueError(f"padded must be true or false, got {padded!r}")
+        if padded and input_name != "input_ids":
+            raise ValueError(f"padded probe_x holds token ids (input_ids), not {input_name}")
+        self.padded = padded
         self.session: Session | None = None
 
     def on_train_begin(self, args, state, control, model: nn.Module | None = None,
@@ -173,7 +227,8 @@ class SGNTrainerCallback(TrainerCallback):
         if model is None:
             raise ValueError("SGNTrainerCallback needs the Trainer's model")
         hugging_face = isinstance(getattr(model, "config", None), PretrainedConfig)
-        probed = Logits(model, self.input_name) if hugging_face else model
+        probed = (Logits(model, self.input_name, padded=self.padded) if hugging_face
+                  else model)
         step = state.global_step
         self.session = Session(self.settings, probed, self.loss_fn, start=step,
                                facts=self._facts(args, model, kwargs), train_mode=True)

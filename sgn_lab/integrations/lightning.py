@@ -18,7 +18,19 @@ When
 
 The loss
     ``loss_fn`` when given, else the LightningModule's ``loss_fn`` attribute: a mean-reduced
-    loss of (outputs, targets). Neither is an error when ``fit`` starts.
+    loss of (outputs, targets). Neither is an error when ``fit`` starts. Each probe sample's
+    loss is ``loss_fn`` on that sample alone, and the measured mean gradient is the mean of the
+    per-sample gradients, so the probe's average is over samples whatever ``loss_fn`` does
+    within a sample. With :func:`sgn_lab.models.losses.token_cross_entropy` a sequence's loss
+    is the mean over its real targets (not ``IGNORE_INDEX``) and a batch's the mean over
+    samples: for padded examples of different lengths that is not the mean over all tokens of
+    the batch, which a module's own ``training_step`` may use (Hugging Face's ``labels``
+    loss does). ``config.json`` states the probe's average as ``probe.loss_average``.
+
+Padded examples
+    ``probe_x`` is passed to the module as it is: padded token ids hold
+    :data:`sgn_lab.data.PAD_ID` (-1), so its forward must mask them, e.g. through
+    :class:`sgn_lab.models.hf.Logits` with ``padded=True`` (attention mask ``x >= 0``).
 
 The run directory ``out``
     The files of ``sgn-lab measure`` (:func:`sgn_lab.load_run` reads them), locked from

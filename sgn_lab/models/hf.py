@@ -22,6 +22,9 @@ name       language task: x, y int64 (n, T)            classification: y int64 (
 =========  ==========================================  =====================================
 
 V is the task's vocabulary (``num_classes`` of a language task), K its number of classes.
+A task of examples of different lengths (``jsonl:``, ``hfdata:``; ``info["padded"]``) pads x
+with ``PAD_ID = -1``: its models are wrapped with ``Logits(..., padded=True)``, which passes
+``attention_mask = (x >= 0)`` and reads the padding as token 0 (:class:`Logits`).
 Options: ``width`` (hidden size), ``depth`` (layers), ``heads`` (attention heads; they must
 divide ``width``), ``context`` (positions of gpt2 and bert, at least the task's T; default T),
 ``patch_size`` (vit; default the largest of 16, 8, 4, 2, 1 that divides H and leaves at least
@@ -80,15 +83,39 @@ class Logits(nn.Module):
     ``forward(x)`` is ``model(**{input_name: x}).logits``: ``input_ids`` (n, T) for GPT-2 and
     BERT, ``pixel_values`` (n, C, H, W) for ViT. The parameters are the wrapped model's own
     (``Logits(m).model is m``), so training the wrapper trains the model.
+
+    ``padded=True`` is for token ids padded with :data:`sgn_lab.data.PAD_ID` (-1; any
+    negative id is padding): ``forward(x)`` is then ``model(input_ids=x.clamp(min=0),
+    attention_mask=(x >= 0).long()).logits``, so no real position attends to a padding
+    position, and the padding positions read token 0 (their logits are never in the loss:
+    their targets are ``IGNORE_INDEX``). The same operations for every batch, without a
+    data-dependent branch, so the wrapper runs under ``torch.func.vmap``. Position ids are
+    transformers' defaults (0..T-1 over the padded row): with right padding each real token
+    has its usual position; with left padding the real tokens of a shorter sample sit at
+    shifted positions, as in Hugging Face's own training unless ``position_ids`` are passed.
+    ``padded=False`` (the default) calls the model exactly as without padding, so an
+    unpadded task gives the same numbers as before.
     """
 
-    def __init__(self, model: nn.Module, input_name: str = "input_ids") -> None:
+    def __init__(self, model: nn.Module, input_name: str = "input_ids", *,
+                 padded: bool = False) -> None:
         super().__init__()
+        if padded and input_name != "input_ids":
+            raise ValueError(f"padded inputs are token ids (input_ids), not {input_name}")
         self.model = model
         self.input_name = input_name
+        self.padded = bool(padded)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.padded:
+            return self.model(input_ids=x.clamp(min=0),
+                              attention_mask=(x >= 0).to(torch.long)).logits
         return self.model(**{self.input_name: x}).logits
+
+
+def is_padded(task: Task) -> bool:
+    """True for a task of padded token ids (``info["padded"]``, :mod:`sgn_lab.data.examples`)."""
+    return bool(task.info.get("padded", False))
 
 
 def task_kind(task: Task) -> str:
@@ -152,12 +179,12 @@ def build_transformer(
         raise ValueError(f"task {task.name!r} has token ids up to {token_vocabulary(task) - 1}, "
                          f"outside its vocabulary of num_classes={task.num_classes}")
     if name == "gpt2":
-        return _gpt2(task.num_classes, positions, **sizes)
+        return _gpt2(task.num_classes, positions, padded=is_padded(task), **sizes)
     return _bert(task, kind, positions, **sizes)
 
 
-def _gpt2(vocab: int, positions: int, *, width: int, depth: int, heads: int, dropout: float
-          ) -> nn.Module:
+def _gpt2(vocab: int, positions: int, *, padded: bool, width: int, depth: int, heads: int,
+          dropout: float) -> nn.Module:
     import transformers
 
     config = transformers.GPT2Config(
@@ -168,7 +195,7 @@ def _gpt2(vocab: int, positions: int, *, width: int, depth: int, heads: int, dro
         use_cache=False,  # a key/value cache only serves generation
         attn_implementation=ATTENTION,
     )
-    return Logits(transformers.GPT2LMHeadModel(config))
+    return Logits(transformers.GPT2LMHeadModel(config), padded=padded)
 
 
 def _bert(task: Task, kind: str, positions: int, *, width: int, depth: int, heads: int,
@@ -187,9 +214,10 @@ def _bert(task: Task, kind: str, positions: int, *, width: int, depth: int, head
         use_cache=False,
         attn_implementation=ATTENTION,
     )
+    padded = is_padded(task)
     if language:
-        return Logits(transformers.BertLMHeadModel(config))
-    return Logits(transformers.BertForSequenceClassification(config))
+        return Logits(transformers.BertLMHeadModel(config), padded=padded)
+    return Logits(transformers.BertForSequenceClassification(config), padded=padded)
 
 
 def _vit(task: Task, *, patch_size: int | None, width: int, depth: int, heads: int,
@@ -272,7 +300,8 @@ def load_pretrained(path: str | os.PathLike[str], task: Task) -> nn.Module:
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode; see the docstring
-    wrapped = Logits(model, model.main_input_name)
+    wrapped = Logits(model, model.main_input_name,
+                     padded=is_padded(task) and model.main_input_name == "input_ids")
     _check_fits(wrapped, task, str(path))
     return wrapped
 
@@ -322,8 +351,8 @@ def _check_fits(model: Logits, task: Task, where: str) -> None:
 
 def _probe(model: Logits, task: Task, kind: str, where: str) -> None:
     """Run the model on two training samples: the logits' shape and, for a language task,
-    causality (changing the last token changes no earlier logit). In eval mode, without
-    gradients and with torch's random state restored, so nothing changes."""
+    causality (changing the last token changes no earlier logit of a real token). In eval
+    mode, without gradients and with torch's random state restored, so nothing changes."""
     x = task.x_train[:2]
     with restored_modes(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
         model.eval()
@@ -341,7 +370,11 @@ def _probe(model: Logits, task: Task, kind: str, where: str) -> None:
     if not fits:
         raise ValueError(f"model {where!r} gives logits of shape {tuple(logits.shape)} on two "
                          f"samples of task {task.name!r}, not {expected}")
-    if kind == "language" and not torch.allclose(logits[:, :-1], later[:, :-1]):
+    # Padding positions are left out: their targets are ignored, and a left-padding query
+    # that may attend to no key gets uniform weights over all of them, the last included.
+    earlier = (x[:, :-1] >= 0) if model.padded else torch.ones_like(x[:, :-1], dtype=torch.bool)
+    if kind == "language" and not torch.allclose(logits[:, :-1][earlier],
+                                                 later[:, :-1][earlier]):
         raise ValueError(f"model {where!r} is not causal: its logits at earlier positions "
                          "change with the last token, so next-token prediction would see "
                          "its targets")

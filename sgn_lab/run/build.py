@@ -2,13 +2,16 @@
 
 ``task.name``
     a built-in task string (``mnist1d``, ``markov``, ``linreg:dim=50``, ``npz:PATH``,
-    ``text:PATH``, ...; :func:`sgn_lab.data.load_task`) or ``pkg.module:callable``
-    (:mod:`sgn_lab.user`); ``task.options`` are its keyword options, and
-    ``task.validation_fraction`` of its training samples become its validation set.
+    ``text:PATH``, ``jsonl:PATH``, ``hfdata:DIR``, ...; :func:`sgn_lab.data.load_task`) or
+    ``pkg.module:callable`` (:mod:`sgn_lab.user`); ``task.options`` are its keyword options,
+    and ``task.validation_fraction`` of its training samples become its validation set.
 ``model.name``
     a built-in model (:data:`sgn_lab.models.MODELS`), a transformer built from a Hugging Face
     config (``gpt2``, ``bert``, ``vit``), ``hf:PATH`` (a model saved in a local folder), or
-    ``pkg.module:callable``; ``model.options`` are its keyword options.
+    ``pkg.module:callable``; ``model.options`` are its keyword options. For a padded task
+    (``jsonl:``, ``hfdata:``; ``task.info["padded"]``) the Hugging Face models are wrapped to
+    pass the attention mask ``x >= 0`` (:class:`sgn_lab.models.hf.Logits`); a model of one's
+    own receives x with ``PAD_ID`` (-1) at the padding and must mask it itself.
 
 :func:`check_fits` then runs the model on two training samples and the task's loss on its
 output, so that a model that does not fit the task stops the run at once with one line.
@@ -25,7 +28,7 @@ from torch import nn
 
 from sgn_lab.data import Task, hold_out_validation, load_task
 from sgn_lab.models import MODELS, build_model
-from sgn_lab.models.hf import TRANSFORMERS, build_transformer, load_pretrained
+from sgn_lab.models.hf import TRANSFORMERS, build_transformer, is_padded, load_pretrained
 from sgn_lab.models.modes import restored_modes
 from sgn_lab.seeds import Purpose, seed_for
 from sgn_lab.user import _first_line, is_reference, user_model
@@ -74,6 +77,9 @@ def build_run_model(config: RunConfig, task: Task) -> nn.Module:
         if task.is_sequence:
             raise ValueError(f"model {spec.name!r} takes one target per sample; task "
                              f"{task.name!r} has token sequences: use gpt2 or bert")
+        if is_padded(task):  # -1 would enter as a number: padding needs a mask
+            raise ValueError(f"model {spec.name!r} takes features; task {task.name!r} has "
+                             "padded token ids: use bert or your own pkg.module:callable")
         _check_options(build_model, spec.name, spec.options, given=("width", "depth"))
         model = build_model(spec.name, task.input_shape, task.num_classes or 1,
                             width=spec.width, depth=spec.depth, **spec.options)

@@ -96,12 +96,12 @@ class Measurement:
         if not p.ranks.distributed:
             return per_sample_grads(p.model, p.loss_fn, self.x, self.y,
                                     chunk_size=p.chunk_size, batchnorm=p.batchnorm,
-                                    seed=self.seed(Purpose.GRADS))
+                                    seed=self.seed(Purpose.GRADS), verify=p.grads_verify)
         # Each rank its block of the probe set; every rank then holds all of them (n × d).
         block = p.ranks.shard(len(self.y))
         local = per_sample_grads(p.model, p.loss_fn, self.x[block], self.y[block],
                                  chunk_size=p.chunk_size, batchnorm=p.batchnorm,
-                                 seed=self.seed(Purpose.GRADS))
+                                 seed=self.seed(Purpose.GRADS), verify=p.grads_verify)
         return {name: p.ranks.gather_rows(g, kind="gradients") for name, g in local.items()}
 
     @cached_property
@@ -151,7 +151,8 @@ class Measurement:
             return None
         return flatten_grads(per_sample_grads(
             p.model, p.loss_fn, self.x[:count], self.y[:count], chunk_size=p.chunk_size,
-            batchnorm=p.batchnorm, seed=self.seed(Purpose.GRADS))).to(torch.float64)
+            batchnorm=p.batchnorm, seed=self.seed(Purpose.GRADS),
+            verify=p.grads_verify)).to(torch.float64)
 
     def add_spectrum(self, kind: str, eigenvalues: Tensor) -> None:
         self.spectra.append(pd.DataFrame({

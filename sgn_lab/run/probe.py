@@ -89,7 +89,10 @@ class NoiseProbe:
         (:class:`sgn_lab.GramMismatchError` naming the parameters if they disagree). After a
         Gram measurement, ``coverage`` holds each parameter's route.
     verify
-        Samples of that first check with ``grads="auto"`` (0: no check).
+        Samples of that first check with ``grads="auto"``. 0: no checks at all, neither this
+        one nor the first-call checks of the per-sample functions (the consistency check of
+        :func:`sgn_lab.per_sample_grads` and :func:`sgn_lab.per_sample_gram`, which otherwise
+        run on the first measurement whatever the path).
     shape_samples
         Samples for the tails (and minibatch tails) in Gram mode.
     shape_batch_sizes, shape_draws
@@ -162,8 +165,10 @@ class NoiseProbe:
         needs_grads = any(i.needs_grads for i in self.instruments)
         if grads == "gram" and needs_grads:
             raise ValueError("curvature needs per-sample gradients: use grads='vmap' or 'auto'")
-        # The spot check runs once, at the first measurement, when the path was chosen for us.
-        self._verify = verify if grads == "auto" and not needs_grads else 0
+        # The spot check runs once, at the first measurement, when the path was chosen for us;
+        # otherwise the per-sample functions' own first-call checks (verify=None) apply.
+        self._verify: int | None = verify if grads == "auto" and not needs_grads else None
+        self.checks = verify != 0  # False: the per-sample functions check nothing
         if grads == "auto":
             grads = "vmap" if needs_grads else "gram"
         self.grads, self.shape_samples = grads, shape_samples
@@ -209,9 +214,19 @@ class NoiseProbe:
         layers = getattr(measurement, "layers", None)  # the layers instrument's table
         return ProbeResult(step, row, spectra, noise, layers)
 
-    def take_verify(self) -> int:
-        """The spot check's sample count, once: later measurements skip it."""
-        verify, self._verify = self._verify, 0
+    @property
+    def grads_verify(self) -> int | None:
+        """The ``verify`` of :func:`sgn_lab.per_sample_grads` calls: its first-call check,
+        or 0 where the checks are off."""
+        return None if self.checks else 0
+
+    def take_verify(self) -> int | None:
+        """The ``verify`` of this measurement's per-sample call: the spot check's sample
+        count once, then None (the functions' own first-call checks, done by then); 0
+        throughout where the checks are off."""
+        if not self.checks:
+            return 0
+        verify, self._verify = self._verify, None
         return verify
 
     def probe_indices(self, step: int) -> Tensor:

@@ -21,6 +21,8 @@ import sgn_lab.grads.rules as rules
 import sgn_lab.grads.terms as terms
 from sgn_lab.grads import (
     GramMismatchError,
+    SampleMixingError,
+    SampleMixingWarning,
     flatten_grads,
     gram_and_mean_gradient,
     gram_result,
@@ -33,9 +35,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 D = torch.float64
 
 
-def check(model, x, y, loss_fn=F.cross_entropy, rtol=1e-10):
+def check(model, x, y, loss_fn=F.cross_entropy, rtol=1e-10, samples="independent"):
     """The Gram and the mean gradient equal the loop's; returns the coverage."""
-    result = gram_result(model, loss_fn, x, y, with_mean=True)
+    result = gram_result(model, loss_fn, x, y, with_mean=True, samples=samples)
     G = loop_matrix(model, loss_fn, x, y)
     n = len(y)
     assert result.gram.dtype == D and result.gram.shape == (n, n)
@@ -263,7 +265,15 @@ def test_embedding_options_and_broadcast_position_ids(options):
         x[1, :3] = x[0, :3]  # rows shared between samples and repeated within one
         x[2, 4] = x[2, 5] = 0
         x[3, :] = 199
-    coverage = check(model, x, labels(9))
+    if options.get("scale_grad_by_freq"):
+        # Counts over the batch couple the samples in the backward pass: the per-sample
+        # gradients are those of batches of one, which must be asked for.
+        with pytest.raises(SampleMixingError, match="gradient of the loss of a batch"):
+            per_sample_gram(model, F.cross_entropy, x, labels(9))
+        with pytest.warns(SampleMixingWarning):
+            coverage = check(model, x, labels(9), samples="batch-of-one")
+    else:
+        coverage = check(model, x, labels(9))
     assert coverage.routes["tokens.weight"] == "ghost"  # few pairs share a row
     assert coverage.routes["positions.weight"] == "per-sample"  # every sample, every row
 
@@ -663,7 +673,10 @@ def test_verify_names_the_parameter_of_a_wrong_rule(monkeypatch):
     with seeded(23):
         model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     x, y = torch.randn(6, 4, dtype=D), labels(6)
-    per_sample_gram(model, F.cross_entropy, x, y)  # wrong, and without verify nobody knows
+    # The first call for a model checks itself; with the checks off nobody would know.
+    with pytest.raises(GramMismatchError, match=r"0\.weight .*2\.bias"):
+        per_sample_gram(model, F.cross_entropy, x, y)
+    per_sample_gram(model, F.cross_entropy, x, y, verify=0)
     with pytest.raises(GramMismatchError, match=r"0\.weight .*2\.bias"):
         per_sample_gram(model, F.cross_entropy, x, y, verify=4)
 
