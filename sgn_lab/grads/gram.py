@@ -284,7 +284,7 @@ def gram_result(
             raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
     check_samples_option(samples)
     model, xs, targets, params, n = _prepared(model, inputs, targets)
-    key = structure("gram", model, loss_fn, xs, targets)
+    key = (*structure("gram", model, loss_fn, xs, targets), samples)
     if verify is None:
         verify = 0 if checked(model, key) else min(AUTO_VERIFY, n)
     with _batchnorm_policy(model, batchnorm):

@@ -154,7 +154,7 @@ def per_sample_grads(
 
     in_dims = (None,) + (0,) * (len(xs) + 1)
     compute = vmap(grad_and_value(sample_loss), in_dims=in_dims, randomness="different")
-    key = structure("grads", model, loss_fn, xs, targets)
+    key = (*structure("grads", model, loss_fn, xs, targets), samples)
     if verify is None:
         verify = 0 if checked(model, key) else CHECK_SAMPLES
     with _batchnorm_policy(model, batchnorm):
