@@ -268,21 +268,24 @@ class GradientNoiseScale:
         """The latest standard error of :attr:`noise_scale`."""
         return self.history[-1]["noise_scale_se"] if self.history else math.nan
 
-    def record_local(self, index: int, buffer: Tensor) -> None:
-        """Called by the hook before the all-reduce: the bucket's local squared norm."""
+    def record_local(self, index: int, buffer: Tensor,
+                     lengths: list[int] | None = None) -> None:
+        """Called by the hook before the all-reduce: the squared norms of the bucket's
+        gradients (``lengths``: their sizes in the buffer, in order; None: one piece)."""
         if index in self._local:  # every bucket is reduced once per pass: a new pass began
             self._local.clear()
             self._global.clear()
         if not self._local:
             self._passes += 1
         self._device = buffer.device
-        self._local[index] = _sq_norm(buffer)
+        self._local[index] = _sq_norms(buffer, lengths)
 
-    def record_global(self, index: int, buffer: Tensor) -> None:
+    def record_global(self, index: int, buffer: Tensor,
+                      lengths: list[int] | None = None) -> None:
         """Called by the hook once the bucket's mean over ranks has arrived."""
         # One dict entry per bucket: callbacks may run concurrently on the backend's threads,
         # and an item assignment is atomic where `total += x` is not.
-        self._global[index] = _sq_norm(buffer)
+        self._global[index] = _sq_norms(buffer, lengths)
 
     def step(self, batch_size: int | None = None) -> dict[str, Any] | None:
         """Close the step on every rank: one all-reduce of 3 floats, then the estimates.
@@ -301,8 +304,8 @@ class GradientNoiseScale:
             )
         payload = torch.zeros(3, dtype=torch.float64, device=self._collective_device())
         if self._local:
-            payload[0] = torch.stack(list(self._local.values())).sum()
-            payload[1] = torch.stack(list(self._global.values())).sum()
+            payload[0] = _total(self._local.values())
+            payload[1] = _total(self._global.values())
             payload[2] = 1.0
         self._local.clear()
         self._global.clear()
@@ -338,25 +341,38 @@ def gns_hook(state: GradientNoiseScale, bucket: dist.GradBucket) -> torch.future
     in ``.grad`` are the same as without the hook.
     """
     index, buffer = bucket.index(), bucket.buffer()
+    lengths = [g.numel() for g in bucket.gradients()]
     # Before anything touches the buffer: with gradient_as_bucket_view it is the .grad storage.
-    state.record_local(index, buffer)
+    state.record_local(index, buffer, lengths)
     buffer.div_(state.world_size)  # divide first, as allreduce_hook does (no fp16 overflow)
     future = dist.all_reduce(buffer, group=state.process_group, async_op=True).get_future()
 
     def record_global(done: torch.futures.Future[list[Tensor]]) -> Tensor:
         mean = done.value()[0]
-        state.record_global(index, mean)
+        state.record_global(index, mean, lengths)
         return mean
 
     return future.then(record_global)
 
 
-def _sq_norm(buffer: Tensor) -> Tensor:
-    """|buffer|² as a float64 0-d tensor on the buffer's device, without a host sync.
+def _sq_norms(buffer: Tensor, lengths: list[int] | None) -> Tensor:
+    """|piece|² of each gradient in the buffer, float64, on its device, without a host sync.
 
-    Half-precision gradients are reduced in float32; float32 and float64 in their own dtype
-    (no float64 copy of a whole bucket).
+    Per gradient rather than per bucket: DDP lays its buckets out anew after the first step
+    and in a resumed run, and a norm of the whole bucket would round differently with the
+    layout. Half-precision gradients are reduced in float32; float32 and float64 in their
+    own dtype (no float64 copy of a whole bucket).
     """
+    if lengths is None or sum(lengths) != buffer.numel():
+        lengths = [buffer.numel()]
     low = buffer.dtype in (torch.float16, torch.bfloat16)
-    norm = torch.linalg.vector_norm(buffer, dtype=torch.float32 if low else None)
-    return norm.to(torch.float64).square()
+    norms = [torch.linalg.vector_norm(piece, dtype=torch.float32 if low else None)
+             for piece in buffer.reshape(-1).split(lengths)]
+    return torch.stack(norms).to(torch.float64).square()
+
+
+def _total(parts) -> Tensor:
+    """Σ of the per-gradient squared norms in an order of their values, not of the buckets,
+    so that the same gradients give the same bits whatever the bucket layout."""
+    values = torch.cat(list(parts))
+    return torch.sort(values).values.sum()

@@ -12,10 +12,10 @@ per-sample gradients of batches of one, and nothing in them shows it.
 k batch-of-one passes give ℓ_i and g_i, one batched pass of the same k samples gives each
 sample's loss within the batch ℓ_i^B and the gradient of the batch loss ∇(1/k) Σ_i ℓ_i^B.
 Independence means ℓ_i^B = ℓ_i for every i and ∇(1/k) Σ ℓ_i^B = ḡ = (1/k) Σ g_i, to the
-rounding of the model's dtype. Each sample's loss within the batch is ``loss_fn`` on that
-sample's slice of the batched outputs, when every output tensor has the k samples first;
-otherwise the batch loss ``loss_fn(outputs, targets)`` is compared with (1/k) Σ ℓ_i, which
-also needs ``loss_fn`` to be a mean over samples.
+rounding of the lowest precision the forward computes in. Each sample's loss within the
+batch is ``loss_fn`` on that sample's slice of the batched outputs, when every output tensor
+has the k samples first; otherwise the batch loss ``loss_fn(outputs, targets)`` is compared
+with (1/k) Σ ℓ_i, which also needs ``loss_fn`` to be a mean over samples.
 
 The first call of each public per-sample function on a model runs the check (``verify=None``,
 the default); it is then remembered for that model as long as its structure (parameters,
@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sgn_lab.models.modes import restored_modes
 
@@ -46,7 +47,8 @@ sample's gradient with the sample alone, knowingly; mixing is a :class:`SampleMi
 CHECK_SAMPLES = 8
 """Samples of the consistency check (k); fewer when the call has fewer."""
 
-# Relative error accepted between the batched and the batch-of-one passes, by dtype.
+# Relative error accepted between the batched and the batch-of-one passes, by the lowest
+# precision the forward computes in.
 _RTOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 _RTOL_LOW = 3e-2  # bfloat16, float16
 
@@ -139,14 +141,14 @@ def _compare(model, loss_fn, xs, targets, params) -> str | None:
         loss = _scalar(loss_fn(model(*(x[i:i + 1] for x in xs)), targets[i:i + 1]))
         losses.append(loss.detach())
         grads.append(_flat_grad(loss, params))
-    batched = model(*xs)
+    with _Precision() as precision:
+        batched = model(*xs)
     within = _losses_within(batched, loss_fn, targets)
     if random_state.changed():
         return "random"
     alone = torch.stack(losses).double()
     mean_grad = torch.stack(grads).mean(dim=0)
-    dtype = min((p.dtype for p in params.values()), key=lambda t: torch.finfo(t).bits)
-    rtol = _RTOL.get(dtype, _RTOL_LOW)
+    rtol = _RTOL.get(precision.lowest(params), _RTOL_LOW)
     loss_scale = float(alone.abs().max()) + torch.finfo(torch.float64).tiny
     if within is not None:
         values = within.detach().double()
@@ -210,6 +212,30 @@ def _flat_grad(loss: Tensor, params: dict[str, Tensor]) -> Tensor:
         loss.backward()
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                       .double() for p in params.values()])
+
+
+class _Precision(TorchDispatchMode):
+    """The lowest floating dtype any operation of a forward computes in.
+
+    A float64 model may compute parts in float32 (Hugging Face's RMSNorm and rotary
+    embeddings cast to float32 and back), and then two exact computations of the same
+    gradient differ by float32's rounding, not float64's.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in _pytree.tree_leaves(out):
+            if isinstance(t, Tensor) and t.is_floating_point():
+                self.seen.add(t.dtype)
+        return out
+
+    def lowest(self, params: dict[str, Tensor]) -> torch.dtype:
+        dtypes = self.seen | {p.dtype for p in params.values()}
+        return min(dtypes, key=lambda t: torch.finfo(t).bits)
 
 
 class _RandomState:

@@ -536,15 +536,13 @@ def _verify(model, loss_fn, xs, targets, params, blocks, randomness) -> None:
     if not k:
         return
     sub, sub_targets = tuple(x[:k] for x in xs), targets[:k]
-    if randomness:  # both computations on the k samples under the same seed
-        seed = int(torch.randint(0, 2**62, (1,)))
-        with torch.random.fork_rng(devices=_cuda(targets)):
-            torch.manual_seed(seed)
+    # The check draws nothing from the caller's random state: a checked call leaves it
+    # where an unchecked one does.
+    with torch.random.fork_rng(devices=_cuda(targets)):
+        if randomness:  # both computations on the k samples under the same seed
+            start = _rng_state(targets.device)
             _, blocks, _ = _one_pass(model, loss_fn, sub, sub_targets, params, None, k)
-        with torch.random.fork_rng(devices=_cuda(targets)):
-            torch.manual_seed(seed)
-            reference = per_sample_grads(model, loss_fn, sub, sub_targets, verify=0)
-    else:
+            _set_rng_state(start, targets.device)
         reference = per_sample_grads(model, loss_fn, sub, sub_targets, verify=0)
     dtype = min((p.dtype for p in params.values()), key=lambda t: torch.finfo(t).bits)
     rtol = _VERIFY_RTOL.get(dtype, _VERIFY_RTOL_LOW)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from sgn_lab import checks
 from sgn_lab.distributed.ranks import Ranks
 from sgn_lab.grads import GramCoverage
+from sgn_lab.models.losses import IGNORE_INDEX
 from sgn_lab.models.modes import restored_modes
 from sgn_lab.models.wrapped import unwrapped
 from sgn_lab.run.config import GRADS_PATHS
@@ -238,7 +239,9 @@ class NoiseProbe:
         """Mean loss and accuracy (NaN for regression) in eval mode, in chunks.
 
         Accuracy is over every predicted target: per sample for classification, per token for
-        token sequences (targets (n, T), logits (n, T, V))."""
+        token sequences (targets (n, T), logits (n, T, V)), where padding's targets
+        (``IGNORE_INDEX``) are not predictions: a padded set's accuracy is over its real
+        tokens."""
         device = next(self.model.parameters()).device
         block = self.ranks.shard(len(x))  # all of x in one process
         with restored_modes(self.model):
@@ -250,8 +253,9 @@ class NoiseProbe:
                 out = self.model(xb)
                 total_loss += float(self.loss_fn(out, yb)) * len(xb)
                 if not yb.is_floating_point():
-                    correct += int((out.argmax(dim=-1) == yb).sum())
-                    predicted += yb.numel()
+                    real = yb != IGNORE_INDEX
+                    correct += int(((out.argmax(dim=-1) == yb) & real).sum())
+                    predicted += int(real.sum())
         if self.ranks.distributed:
             sums = self.ranks.sum(torch.tensor([total_loss, correct, predicted],
                                                dtype=torch.float64))

@@ -605,7 +605,7 @@ def test_operations_torch_function_modes_cannot_see_take_vmap():
     assert relative_error(result.gram, G @ G.T) < 1e-10
     coverage = result.coverage
     assert coverage.routes["0.weight"] == "vmap"
-    assert "not torch functions" in coverage.to_frame().set_index("name").loc["0.weight",
+    assert "not a torch function" in coverage.to_frame().set_index("name").loc["0.weight",
                                                                                 "reason"]
 
 

@@ -94,3 +94,28 @@ def test_instruments_from_the_command_line(tmp_path, monkeypatch, capsys):
     assert {"hessian_top_eigenvalue", "tail_index", "trace"} <= set(metrics.columns)
     assert not EVAL & set(metrics.columns) and "update_trace" not in metrics.columns
     assert set(metrics["grads"]) == {"vmap"}
+
+
+def test_accuracy_of_padded_tokens_is_over_the_real_targets_only():
+    # Token targets (n, T) with IGNORE_INDEX at the padding: those positions predict nothing.
+    from sgn_lab.models.losses import IGNORE_INDEX, token_cross_entropy
+
+    torch.manual_seed(0)
+    vocab, n, T = 7, 40, 6
+    x = torch.randint(0, vocab, (n, T))
+    y = torch.randint(0, vocab, (n, T))
+    lengths = torch.randint(1, T + 1, (n,))
+    y[torch.arange(T) >= lengths[:, None]] = IGNORE_INDEX
+    model = nn.Sequential(nn.Embedding(vocab, 8), nn.Linear(8, vocab)).double()
+    probe = NoiseProbe(model, token_cross_entropy, x, y, instruments=["eval"], every=1,
+                       samples=8, eval_batch=16)
+    loss, accuracy = probe.evaluate(x, y)
+    with torch.no_grad():
+        logits = model(x)
+    hits, real = 0, 0
+    for i in range(n):  # a plain loop over the real tokens of each sample
+        for t in range(int(lengths[i])):
+            hits += int(int(logits[i, t].argmax()) == int(y[i, t]))
+            real += 1
+    assert real == int(lengths.sum()) and accuracy == hits / real
+    assert loss == pytest.approx(float(token_cross_entropy(logits, y)), rel=1e-12)
