@@ -41,8 +41,8 @@ class _Section(BaseModel):
 
 class TaskSection(_Section):
     name: str = Field("mnist1d", description=f"Task: {', '.join(TASKS)} (options as "
-                      "linreg:dim=50), npz:FILE, text:FILE, cifar10:DIR, or your own "
-                      "pkg.module:callable.")
+                      "linreg:dim=50), npz:FILE, text:FILE, jsonl:FILE, hfdata:DIR, "
+                      "cifar10:DIR, or your own pkg.module:callable.")
     n_train: int | None = Field(None, ge=2, description="Subsample the training set to this "
                                 "many samples.")
     validation_fraction: float = Field(
