@@ -58,6 +58,7 @@ def command_lines(block: str) -> list[str]:
 def test_readme_command_lines_for_your_own_code_run(tmp_path, monkeypatch, capsys):
     """The commands of "From the command line", with the files they name written first: the
     module shown (its first line names it) and a small text file."""
+    import json
     import shlex
 
     from helpers import run_main
@@ -69,6 +70,8 @@ def test_readme_command_lines_for_your_own_code_run(tmp_path, monkeypatch, capsy
         if first.startswith("# ") and first.split()[1].endswith(".py"):
             (tmp_path / first.split()[1]).write_text(block)
     (tmp_path / "notes.txt").write_text("a few lines of notes, of any kind at all.\n" * 30)
+    reviews = [{"text": "good " * (1 + i % 7) + "film", "stars": i % 5} for i in range(40)]
+    (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviews))
     monkeypatch.syspath_prepend(str(tmp_path))
     commands = [c for b in re.findall(r"^```bash\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
                 for c in command_lines(b)]

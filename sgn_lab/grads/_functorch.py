@@ -109,9 +109,20 @@ def batched_attention(args: tuple, kwargs: dict, level: int) -> Tensor | None:
                                 *mask.shape[1:])
         elif _functorch.is_batchedtensor(mask):
             return None
-    tensors = [physical(t) for t in (q, k, v)]
+    qkv = [t.movedim(axis, 0) for t, axis in (physical(t) for t in (q, k, v))]
+    lead = qkv[0].shape[:-3]
+    merge = len(lead) > 1 and all(t.shape[:-3] == lead for t in qkv)
+    if merge:
+        # The CPU's fused kernel takes 4-D inputs only (5-D ones run the unfused math kernel,
+        # about twice as slow): the sample axis joins the batch axis and is split off after.
+        qkv = [t.reshape(-1, *t.shape[-3:]) for t in qkv]
+        if isinstance(mask, Tensor):
+            mask = mask.reshape((1,) * (len(lead) + 3 - mask.dim()) + tuple(mask.shape))
+            mask = mask.expand(*lead, *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
     out = torch.nn.functional.scaled_dot_product_attention(
-        *(t.movedim(axis, 0) for t, axis in tensors), attn_mask=mask,
+        *qkv, attn_mask=mask,
         is_causal=bool(bound.get("is_causal", False)), scale=bound.get("scale"),
         enable_gqa=bool(bound.get("enable_gqa", False)))
+    if merge:
+        out = out.reshape(*lead, *out.shape[1:])
     return _functorch._add_batch_dim(out, 0, level)

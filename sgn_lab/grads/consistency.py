@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sgn_lab.grads._random import rng_changed, rng_state
 from sgn_lab.models.modes import restored_modes
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -134,7 +135,7 @@ def check_independent(model: nn.Module, loss_fn: LossFn, xs: tuple[Tensor, ...],
 def _compare(model, loss_fn, xs, targets, params) -> str | None:
     """What differs between the batch-of-one and the batched passes (None: nothing), or
     ``"random"`` when the passes drew random numbers."""
-    random_state = _RandomState(targets.device)
+    start = rng_state(targets.device)
     k = targets.shape[0]
     losses, grads = [], []
     for i in range(k):
@@ -144,7 +145,7 @@ def _compare(model, loss_fn, xs, targets, params) -> str | None:
     with _Precision() as precision:
         batched = model(*xs)
     within = _losses_within(batched, loss_fn, targets)
-    if random_state.changed():
+    if rng_changed(start, targets.device):
         return "random"
     alone = torch.stack(losses).double()
     mean_grad = torch.stack(grads).mean(dim=0)
@@ -236,20 +237,6 @@ class _Precision(TorchDispatchMode):
     def lowest(self, params: dict[str, Tensor]) -> torch.dtype:
         dtypes = self.seen | {p.dtype for p in params.values()}
         return min(dtypes, key=lambda t: torch.finfo(t).bits)
-
-
-class _RandomState:
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.start = self._now()
-
-    def _now(self) -> tuple[Tensor, ...]:
-        cuda = (torch.cuda.get_rng_state(self.device),) if self.device.type == "cuda" else ()
-        return (torch.get_rng_state(), *cuda)
-
-    def changed(self) -> bool:
-        now = self._now()
-        return any(not torch.equal(a, b) for a, b in zip(now, self.start, strict=True))
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from sgn_lab.grads._random import rng_changed, rng_state, set_rng_state
 from sgn_lab.grads.consistency import (
     check_independent,
     check_samples_option,
@@ -48,14 +49,7 @@ from sgn_lab.grads.consistency import (
     remember,
     structure,
 )
-from sgn_lab.grads.record import (
-    Recording,
-    Region,
-    _changed,
-    _rng_state,
-    _set_rng_state,
-    record,
-)
+from sgn_lab.grads.record import Recording, Region, record
 from sgn_lab.grads.terms import (
     Dense,
     Term,
@@ -371,14 +365,14 @@ def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify, *, keep=Fal
     with ``per_parameter`` its ``parameter_grams`` hold each parameter's (n, n) Gram.
     """
     n = targets.shape[0]
-    start = _rng_state(targets.device)
+    start = rng_state(targets.device)
     try:
         rec = record(model, loss_fn, xs, targets, params)
     except RuntimeError as refusal:  # vmap cannot transform some module: the last resort
         rec = _loop_recording(model, loss_fn, xs, targets, params, refusal)
     if rec.unseen:  # from the same random draws (dropout masks) as the recording pass
         with torch.random.fork_rng(devices=_cuda(targets)):
-            _set_rng_state(start, targets.device)
+            set_rng_state(start, targets.device)
             _vmap_unseen(model, loss_fn, xs, targets, rec)
     K = torch.zeros((n, n), dtype=torch.float64, device=targets.device)
     sums, routes, blocks, workspace, kept = [], [], {}, Workspace(), {}
@@ -504,12 +498,12 @@ def _loop_recording(model, loss_fn, xs, targets, params, refusal) -> Recording:
     def attempt() -> None:
         record(model, loss_fn, tuple(x[pick] for x in xs), targets[pick], params)
 
-    state = _rng_state(targets.device)
+    state = rng_state(targets.device)
     grads, why = last_resort(model, loss_fn, xs, targets, refusal, attempt)
     terms = {name: [(None, Dense(g.reshape(g.shape[0], -1), "loop", "loop"))]
              for name, g in grads.items()}
     return Recording(terms, {name: [why] for name in grads}, [],
-                     _changed(state, targets.device))
+                     rng_changed(state, targets.device))
 
 
 def _vmap_unseen(model, loss_fn, xs, targets, rec: Recording) -> None:
@@ -540,9 +534,9 @@ def _verify(model, loss_fn, xs, targets, params, blocks, randomness) -> None:
     # where an unchecked one does.
     with torch.random.fork_rng(devices=_cuda(targets)):
         if randomness:  # both computations on the k samples under the same seed
-            start = _rng_state(targets.device)
+            start = rng_state(targets.device)
             _, blocks, _ = _one_pass(model, loss_fn, sub, sub_targets, params, None, k)
-            _set_rng_state(start, targets.device)
+            set_rng_state(start, targets.device)
         reference = per_sample_grads(model, loss_fn, sub, sub_targets, verify=0)
     dtype = min((p.dtype for p in params.values()), key=lambda t: torch.finfo(t).bits)
     rtol = _VERIFY_RTOL.get(dtype, _VERIFY_RTOL_LOW)

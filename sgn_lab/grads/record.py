@@ -63,6 +63,7 @@ from sgn_lab.grads._functorch import (
     physical,
     sample_first,
 )
+from sgn_lab.grads._random import rng_changed, rng_state, set_rng_state
 from sgn_lab.grads.hf_masks import traceable_masks
 from sgn_lab.grads.recurrent import RECURRENT
 from sgn_lab.grads.rules import RULES, Op, Plan, Rule
@@ -338,7 +339,7 @@ def record(model: nn.Module, loss_fn: LossFn, xs: tuple[Tensor, ...], targets: T
     """Run the recording pass (again for parameters whose records turned out invalid)."""
     n = targets.shape[0]
     force_copy: dict[str, str] = {}
-    state = _rng_state(targets.device)
+    state = rng_state(targets.device)
     for _ in range(len(params) + 1):
         recorder, losses = _forward(model, loss_fn, xs, targets, params, n, force_copy)
         nodes, unmarked = _graph(losses, recorder, params)
@@ -356,8 +357,8 @@ def record(model: nn.Module, loss_fn: LossFn, xs: tuple[Tensor, ...], targets: T
         if not invalid:
             break
         force_copy.update(invalid)
-        _set_rng_state(state, targets.device)  # the same random draws as the first time
-    randomness = _changed(state, targets.device)
+        set_rng_state(state, targets.device)  # the same random draws as the first time
+    randomness = rng_changed(state, targets.device)
     unseen = [name for name in params if name in unmarked]
     terms = _signals(recorder, losses)
     return Recording(terms, dict(recorder.reasons), unseen, randomness)
@@ -559,21 +560,4 @@ def _name(func: Callable) -> str:
     if name == "__get__":  # a property such as .shape or .T: named by its descriptor
         name = getattr(getattr(func, "__self__", None), "__name__", "")
     return name or str(func)
-
-
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def _changed(state: tuple[Tensor, Tensor | None], device: torch.device) -> bool:
-    now = _rng_state(device)
-    return not torch.equal(now[0], state[0]) or (
-        state[1] is not None and not torch.equal(now[1], state[1]))
 
