@@ -10,8 +10,6 @@ The public API (stable names)::
     run = sgn_lab.load_run("runs/demo")   # .config (dict), .metrics, .spectra (pandas)
 """
 
-__version__ = "0.1.0"  # before the imports: each run records it
-
 from sgn_lab.grads import (
     GramCoverage,
     GramMismatchError,
@@ -47,6 +45,7 @@ from sgn_lab.stats.layers import layer_noise_scale
 from sgn_lab.stats.noise import NoiseStats, isotropic_spectrum, minibatch_factor, noise_stats
 from sgn_lab.stats.streaming import Moments, streaming_moments, streaming_noise_stats
 from sgn_lab.stats.tails import ShapeStats, minibatch_noise_shape, shape_stats, tail_index
+from sgn_lab.version import __version__ as __version__
 
 __all__ = [
     "CurvatureStats",

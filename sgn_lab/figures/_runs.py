@@ -9,11 +9,11 @@ from typing import Any
 
 import pandas as pd
 
-from sgn_lab import __version__
 from sgn_lab.run.config import RunConfig, parse
 from sgn_lab.run.loop import run_series
 from sgn_lab.run.rundir import Run, load_run, write_json, write_table
 from sgn_lab.sweeps import run_config, sweep_config
+from sgn_lab.version import __version__
 
 
 def figure_configs(name: str, settings: dict[str, dict[str, Any]]) -> dict[str, RunConfig]:

@@ -205,7 +205,7 @@ def describe(settings: ProbeSettings, facts: TrainingFacts, *, loss_fn: LossFn |
     the label is the method and its learning rate, the run the label and the seed unless
     ``name`` is given. ``config["probe"]["loss_average"]`` says in words what the probe's loss
     averages (:func:`sgn_lab.models.losses.loss_average`)."""
-    from sgn_lab import __version__
+    from sgn_lab.version import __version__
 
     label = f"{facts.method}-lr={facts.lr:g}"
     run = settings.name or f"{label}-s{facts.seed}"

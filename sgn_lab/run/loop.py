@@ -257,7 +257,7 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
             if gns is not None and "gns" in state:
                 gns.tracker.load_state_dict(state["gns"])
             resumed_at = start
-    from sgn_lab import __version__
+    from sgn_lab.version import __version__
 
     recorder = None
     if ranks.is_root:

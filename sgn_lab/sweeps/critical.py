@@ -229,8 +229,8 @@ class _Kept:
 
     @classmethod
     def open(cls, path: Path | None, c: SweepConfig, target: float) -> _Kept:
-        from sgn_lab import __version__
         from sgn_lab.run.rundir import load_checkpoint
+        from sgn_lab.version import __version__
 
         record = {"sgn_lab": __version__, **c.to_dict(), "target": float(target)}
         steps = np.full((len(c.grid), len(c.lr_grid), c.repeats), np.nan)
