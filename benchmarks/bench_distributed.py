@@ -4,7 +4,7 @@ The probe set of n samples is split over N processes (torch.distributed, gloo, p
 this machine only): each rank computes its diagonal block of the per-sample Gram, broadcasts
 its *payload* (each parameter as factors or per-sample gradients), receives every other rank's,
 computes its share of the off-diagonal blocks (``Ranks.cross_tasks``), and the n×n Gram and the
-d-long mean meet in all-reduces (``sgn_lab.distributed.gram.split_gram``; ``NoiseProbe(...,
+d-long mean meet in all-reduces (``sgn_lab.distributed.split_gram``; ``NoiseProbe(...,
 ranks=...)`` for a whole measurement). Parts:
 
 volume      bytes each rank RECEIVES in one ``split_gram`` call (``Ranks.traffic``: payload,
@@ -333,7 +333,7 @@ class Phases:
     def installed(self) -> Iterator[Phases]:
         import torch.distributed as dist
 
-        import sgn_lab.distributed.gram as split_module
+        import sgn_lab.distributed.gram_over_ranks as split_module
         import sgn_lab.run.instruments as instruments
         from sgn_lab.distributed.ranks import Ranks
 
@@ -377,7 +377,7 @@ class Phases:
 
 def volume_job(ranks, spec: ModelSpec, n: int, route: str) -> dict:
     """One split_gram call: this rank's received bytes by kind, its choices, Gram and mean."""
-    from sgn_lab.distributed.gram import split_gram
+    from sgn_lab.distributed.gram_over_ranks import split_gram
 
     model, x, y, loss_fn = build(spec, n)
     ranks.barrier()

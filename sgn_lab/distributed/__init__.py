@@ -5,7 +5,7 @@
   the module inside DDP, FSDP and tensor parallelism refused.
 - :func:`split_gram` — the Gram, mean and diag(S) of a probe set split over ranks, the
   off-diagonal blocks from factors or gradients sent between them
-  (:mod:`~sgn_lab.distributed.gram`).
+  (:mod:`~sgn_lab.distributed.gram_over_ranks`).
 - :func:`launch` and :func:`init_from_env` — ``--nproc N`` through torchrun's engine, or
   joining torchrun's group (:mod:`~sgn_lab.distributed.launch`).
 - :class:`GradientNoiseScale` and :func:`gns_hook` — B_simple during DDP training from the
@@ -14,7 +14,7 @@
 """
 
 from sgn_lab.distributed.gns import GradientNoiseScale, NoiseScaleTracker, gns_hook
-from sgn_lab.distributed.gram import SplitGram, split_gram
+from sgn_lab.distributed.gram_over_ranks import SplitGram, split_gram
 from sgn_lab.distributed.launch import WorkerError, init_from_env, launch
 from sgn_lab.distributed.ranks import Ranks
 from sgn_lab.models.wrapped import unwrapped

@@ -53,7 +53,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from sgn_lab.distributed.gram import split_gram
+from sgn_lab.distributed.gram_over_ranks import split_gram
 from sgn_lab.grads import GramCoverage, GramResult, gram_result
 from sgn_lab.grads.vmap import _seeded, flatten_grads, per_sample_grads
 from sgn_lab.seeds import Purpose, seed_for

@@ -108,7 +108,7 @@ class NoiseProbe:
         (:mod:`sgn_lab.seeds`): the training loop's own random state is never touched.
     ranks
         A :class:`sgn_lab.distributed.Ranks` of more than one process: the probe set is split
-        over them (:func:`sgn_lab.distributed.gram.split_gram`) and so are the evaluation
+        over them (:func:`sgn_lab.distributed.gram_over_ranks.split_gram`) and so are the evaluation
         passes, and every rank returns the same result; each rank must call
         :meth:`measure` at the same steps. Pass the unwrapped model or the DDP one (its
         ``module`` is measured). None: this process alone.

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from sgn_lab import NoiseProbe, per_sample_gram
 from sgn_lab.distributed import Ranks, launch, split_gram
-from sgn_lab.distributed import gram as gram_module
+from sgn_lab.distributed import gram_over_ranks as gram_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORLD = 3
