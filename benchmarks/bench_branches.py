@@ -63,22 +63,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a config only: nothing may reach the hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from harness import load_average, machine, spread, timed, write_rows  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -89,19 +87,18 @@ from sgn_lab.sweeps.config import sweep_config  # noqa: E402
 
 # The sweep's own keys and held-out size, so that the problems are _branch_network's.
 from sgn_lab.sweeps.critical import (  # noqa: E402
-    _EVAL,
-    _INIT,
-    _KEY,
     DIVERGENCE_FACTOR,
-    _beyond_best,
     run_branches,
 )
+from sgn_lab.sweeps.critical import EVAL_SAMPLES as _EVAL  # noqa: E402
+from sgn_lab.sweeps.critical import INIT_KEY as _INIT  # noqa: E402
+from sgn_lab.sweeps.critical import SWEEP_KEY as _KEY  # noqa: E402
+from sgn_lab.sweeps.critical import beyond_best as _beyond_best  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results_branches.csv")
 PROBLEMS = ("mlp", "transformer")
 WARMUP_STEPS = 1
-T = TypeVar("T")
 # Held-out losses, run_branches against the baseline, every run and step: the two round
 # differently (a vmapped gradient, lr·g subtracted against SGD's fused add), ~1e-6 here.
 LOSS_RTOL = 1e-4
@@ -288,12 +285,6 @@ def sequential(problem: Problem, batch: int, seeds: int, steps: int,
     return done, losses
 
 
-def timed(fn: Callable[..., T], *args: object) -> tuple[float, T]:
-    start = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - start, out
-
-
 # --------------------------------------------------------------------------------------------
 # The check
 # --------------------------------------------------------------------------------------------
@@ -394,14 +385,13 @@ def bench_one(problem: Problem, batch: int, setting: Setting) -> dict:
     steps_failure, worst = compare(got, want)
     failures = [f for f in (steps_failure, losses_failure) if f]
     check = f"FAILED ({'; '.join(failures)})" if failures else "ok"
-    b, s = (statistics.median(times[m]) for m in ("branches", "sequential"))
+    b, b_min, b_max = spread(times["branches"])
+    s, s_min, s_max = spread(times["sequential"])
     return {
         "problem": problem.name, "batch": batch, "K": K, "lrs": len(problem.lrs),
         "seeds": seeds, "steps": steps, "d": problem.d, "branches_s": b, "sequential_s": s,
-        "ratio": s / b, "branches_min_s": min(times["branches"]),
-        "branches_max_s": max(times["branches"]),
-        "sequential_min_s": min(times["sequential"]),
-        "sequential_max_s": max(times["sequential"]), "repeats": repeats,
+        "ratio": s / b, "branches_min_s": b_min, "branches_max_s": b_max,
+        "sequential_min_s": s_min, "sequential_max_s": s_max, "repeats": repeats,
         "threads": torch.get_num_threads(),
         "diverged": int(diverged(losses, problem.initial_loss).sum()), "check": check,
         "check_max_diff": worst, "loss_rel_diff": loss_diff, "check_target": target,
@@ -427,11 +417,7 @@ CSV_COLUMNS = [
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    write_rows(path, CSV_COLUMNS, rows, keep_nan=True)
 
 
 def seconds(row: dict, method: str) -> str:
@@ -456,17 +442,6 @@ def print_table(rows: list[dict]) -> None:
                       seconds(r, "branches"), seconds(r, "sequential"), f"{r['ratio']:.2f}",
                       str(r["threads"]), str(r["diverged"]), check)
     console.print(table)
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M")}
     console.print(f"[bold]machine[/bold]: {info['machine']}; Python "
                   f"{platform.python_version()}, torch {info['torch']}, torch threads "
-                  f"{torch.get_num_threads()}; load average now {os.getloadavg()[0]:.1f}")
+                  f"{torch.get_num_threads()}; load average now {load_average():.1f}")
     console.print(f"timing: median of {setting.repeats} run(s) per method after a "
                   f"{WARMUP_STEPS}-step warm-up; {setting.steps} steps, target -inf (never "
                   f"reached); held-out loss after every step on {_EVAL} samples")
@@ -556,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(args.out, rows)
         console.print(f"results written to {args.out}")
     console.print(f"total {time.perf_counter() - started:.0f} s; load average now "
-                  f"{os.getloadavg()[0]:.1f}")
+                  f"{load_average():.1f}")
     failed = [r for r in rows if r["check"] != "ok"]
     for r in failed:
         console.print(f"[red]CHECK FAILED[/red]: {r['problem']} B={r['batch']}: {r['check']}")

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import importlib
 import math
 import multiprocessing
@@ -74,6 +73,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from harness import load_average, machine, mean_and_max, spread, write_rows  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -677,12 +677,12 @@ def weak_rows(results: list[dict]) -> list[dict]:
         ranks_out = sorted((r for r in results if r["nproc"] == N), key=lambda r: r["rank"])
         slowest = [max(r["runs"][i]["seconds"] for r in ranks_out)
                    for i in range(len(ranks_out[0]["runs"]))]
+        median, fastest, slowest_s = spread(slowest)
         for r in ranks_out:
             runs = r["runs"]
             row = {"section": "weak", "model": r["model"], "nproc": N, "rank": r["rank"],
-                   "n": r["n"], "n0": r["n0"], "repeats": len(runs),
-                   "seconds": statistics.median(slowest), "min_s": min(slowest),
-                   "max_s": max(slowest),
+                   "n": r["n"], "n0": r["n0"], "repeats": len(runs), "seconds": median,
+                   "min_s": fastest, "max_s": slowest_s,
                    "rank_s": statistics.median(run["seconds"] for run in runs)}
             for phase in Phases.NAMES:
                 row[f"{phase}_s"] = statistics.median(run["phases"].get(phase, 0.0)
@@ -843,12 +843,7 @@ CSV_COLUMNS = [
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()
-                        if v is not None and not (isinstance(v, float) and math.isnan(v))})
+    write_rows(path, CSV_COLUMNS, rows)
 
 
 def mb(v: float) -> str:
@@ -926,22 +921,14 @@ class LoadSampler:
     exit and every ``sample`` call (every 2 s while forks run)."""
 
     def __enter__(self) -> LoadSampler:
-        self.samples = [os.getloadavg()[0]]
+        self.samples = [load_average()]
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.sample()
 
     def sample(self) -> None:
-        self.samples.append(os.getloadavg()[0])
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f
-                    if line.startswith("model name")), cpu)
-    return f"{cpu}, {os.cpu_count()} cores"
+        self.samples.append(load_average())
 
 
 # --------------------------------------------------------------------------------------------
@@ -987,7 +974,7 @@ def main(argv: list[str] | None = None) -> int:
             "launcher": args.launcher, "date": time.strftime("%Y-%m-%d %H:%M")}
     log(f"machine: {info['machine']}; Python {platform.python_version()}, torch "
         f"{info['torch']}, {args.threads} torch thread(s) per process; load average now "
-        f"{os.getloadavg()[0]:.1f}")
+        f"{load_average():.1f}")
     started = time.perf_counter()
 
     jobs: dict[int, list[dict]] = {N: [] for N in (1, *setting.nprocs)}  # one launch per N
@@ -1013,8 +1000,9 @@ def main(argv: list[str] | None = None) -> int:
             with LoadSampler() as loads[N]:
                 per_rank = run_jobs(N, job_list, args.threads, args.launcher,
                                     tick=loads[N].sample)
-            log(f"    {time.perf_counter() - t0:.1f} s; load average "
-                f"{statistics.fmean(loads[N].samples):.1f} mean, {max(loads[N].samples):.1f} max")
+            mean, most = mean_and_max(loads[N].samples)
+            log(f"    {time.perf_counter() - t0:.1f} s; load average {mean:.1f} mean, "
+                f"{most:.1f} max")
             results += [r for out in per_rank for r in out]
 
     def part(name: str) -> list[dict]:
@@ -1035,8 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
     if "weak" in parts:
         weak = weak_rows(part("weak"))
         for r in weak:
-            load = loads[r["nproc"]].samples
-            r.update(load_avg_mean=statistics.fmean(load), load_avg_max=max(load))
+            r["load_avg_mean"], r["load_avg_max"] = mean_and_max(loads[r["nproc"]].samples)
         rows += weak
         log(f"\nWeak scaling, {weak_spec.name}, n = {setting.n0}·N, NoiseProbe(instruments="
             f"['sgn'], grads='gram').measure, {args.threads} thread(s) per process; seconds, "

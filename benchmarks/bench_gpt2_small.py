@@ -43,14 +43,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import gc
-import json
 import math
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -65,6 +62,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs only: nothing may reach 
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from harness import (  # noqa: E402
+    last_json,
+    last_line,
+    load_average,
+    machine,
+    max_rss_kib,
+    mean_and_max,
+    meminfo_kib,
+    missing,
+    print_json,
+    proc_status_kib,
+    spread,
+    write_rows,
+)
 from torch import Tensor, nn  # noqa: E402
 
 METHODS = ("floor", "floor-accum", "spectrum", "spectrum-onepass")
@@ -309,29 +320,21 @@ def passes_of(n: int, chunk: int | None) -> int:
 def proc_status_gb(key: str) -> float:
     """VmRSS or VmHWM of this process, in GB; NaN off Linux."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(f"{key}:"):
-                    return int(line.split()[1]) * 1024 / GB
-    except OSError:
-        pass
-    return math.nan
+        return proc_status_kib(key) * 1024 / GB
+    except (OSError, KeyError):
+        return math.nan
 
 
 def max_rss_gb() -> float:
     """ru_maxrss of this process (KiB on Linux), in GB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+    return max_rss_kib() * 1024 / GB
 
 
 def available_gb() -> float:
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 / GB
-    except OSError:
-        pass
-    return math.inf
+        return meminfo_kib("MemAvailable") * 1024 / GB
+    except (OSError, KeyError):
+        return math.inf
 
 
 def start_guard(limit_gb: float, stage: list[str], reserve_gb: float = 1.0) -> None:
@@ -348,7 +351,7 @@ def start_guard(limit_gb: float, stage: list[str], reserve_gb: float = 1.0) -> N
                        f"{time.perf_counter() - start:.0f} s: RSS {rss:.2f} GB, "
                        f"{avail:.2f} GB available on the machine (limit {limit_gb:g} GB, "
                        f"reserve {reserve_gb:g} GB)")
-                print(json.dumps({"aborted": why, "peak_rss_gb": max_rss_gb()}), flush=True)
+                print_json({"aborted": why, "peak_rss_gb": max_rss_gb()})
                 os._exit(3)
             time.sleep(0.2)
 
@@ -435,19 +438,11 @@ def checks_pass(row: dict) -> bool | None:
 # --------------------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    ram = ""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/proc/meminfo") as f:
-            ram = f", {int(f.readline().split()[1]) / 2**20:.0f} GiB RAM"
+def versions() -> dict[str, str]:
+    """The machine (with its RAM) and the versions that the CSV and the log name."""
     import transformers
 
-    return {"machine": f"{cpu}, {os.cpu_count()} cores{ram}",
+    return {"machine": machine(ram=True),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
@@ -473,17 +468,22 @@ def run_child(cmd: list[str], log: Callable[[str], None]) -> tuple[dict, list[fl
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
         reader.start()
         while proc.poll() is None:
-            loads.append(os.getloadavg()[0])
+            loads.append(load_average())
             time.sleep(2.0)
         reader.join()
         err.seek(0)
         stderr = err.read()
-    for line in reversed(lines):
-        if line.startswith("{"):
-            return json.loads(line), loads
-    tail = (stderr.strip().splitlines() or ["no output"])[-1]
+    result = last_json(lines)
+    if result is not None:
+        return result, loads
+    tail = last_line(stderr, "no output")
     log(stderr[-3000:])
     return {"aborted": f"child failed (exit {proc.returncode}): {tail}"}, loads
+
+
+def load_columns(loads: list[float]) -> dict[str, float]:
+    mean, most = mean_and_max(loads)
+    return {"load_avg_mean": mean, "load_avg_max": most}
 
 
 def summarise(method: str, runs: list[dict], loads: list[float]) -> dict:
@@ -493,17 +493,14 @@ def summarise(method: str, runs: list[dict], loads: list[float]) -> dict:
         return {"method": method, "status": runs[-1]["aborted"],
                 "peak_rss_gb": max((r.get("peak_rss_gb", math.nan) for r in runs),
                                    default=math.nan),
-                "load_avg_mean": statistics.fmean(loads) if loads else math.nan,
-                "load_avg_max": max(loads, default=math.nan)}
+                **load_columns(loads)}
     row = dict(ok[-1])
-    times = [r["seconds"] for r in ok]
-    row.update(seconds=statistics.median(times), min_s=min(times), max_s=max(times),
+    median, fastest, slowest = spread(r["seconds"] for r in ok)
+    row.update(seconds=median, min_s=fastest, max_s=slowest,
                repeats=len(ok), peak_rss_gb=max(r["peak_rss_gb"] for r in ok),
                hwm_gb=max(r["hwm_gb"] for r in ok),
                model_rss_gb=max(r["model_rss_gb"] for r in ok),
-               build_s=statistics.median(r["build_s"] for r in ok),
-               load_avg_mean=statistics.fmean(loads) if loads else math.nan,
-               load_avg_max=max(loads, default=math.nan))
+               build_s=statistics.median(r["build_s"] for r in ok), **load_columns(loads))
     verdict = checks_pass(row)
     row["status"] = "ok" if verdict in (None, True) else "CHECK FAILED"
     return row
@@ -520,17 +517,11 @@ CSV_COLUMNS = [
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
-                        for k, v in row.items() if k in CSV_COLUMNS and v is not None
-                        and not (isinstance(v, float) and math.isnan(v))})
+    write_rows(path, CSV_COLUMNS, rows)
 
 
 def fmt(v: object, spec: str = ".1f") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if missing(v):
         return "—"
     return format(v, spec) if isinstance(v, int | float) else str(v)
 
@@ -644,8 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         stage = [""]
         start_guard(args.guard_gb, stage)
-        print(json.dumps(run_method(args.child, setting, chunk, args.grad_file, args.seed,
-                                     stage)), flush=True)
+        print_json(run_method(args.child, setting, chunk, args.grad_file, args.seed, stage))
         return 0
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -656,12 +646,12 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, flush=True)
 
-    info = machine()
+    info = versions()
     log(f"machine: {info['machine']}; Python {info['python']}, torch {info['torch']} "
         f"({args.threads} threads), transformers {info['transformers']}")
     log(f"{setting.name}: n = {setting.n}, T = {setting.T}, spectrum chunk_size = {chunk} "
         f"({passes_of(setting.n, chunk)} passes of {min(setting.n, 2 * (chunk or setting.n))}"
-        f" samples); load average now {os.getloadavg()[0]:.1f}")
+        f" samples); load average now {load_average():.1f}")
     date = time.strftime("%Y-%m-%d %H:%M")
 
     def rows_so_far() -> list[dict]:
@@ -689,9 +679,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.subprocess:
                     result, load = run_child(child_command(m, args, grad_file), log)
                 else:
-                    load0 = os.getloadavg()[0]
+                    load0 = load_average()
                     result = run_method(m, setting, chunk, grad_file, args.seed)
-                    load = [load0, os.getloadavg()[0]]
+                    load = [load0, load_average()]
                 runs[m].append(result)
                 loads[m] += load
                 if "aborted" in result:

@@ -52,7 +52,6 @@ import math
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,17 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from harness import (
+    cpu_name,
+    last_line,
+    max_rss_kib,
+    print_json,
+    proc_status_kib,
+    ram_text,
+    reset_peak_rss,
+    spread,
+    target_line,
+)
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -809,15 +819,11 @@ def rel_error(K: Tensor, ref: Tensor) -> float:
 
 def proc_status_mb(key: str) -> float:
     """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) / 1024.0  # kB
-    raise KeyError(key)
+    return proc_status_kib(key) / 1024.0
 
 
 def max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    return max_rss_kib() / 1024.0
 
 
 def current_and_peak_rss_mb() -> tuple[float, float]:
@@ -826,16 +832,6 @@ def current_and_peak_rss_mb() -> tuple[float, float]:
         return proc_status_mb("VmRSS"), proc_status_mb("VmHWM")
     except (OSError, KeyError):
         return max_rss_mb(), max_rss_mb()
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark (VmHWM); False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def memory_child(model_name: str, batch: int, method: str, device: str) -> None:
@@ -859,7 +855,7 @@ def memory_child(model_name: str, batch: int, method: str, device: str) -> None:
         baseline = torch.cuda.memory_allocated() / 2**20
         run_once(prep)
         peak = torch.cuda.max_memory_allocated() / 2**20
-        print(json.dumps({"baseline_mb": baseline, "peak_mb": peak}))
+        print_json({"baseline_mb": baseline, "peak_mb": peak})
         return
     try:
         baseline = proc_status_mb("VmRSS")
@@ -872,7 +868,7 @@ def memory_child(model_name: str, batch: int, method: str, device: str) -> None:
         baseline = max_rss_mb()
         run_once(prep)
         peak = max_rss_mb()
-    print(json.dumps({"baseline_mb": baseline, "peak_mb": peak}))
+    print_json({"baseline_mb": baseline, "peak_mb": peak})
 
 
 def measure_memory(model_name: str, batch: int, method: str, threads: int | None,
@@ -884,8 +880,7 @@ def measure_memory(model_name: str, batch: int, method: str, threads: int | None
         cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return math.nan, math.nan, f"memory child failed: {tail}"
+        return math.nan, math.nan, f"memory child failed: {last_line(proc.stderr, '?')}"
     data = json.loads(proc.stdout.strip().splitlines()[-1])
     return data["peak_mb"] - data["baseline_mb"], data["baseline_mb"], ""
 
@@ -896,25 +891,9 @@ def measure_memory(model_name: str, batch: int, method: str, threads: int | None
 
 
 def machine_description() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        cpu = platform.processor() or cpu
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    ram = ""
-    try:
-        with open("/proc/meminfo") as f:
-            total_kb = int(f.readline().split()[1])
-        ram = f", {total_kb / 2**20:.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        pass
     gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores ({usable} usable){ram}{gpu}; Python "
+    return (f"{cpu_name()}, {os.cpu_count()} cores ({usable} usable){ram_text()}{gpu}; Python "
             f"{platform.python_version()}, torch {torch.__version__}, "
             f"torch threads {torch.get_num_threads()}")
 
@@ -1008,8 +987,8 @@ def bench_one(model_name: str, batch: int, methods: tuple[str, ...], repeats: in
             grads[method].append(t_grads)
     for method, prep in preps.items():
         res = results[method]
-        res.median_s = statistics.median(totals[method])
-        res.spread_s = (min(totals[method]), max(totals[method]))
+        res.median_s, fastest, slowest = spread(totals[method])
+        res.spread_s = (fastest, slowest)
         if prep.returns == "grads":
             res.grads_s = statistics.median(grads[method])
     preps.clear()
@@ -1051,9 +1030,9 @@ def print_table(results: list[Result]) -> None:
             check = f"[red]✗ {r.gram_rel_err:.1e}[/red]"
         else:
             check = r.gram_check or "—"
-        spread = ("n/a" if math.isnan(r.spread_s[0])
-                  else f"{r.spread_s[0] * 1e3:,.1f}–{r.spread_s[1] * 1e3:,.1f}")
-        table.add_row(r.method, fmt_ms(r.median_s), spread,
+        span = ("n/a" if math.isnan(r.spread_s[0])
+                else f"{r.spread_s[0] * 1e3:,.1f}–{r.spread_s[1] * 1e3:,.1f}")
+        table.add_row(r.method, fmt_ms(r.median_s), span,
                       "" if math.isnan(r.grads_s) else fmt_ms(r.grads_s),
                       "n/a" if math.isnan(r.ratio) else f"{r.ratio:.2f}",
                       fmt_mb(r.peak_mb), fmt_mb(r.baseline_mb), check, r.note)
@@ -1070,7 +1049,6 @@ def targets(results: list[Result]) -> list[str]:
     lines = []
     gram = ok.get("gram")
     if gram is not None and not math.isnan(gram.ratio):
-        verdict = "PASS" if gram.ratio <= GRAM_TARGET else "FAIL"
         # Meant for every model without a sequence and wherever n ≤ T; for n > T no exact
         # method can meet it (the bound in benchmarks/README.md): still judged, and marked.
         if seq is None:
@@ -1079,19 +1057,20 @@ def targets(results: list[Result]) -> list[str]:
             scope = f"n = {batch} ≤ T = {seq}"
         else:
             scope = f"n = {batch} > T = {seq}: beyond the n ≤ T target"
-        lines.append(f"{verdict:<5} {model} b{batch}: Gram path {gram.ratio:.2f}× the floor "
-                     f"(target ≤ {GRAM_TARGET}×; {scope})")
+        lines.append(target_line(gram.ratio <= GRAM_TARGET, f"{model} b{batch}",
+                                 f"Gram path {gram.ratio:.2f}× the floor (target ≤ "
+                                 f"{GRAM_TARGET}×; {scope})"))
     if gram is not None:
         peers = [ok[m] for m in PEERS if m in ok]
         if peers:
             best = min(peers, key=lambda r: r.median_s)
             ratio = gram.median_s / best.median_s
-            verdict = "PASS" if ratio <= 1.0 else "FAIL"
-            lines.append(f"{verdict:<5} {model} b{batch}: Gram path {ratio:.2f}× {best.method} "
-                         "(the fastest peer with the right K; target ≤ 1.00×)")
+            lines.append(target_line(ratio <= 1.0, f"{model} b{batch}",
+                                     f"Gram path {ratio:.2f}× {best.method} (the fastest peer "
+                                     "with the right K; target ≤ 1.00×)"))
         elif any(m in by for m in PEERS):
-            lines.append(f"n/a   {model} b{batch}: Gram path vs peers: no peer gave the right K "
-                         "here")
+            lines.append(target_line(None, f"{model} b{batch}",
+                                     "Gram path vs peers: no peer gave the right K here"))
     vmap = ok.get("vmap")
     if vmap is None or math.isnan(vmap.grads_s):
         return lines
@@ -1099,19 +1078,20 @@ def targets(results: list[Result]) -> list[str]:
     if tools:
         best = min(tools, key=lambda r: r.grads_s)
         ratio = vmap.grads_s / best.grads_s
-        verdict = "PASS" if ratio <= 1.0 else "FAIL"
-        lines.append(f"{verdict:<5} {model} b{batch}: per-sample grads {ratio:.2f}× {best.method} "
-                     f"(fastest tool); with G Gᵀ {vmap.median_s / best.median_s:.2f}× "
-                     "(target ≤ 1.00×)")
+        lines.append(target_line(ratio <= 1.0, f"{model} b{batch}",
+                                 f"per-sample grads {ratio:.2f}× {best.method} (fastest tool); "
+                                 f"with G Gᵀ {vmap.median_s / best.median_s:.2f}× "
+                                 "(target ≤ 1.00×)"))
     elif any(m in by for m in GRAD_TOOLS):
-        lines.append(f"n/a   {model} b{batch}: per-sample grads vs BackPACK/Opacus/ASDL: none "
-                     "ran and gave a correct Gram here")
+        lines.append(target_line(None, f"{model} b{batch}",
+                                 "per-sample grads vs BackPACK/Opacus/ASDL: none ran and gave "
+                                 "a correct Gram here"))
     loop = ok.get("loop")
     if loop is not None and not math.isnan(loop.grads_s):
         ratio = vmap.grads_s / loop.grads_s
-        verdict = "PASS" if ratio <= 1.0 else "FAIL"
-        lines.append(f"{verdict:<5} {model} b{batch}: per-sample grads {ratio:.2f}× the Python "
-                     "loop (target ≤ 1.00×)")
+        lines.append(target_line(ratio <= 1.0, f"{model} b{batch}",
+                                 f"per-sample grads {ratio:.2f}× the Python loop "
+                                 "(target ≤ 1.00×)"))
     return lines
 
 
@@ -1125,10 +1105,10 @@ def padded_targets(results: list[Result]) -> list[str]:
         if twin is None:
             continue
         ratio = padded.median_s / twin.median_s
-        verdict = "PASS" if ratio <= PADDED_TARGET else "FAIL"
-        lines.append(f"{verdict:<5} {model} b{batch}: Gram path {ratio:.2f}× {twin.model} "
-                     f"({fmt_ms(padded.median_s)} against {fmt_ms(twin.median_s)} ms; target "
-                     f"≤ {PADDED_TARGET}×)")
+        lines.append(target_line(ratio <= PADDED_TARGET, f"{model} b{batch}",
+                                 f"Gram path {ratio:.2f}× {twin.model} ({fmt_ms(padded.median_s)}"
+                                 f" against {fmt_ms(twin.median_s)} ms; target ≤ "
+                                 f"{PADDED_TARGET}×)"))
     return lines
 
 

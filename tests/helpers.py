@@ -114,16 +114,19 @@ CPU_AND_CUDA = [
 @contextlib.contextmanager
 def benchmark_script(name: str) -> Iterator[types.ModuleType]:
     """``benchmarks/<name>.py`` imported as the module ``name`` for the block (its dataclasses
-    look their module up in ``sys.modules``); torch's thread count, which a benchmark's
+    look their module up in ``sys.modules``), with ``benchmarks/`` on the path as when the
+    script runs (it imports ``harness``); torch's thread count, which a benchmark's
     ``main()`` sets, is restored afterwards."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, script)
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    spec = importlib.util.spec_from_file_location(name, f"{folder}/{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    sys.path.insert(0, folder)
     threads = torch.get_num_threads()
     try:
         spec.loader.exec_module(module)
         yield module
     finally:
         torch.set_num_threads(threads)
+        sys.path.remove(folder)
         del sys.modules[name]

@@ -1,23 +1,36 @@
-"""The installed package must contain every subpackage, not only what an editable install sees."""
+"""The wheel holds every subpackage (not only what an editable install sees), the CLI as
+sgn_lab.cli and never as a top-level `cli`, and the figures' config files."""
 
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_subpackage_is_listed_for_installation():
-    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    # An editable install finds unlisted subpackages through the source folder; a wheel does
-    # not, so `pip install .` would ship without them.
-    on_disk = {
-        ".".join(("sgn_lab", *init.parent.relative_to(ROOT / "sgn_lab").parts))
-        for init in (ROOT / "sgn_lab").rglob("__init__.py")
-    } | {"sgn_lab.cli"}
-    assert on_disk == set(setuptools["packages"])
-    for package in setuptools["packages"]:
-        assert (ROOT / setuptools["package-dir"][package] / "__init__.py").is_file(), package
+def test_the_wheel_holds_every_package_and_the_cli_under_sgn_lab(tmp_path):
+    # Built from a copy: setuptools writes build/ and *.egg-info next to the sources.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("sgn_lab", "cli"):
+        shutil.copytree(ROOT / folder, source / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+         "--wheel-dir", str(tmp_path), str(source)],
+        capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = tmp_path.glob("sgn_lab-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    on_disk = {p.relative_to(ROOT).as_posix() for p in (ROOT / "sgn_lab").rglob("__init__.py")}
+    assert on_disk and on_disk <= names, sorted(on_disk - names)
+    cli = {f"sgn_lab/cli/{path.name}" for path in (ROOT / "cli").glob("*.py")}
+    assert {"sgn_lab/cli/app.py", "sgn_lab/cli/__main__.py"} <= cli <= names
+    assert not any(name.startswith("cli/") for name in names)
+    configs = {p.relative_to(ROOT).as_posix()
+               for p in (ROOT / "sgn_lab/figures/configs").glob("*.toml")}
+    assert configs and configs <= names

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from sgn_lab.data import Task
+from sgn_lab.data.user_tasks import user_task
 from sgn_lab.models.losses import half_mse, token_cross_entropy
-from sgn_lab.user import import_callable, is_reference, user_model, user_task
+from sgn_lab.user import import_callable, is_reference, user_model
 
 MODULE = '''
 import numpy as np

@@ -67,10 +67,10 @@ import torch
 from torch import Tensor
 
 from sgn_lab.checks import choice, fraction, integer, seed_value
-from sgn_lab.data.language import TOKEN_KINDS, _token_tensor, encode_texts
-from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, _assemble
+from sgn_lab.data.language import TOKEN_KINDS, encode_texts, token_tensor
+from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, assemble_task
 from sgn_lab.models.losses import IGNORE_INDEX, LOSS_AVERAGE
-from sgn_lab.user import _first_line
+from sgn_lab.user import first_line
 
 PAD_ID = -1
 """The token id of padding in the inputs x of a padded task: the attention mask is x >= 0."""
@@ -251,12 +251,12 @@ def padded_batch(
         y = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels, dtype=np.int64)
         if y.shape != (len(rows),):
             raise ValueError(f"labels must have shape ({len(rows)},), got {y.shape}")
-        return _token_tensor(x), _token_tensor(y)
+        return token_tensor(x), token_tensor(y)
     # y_t = x_{t+1} where both positions are real: the last real position has no next token.
     y = np.full(real.shape, IGNORE_INDEX, dtype=np.int64)
     nxt = real[:, :-1] & real[:, 1:]
     y[:, :-1][nxt] = x[:, 1:][nxt]
-    return _token_tensor(x), _token_tensor(y)
+    return token_tensor(x), token_tensor(y)
 
 
 def attention_mask(x: Tensor) -> Tensor:
@@ -354,7 +354,7 @@ def _read_hfdata(folder: Path, text_field: str, label_field: str | None
         data = datasets.load_from_disk(str(folder))
     except Exception as exc:  # noqa: BLE001 - pyarrow, json, OSError...: one line
         raise ValueError(f"dataset folder {str(folder)!r} cannot be read: "
-                         f"{_first_line(exc)}") from None
+                         f"{first_line(exc)}") from None
     if isinstance(data, datasets.DatasetDict):
         if "train" not in data:
             raise ValueError(f"dataset {str(folder)!r} has splits {sorted(data)}, no 'train'")
@@ -473,9 +473,9 @@ def _padded_task(name: str, splits: dict[str, list[_Example]], options: dict[str
         n = len(splits["train"])
         fixed = {"x_test": x[n:], "y_test": y[n:]}
         x, y = x[:n], y[:n]
-    return _assemble(name, x, y, classes, info, rng=np.random.default_rng(seed),
+    return assemble_task(name, x, y, classes, info, rng=np.random.default_rng(seed),
                      test_fraction=test_fraction, n_train=n_train, n_test=n_test,
-                     to_inputs=_token_tensor, **fixed)
+                     to_inputs=token_tensor, **fixed)
 
 
 def _tokenise(folder: Path, texts: list[str], context: int
@@ -495,7 +495,7 @@ def _tokenise(folder: Path, texts: list[str], context: int
                 kept[k] = ids
     except Exception as exc:  # noqa: BLE001 - a tokenizer that cannot encode: one line
         raise ValueError(f"tokenizer {str(folder)!r} cannot encode the texts: "
-                         f"{_first_line(exc)}") from None
+                         f"{first_line(exc)}") from None
     side = getattr(tokenizer, "padding_side", "right")
     return ([np.asarray(i, dtype=np.int64) for i in full],
             [np.asarray(i, dtype=np.int64) for i in kept], len(tokenizer),
@@ -533,4 +533,4 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
         return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - json, tokenizers, OSError...: one line
         raise ValueError(f"tokenizer folder {str(folder)!r} cannot be read: "
-                         f"{_first_line(exc)}") from None
+                         f"{first_line(exc)}") from None

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from sgn_lab.checks import boolean, fraction, seed_value
-from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, _assemble
+from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, assemble_task
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -104,7 +104,7 @@ def load_npz(
         test_fraction = DEFAULT_TEST_FRACTION
     fraction("test_fraction", test_fraction)
     info = {"path": str(path), "split": "file" if has_test else "seeded"}
-    return _assemble(
+    return assemble_task(
         f"npz:{path}", x, y, classes, info, rng=np.random.default_rng(seed),
         test_fraction=test_fraction, n_train=n_train, n_test=n_test, x_test=x_test,
         y_test=y_test,
@@ -193,7 +193,7 @@ def load_cifar10(
         "mean": mean.tolist(),
         "std": std.tolist(),
     }
-    return _assemble(
+    return assemble_task(
         f"cifar10:{folder}", x_train, y_train, 10, info, rng=np.random.default_rng(seed),
         test_fraction=None, n_train=n_train, n_test=n_test, x_test=x_test, y_test=y_test,
         to_inputs=to_images,

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from sgn_lab.checks import array, choice, fraction, integer, number, seed_value
-from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, _assemble
+from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, assemble_task
 
 TOKEN_KINDS = ("byte", "char")
 """Tokenisations of ``text:`` tasks: UTF-8 bytes (vocabulary 256) or the file's characters."""
@@ -100,9 +100,9 @@ def load_text(
         "vocab": vocab,
         "vocab_size": 256 if vocab is None else len(vocab),
     }
-    return _assemble(
+    return assemble_task(
         f"text:{path}", x, y, info["vocab_size"], info, rng=np.random.default_rng(seed),
-        test_fraction=test_fraction, n_train=n_train, n_test=n_test, to_inputs=_token_tensor,
+        test_fraction=test_fraction, n_train=n_train, n_test=n_test, to_inputs=token_tensor,
     )
 
 
@@ -150,7 +150,7 @@ def _windows(ids: np.ndarray, context: int, n: int) -> tuple[np.ndarray, np.ndar
     return ids[starts], ids[starts + 1]
 
 
-def _token_tensor(x: np.ndarray) -> Tensor:
+def token_tensor(x: np.ndarray) -> Tensor:
     """Token ids as an int64 tensor (the inputs of a language task are ids, not floats)."""
     return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.long)
 
@@ -205,7 +205,7 @@ def _transition(name: str, value: Any) -> np.ndarray:
     return p
 
 
-def _markov(
+def markov_tokens(
     rng: np.random.Generator,
     seed: int,
     *,

@@ -128,11 +128,11 @@ class Task:
         return self.num_classes > 0
 
 
-def _float32(x: np.ndarray) -> Tensor:
+def float32_tensor(x: np.ndarray) -> Tensor:
     return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
 
 
-def _assemble(
+def assemble_task(
     name: str,
     x: np.ndarray,
     y: np.ndarray,
@@ -145,7 +145,7 @@ def _assemble(
     n_test: int | None,
     x_test: np.ndarray | None = None,
     y_test: np.ndarray | None = None,
-    to_inputs: Callable[[np.ndarray], Tensor] = _float32,
+    to_inputs: Callable[[np.ndarray], Tensor] = float32_tensor,
 ) -> Task:
     """Split (seeded, unless a test set is given), subsample, and convert to tensors."""
     if x_test is None or y_test is None:

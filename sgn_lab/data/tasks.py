@@ -58,9 +58,10 @@ from torch import Tensor
 from sgn_lab.checks import boolean, fraction, integer, number, parse_options, seed_value
 from sgn_lab.data.examples import load_hfdata, load_jsonl
 from sgn_lab.data.files import load_cifar10, load_npz
-from sgn_lab.data.language import _markov, _token_tensor, load_text
-from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, _assemble, _float32
-from sgn_lab.user import is_reference, user_task
+from sgn_lab.data.language import load_text, markov_tokens, token_tensor
+from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, assemble_task, float32_tensor
+from sgn_lab.data.user_tasks import user_task
+from sgn_lab.user import is_reference
 
 TASKS = ("digits", "gaussian-mixture", "linreg", "markov", "mnist1d", "teacher-student")
 """Names of the built-in tasks."""
@@ -83,7 +84,7 @@ FILE_TASKS = tuple(FILE_TASK_HELP)
 _TASK_TEST_FRACTION = {"mnist1d": 0.2}
 
 # Tasks whose inputs are not float features: token ids stay integers (an embedding's indices).
-_TASK_INPUTS: dict[str, Callable[[np.ndarray], Tensor]] = {"markov": _token_tensor}
+_TASK_INPUTS: dict[str, Callable[[np.ndarray], Tensor]] = {"markov": token_tensor}
 
 _FILE_LOADERS: dict[str, Callable[..., Task]] = {
     "npz": load_npz, "cifar10": load_cifar10, "text": load_text, "jsonl": load_jsonl,
@@ -131,8 +132,8 @@ def load_task(
         (:func:`load_cifar10`); or ``text:PATH`` (:func:`load_text`); or ``jsonl:PATH`` or
         ``hfdata:DIR`` (:mod:`sgn_lab.data.examples`). A path may contain ``:``
         and ``,``, so the options of these file tasks are given only as keywords. Or a
-        reference ``pkg.module:callable`` to a task of one's own (:func:`sgn_lab.user.
-        user_task`; its options as keywords).
+        reference ``pkg.module:callable`` to a task of one's own (:func:`sgn_lab.data.
+        user_tasks.user_task`; its options as keywords).
     seed
         Seeds every random draw: the data of the generated tasks, the train/test split and the
         subsampling.
@@ -238,9 +239,9 @@ def load_task(
     fraction("test_fraction", test_fraction)
     rng = np.random.default_rng(seed)
     x, y, classes, info = builder(rng, seed, **options)
-    return _assemble(
+    return assemble_task(
         name, x, y, classes, info, rng=rng, test_fraction=test_fraction, n_train=n_train,
-        n_test=n_test, to_inputs=_TASK_INPUTS.get(kind, _float32),
+        n_test=n_test, to_inputs=_TASK_INPUTS.get(kind, float32_tensor),
     )
 
 
@@ -379,7 +380,7 @@ _BUILDERS: dict[str, Callable[..., Built]] = {
     "digits": _digits,
     "gaussian-mixture": _gaussian_mixture,
     "linreg": _linreg,
-    "markov": _markov,
+    "markov": markov_tokens,
     "mnist1d": _mnist1d,
     "teacher-student": _teacher_student,
 }

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from sgn_lab.figures._runs import figure_sweep
+from sgn_lab.figures.measure import figure_sweep
 from sgn_lab.plots import save_figure
 from sgn_lab.plots.sweeps import plot_critical_batch
 from sgn_lab.run.rundir import write_table

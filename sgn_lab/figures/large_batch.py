@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from sgn_lab.figures._runs import expand, figure_runs
+from sgn_lab.figures.measure import expand, figure_runs
 from sgn_lab.plots import METRIC_LABELS, plot_style, save_figure
 from sgn_lab.run.rundir import write_table
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sgn_lab.figures._runs import figure_run
+from sgn_lab.figures.measure import figure_run
 from sgn_lab.plots import save_figure
 from sgn_lab.plots.layers import plot_layers
 from sgn_lab.run.rundir import write_table

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sgn_lab.figures._runs import figure_sweep
+from sgn_lab.figures.measure import figure_sweep
 from sgn_lab.plots import plot_scaling, save_figure
 from sgn_lab.run.rundir import write_table
 

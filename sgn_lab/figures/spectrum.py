@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sgn_lab.figures._runs import figure_run
+from sgn_lab.figures.measure import figure_run
 from sgn_lab.plots import REFERENCE_COLOR, plot_spectra, save_figure
 from sgn_lab.run.rundir import write_table
 from sgn_lab.stats.noise import powerlaw_fit

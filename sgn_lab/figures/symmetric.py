@@ -13,7 +13,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from sgn_lab.figures._runs import figure_runs
+from sgn_lab.figures.measure import figure_runs
 from sgn_lab.plots import METRIC_LABELS, method_color, plot_style, save_figure
 from sgn_lab.run.rundir import write_table
 

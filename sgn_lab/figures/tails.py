@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from sgn_lab.figures._runs import figure_run
+from sgn_lab.figures.measure import figure_run
 from sgn_lab.plots import METRIC_LABELS, REFERENCE_COLOR, plot_style, save_figure
 from sgn_lab.run.rundir import write_table
 

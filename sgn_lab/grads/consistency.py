@@ -28,17 +28,15 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sgn_lab.grads._random import rng_changed, rng_state
+from sgn_lab.grads.common import LossFn
+from sgn_lab.grads.rng import rng_changed, rng_state
 from sgn_lab.models.modes import restored_modes
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 SAMPLES = ("independent", "batch-of-one")
 """What a caller asks per-sample gradients to be: ``independent`` (of the batch's loss; a

@@ -25,18 +25,18 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from sgn_lab.grads.record import Region
+from sgn_lab.grads.rules.aliases import Region
 from sgn_lab.grads.terms import (
     MATERIALISE_BYTES,
     Dense,
     Outer,
     Rows,
     Term,
-    _blocks,
-    _rows_outer,
     compute_dtype,
     materialise,
+    outer_cross,
     route,
+    rows_outer_cross,
 )
 
 Groups = list[tuple[Region | None, list[Term]]]  # one parameter's merged terms by region
@@ -130,11 +130,11 @@ def _pair(a: Term, b: Term) -> Tensor:
     """[i, j] = a_i·b_j for a term a of one sample set and b of the other."""
     if isinstance(a, Outer) and isinstance(b, Outer) and _ghost_cheaper(a, b):
         dtype = torch.promote_types(compute_dtype(a.left), compute_dtype(b.left))
-        return _blocks(a.left.to(dtype), a.right.to(dtype), b.left.to(dtype), b.right.to(dtype))
+        return outer_cross(a.left.to(dtype), a.right.to(dtype), b.left.to(dtype), b.right.to(dtype))
     if isinstance(a, Rows) and isinstance(b, Outer):
-        return _rows_outer(a, b)
+        return rows_outer_cross(a, b)
     if isinstance(a, Outer) and isinstance(b, Rows):
-        return _rows_outer(b, a).T
+        return rows_outer_cross(b, a).T
     if isinstance(a, Rows) and isinstance(b, Rows):
         a, b = _restricted(a, b), _restricted(b, a)
     g_a, g_b = materialise(a), materialise(b)

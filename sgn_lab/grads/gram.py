@@ -15,9 +15,9 @@ How it is computed (``sgn_lab.grads``):
 
 1. The recording pass (:mod:`~sgn_lab.grads.record`) runs the model once under ``vmap`` and
    watches every torch function it calls. Each operation with a trainable parameter operand
-   is handled by its rule (:mod:`~sgn_lab.grads.rules`: linear, matmul, addmm, convolutions,
-   embedding, layer/group/RMS norm, adding, multiplying or concatenating a parameter to
-   activations), which states that use's per-sample gradient in factored form
+   is handled by its rule (:mod:`~sgn_lab.grads.rules`, one file per family: linear, matmul,
+   addmm, convolutions, embedding, layer/group/RMS norm, adding, multiplying or concatenating
+   a parameter to activations), which states that use's per-sample gradient in factored form
    (:mod:`~sgn_lab.grads.terms`). Any other use gives the parameter a per-sample copy, whose
    gradient is its per-sample gradient (the ``vmap`` route). One backward pass gives every
    signal.
@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from sgn_lab.grads._random import rng_changed, rng_state, set_rng_state
+from sgn_lab.grads.common import Inputs, LossFn, as_tuple, batchnorm_policy, num_samples
 from sgn_lab.grads.consistency import (
     check_independent,
     check_samples_option,
@@ -49,7 +49,9 @@ from sgn_lab.grads.consistency import (
     remember,
     structure,
 )
-from sgn_lab.grads.record import Recording, Region, record
+from sgn_lab.grads.record import Recording, record
+from sgn_lab.grads.rng import rng_changed, rng_state, set_rng_state
+from sgn_lab.grads.rules.aliases import Region
 from sgn_lab.grads.terms import (
     Dense,
     Term,
@@ -62,15 +64,7 @@ from sgn_lab.grads.terms import (
     samples,
     total,
 )
-from sgn_lab.grads.vmap import (
-    Inputs,
-    LossFn,
-    _as_tuple,
-    _batchnorm_policy,
-    _num_samples,
-    last_resort,
-    per_sample_grads,
-)
+from sgn_lab.grads.vmap import last_resort, per_sample_grads
 from sgn_lab.models.wrapped import unwrapped
 
 ROUTES = ("ghost", "per-sample", "vmap", "loop", "none")
@@ -281,7 +275,7 @@ def gram_result(
     key = (*structure("gram", model, loss_fn, xs, targets), samples)
     if verify is None:
         verify = 0 if checked(model, key) else min(AUTO_VERIFY, n)
-    with _batchnorm_policy(model, batchnorm):
+    with batchnorm_policy(model, batchnorm):
         result, blocks, randomness = _chunked(model, loss_fn, xs, targets, params, with_mean,
                                               chunk_size or n, verify, per_parameter)
         if verify:
@@ -295,8 +289,8 @@ def _prepared(model, inputs, targets):
     """(the module to measure, inputs as a tuple and targets on its device, its trainable
     parameters by name, the number of samples)."""
     model = unwrapped(model)
-    xs = _as_tuple(inputs)
-    n = _num_samples(xs, targets)
+    xs = as_tuple(inputs)
+    n = num_samples(xs, targets)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("the model has no parameter with requires_grad=True")
@@ -308,14 +302,14 @@ def _chunked(model, loss_fn, xs, targets, params, with_mean, chunk, verify,
              per_parameter=False):
     """The Gram from one pass, or from passes over pairs of chunks of ``chunk`` samples."""
     n = targets.shape[0]
-    bounds = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
-    if len(bounds) == 1:
+    if chunk >= n:
         result, blocks, randomness = _one_pass(model, loss_fn, xs, targets, params,
                                                slice(0, n) if with_mean else None, verify,
                                                per_parameter=per_parameter)
         mean = result.mean / n if result.mean is not None else None
         return (GramResult(result.gram, mean, result.coverage, result.parameter_grams),
                 blocks, randomness)
+    bounds = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
     K = torch.zeros((n, n), dtype=torch.float64, device=targets.device)
     Ks = ({name: torch.zeros_like(K) for name in params} if per_parameter else None)
     mean = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64,
@@ -323,28 +317,12 @@ def _chunked(model, loss_fn, xs, targets, params, with_mean, chunk, verify,
     first = None
     for a, (a0, a1) in enumerate(bounds):
         for b0, b1 in bounds[a + 1:]:
-            pick = torch.cat([torch.arange(a0, a1), torch.arange(b0, b1)]).to(targets.device)
-            # Chunk c's share of the mean comes from the pass (0, c); chunk 0's from (0, 1).
-            rows = None
-            if with_mean and a == 0:
-                rows = slice(0, a1 - a0 + b1 - b0) if b0 == a1 else slice(a1 - a0, None)
-            result, blocks, randomness = _one_pass(
-                model, loss_fn, tuple(x[pick] for x in xs), targets[pick], params, rows,
-                verify if first is None else 0, per_parameter=per_parameter)
-            if randomness:
-                raise ValueError(
-                    f"the forward pass draws random numbers (dropout?), so a Gram assembled "
-                    f"from passes over chunks of {chunk} samples would mix different draws; "
-                    "use chunk_size=None, or put the model in eval mode")
-            m = a1 - a0
-            pairs = [(K, result.gram)]
-            if Ks is not None:
-                pairs += [(Ks[name], result.parameter_grams[name]) for name in params]
-            for whole, part in pairs:
-                whole[a0:a1, a0:a1] = part[:m, :m]
-                whole[b0:b1, b0:b1] = part[m:, m:]
-                whole[a0:a1, b0:b1] = part[:m, m:]
-                whole[b0:b1, a0:a1] = part[m:, :m]
+            result, blocks = _pair_pass(model, loss_fn, xs, targets, params, (a0, a1),
+                                        (b0, b1), with_mean and a == 0,
+                                        verify if first is None else 0, per_parameter, chunk)
+            _place(K, result.gram, (a0, a1), (b0, b1))
+            for name in Ks or ():
+                _place(Ks[name], result.parameter_grams[name], (a0, a1), (b0, b1))
             if mean is not None and result.mean is not None:
                 mean += result.mean
             first = first or (result.coverage, blocks)
@@ -354,6 +332,38 @@ def _chunked(model, loss_fn, xs, targets, params, with_mean, chunk, verify,
     if mean is not None:
         mean /= n
     return GramResult(K, mean, GramCoverage(coverage.parameters, n), Ks), blocks, False
+
+
+def _pair_pass(model, loss_fn, xs, targets, params, a, b, with_mean, verify, per_parameter,
+               chunk):
+    """One pass over the samples of chunks a and b (both [start, stop)); its mean sums the
+    rows that are chunk a's and b's share of the whole mean when ``with_mean`` (a is the
+    first chunk): chunk c's share comes from the pass (0, c), chunk 0's from (0, 1)."""
+    (a0, a1), (b0, b1) = a, b
+    pick = torch.cat([torch.arange(a0, a1), torch.arange(b0, b1)]).to(targets.device)
+    rows = None
+    if with_mean:
+        rows = slice(0, a1 - a0 + b1 - b0) if b0 == a1 else slice(a1 - a0, None)
+    result, blocks, randomness = _one_pass(
+        model, loss_fn, tuple(x[pick] for x in xs), targets[pick], params, rows, verify,
+        per_parameter=per_parameter)
+    if randomness:
+        raise ValueError(
+            f"the forward pass draws random numbers (dropout?), so a Gram assembled "
+            f"from passes over chunks of {chunk} samples would mix different draws; "
+            "use chunk_size=None, or put the model in eval mode")
+    return result, blocks
+
+
+def _place(whole: Tensor, part: Tensor, a: tuple[int, int], b: tuple[int, int]) -> None:
+    """Write the Gram ``part`` of the samples of chunks a then b into their blocks of
+    ``whole``."""
+    (a0, a1), (b0, b1) = a, b
+    m = a1 - a0
+    whole[a0:a1, a0:a1] = part[:m, :m]
+    whole[b0:b1, b0:b1] = part[m:, m:]
+    whole[a0:a1, b0:b1] = part[:m, m:]
+    whole[b0:b1, a0:a1] = part[m:, :m]
 
 
 def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify, *, keep=False,
@@ -425,7 +435,7 @@ def gram_factors(
     set's.
     """
     model, xs, targets, params, n = _prepared(model, inputs, targets)
-    with _batchnorm_policy(model, batchnorm):
+    with batchnorm_policy(model, batchnorm):
         result, blocks, randomness, groups = _one_pass(model, loss_fn, xs, targets, params,
                                                        slice(0, n), verify, keep=True)
         if verify:

@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import Tensor
 
-from sgn_lab.grads._functorch import is_batched_by_vmap
+from sgn_lab.grads.batched import is_batched_by_vmap
 
 _SOURCE = "transformers.utils.import_utils"
 

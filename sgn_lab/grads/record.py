@@ -13,10 +13,15 @@ torch function the forward pass calls. Where a trainable parameter is an operand
   then uses its own copy, and the gradient at the copy is that parameter's per-sample
   gradient (the ``vmap`` route, exact for any operation vmap can batch).
 
-Python functions with a parameter operand and no rule (``F.multi_head_attention_forward``)
-are entered, so that the operations inside them are seen one by one. Casting a parameter
-(``.to``, ``.float()``) or transposing a matrix parameter (``.t()``, ``.T``) gives an alias:
-the rules treat it as the parameter. One ``torch.autograd.grad`` call then asks for the
+The pass names no operation: it reads what to do from the registries of
+:mod:`sgn_lab.grads.rules`. ``RULES`` gives the rule of a function (and, optionally, a fused
+batched implementation of the calls it takes); ``BATCHED`` a fused batched implementation of
+a parameter-free call (scaled dot-product attention); ``EXPANDED`` the plain operations that
+replace a kernel vmap cannot batch (the recurrent layers). Python functions with a parameter
+operand and no rule (``F.multi_head_attention_forward``) are entered, so that the operations
+inside them are seen one by one. A cast, transpose, scaling or slice of a parameter
+(:mod:`sgn_lab.grads.rules.aliases`) gives an alias: the rules treat it as the parameter
+(transposed, scaled, or a box of it). One ``torch.autograd.grad`` call then asks for the
 gradient of Σ_i loss_i at the kept edges only, so no parameter gradient is computed: each
 sample's slice of that gradient is its own signal, since under vmap sample i's loss depends
 on sample i's slice alone.
@@ -38,7 +43,6 @@ Hugging Face's mask code reads mask values to skip building a mask, which vmap r
 
 from __future__ import annotations
 
-import math
 import types
 from collections import defaultdict
 from collections.abc import Callable
@@ -49,13 +53,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import vmap
-from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from sgn_lab.checks import NonFiniteError
-from sgn_lab.grads._functorch import (
-    batched_attention,
-    batched_linear,
+from sgn_lab.grads.batched import (
     broadcast_to_samples,
     current_level,
     innermost,
@@ -63,39 +64,25 @@ from sgn_lab.grads._functorch import (
     physical,
     sample_first,
 )
-from sgn_lab.grads._random import rng_changed, rng_state, set_rng_state
+from sgn_lab.grads.common import LossFn
 from sgn_lab.grads.hf_masks import traceable_masks
-from sgn_lab.grads.recurrent import RECURRENT
-from sgn_lab.grads.rules import RULES, Op, Plan, Rule
+from sgn_lab.grads.rng import rng_changed, rng_state, set_rng_state
+from sgn_lab.grads.rules import BATCHED, EXPANDED, RULES, Op, Plan, Rule
+from sgn_lab.grads.rules.aliases import (
+    NO_GRADIENT,
+    SLICES,
+    Region,
+    box,
+    compose,
+    factor,
+    is_cast,
+    is_transpose,
+)
 from sgn_lab.grads.terms import Dense, Term, scaled, transposed
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 # torch >= 2.11 can call a Python torch function's body with the mode still watching;
 # without it such functions are a single operation (their parameters take the vmap route).
 _REDISPATCH = getattr(torch.overrides, "redispatch_function", None)
-
-# Uses of a parameter that create no gradient path.
-_NO_GRADIENT = frozenset({
-    "shape", "dtype", "device", "layout", "ndim", "requires_grad", "is_leaf", "is_cuda",
-    "size", "dim", "numel", "nelement", "stride", "element_size", "is_contiguous",
-    "is_floating_point", "is_complex", "data", "grad", "grad_fn", "names", "is_sparse",
-    "detach", "detach_", "data_ptr", "untyped_storage", "storage_offset", "item", "tolist",
-    "numpy", "__len__", "__repr__", "__format__", "__hash__", "__bool__", "eq", "ne", "lt",
-    "le", "gt", "ge", "isnan", "isinf", "isfinite", "argmax", "argmin", "equal",
-})
-# Parameter -> a tensor with the same values: the same parameter to the rules.
-_CASTS = frozenset({"to", "float", "double", "half", "bfloat16", "type_as", "contiguous",
-                    "clone", "type"})
-_TRANSPOSES = frozenset({"t", "T", "mT", "transpose", "permute", "swapaxes", "swapdims"})
-# Parameter -> the parameter times a number.
-_SCALINGS = frozenset({"mul", "__mul__", "__rmul__", "div", "__truediv__"})
-# Parameter -> views of boxes of it (MHA's split and chunk of its packed in-projection).
-_SLICES = frozenset({"split", "chunk", "narrow", "__getitem__", "tensor_split",
-                     "split_with_sizes"})
-
-
-Region = tuple[tuple[int, int], ...]  # [start, stop) on each axis of the parameter
 
 
 @dataclass(frozen=True)
@@ -163,14 +150,14 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in RECURRENT:  # written out step by step, each step's operations recorded
+        if func in EXPANDED:  # written out in plain operations, each one recorded
             with self:
-                return RECURRENT[func](*args, **kwargs)
+                return EXPANDED[func](*args, **kwargs)
         found = [t for t in _tensors(args, kwargs) if id(t) in self.refs]
-        if func is F.scaled_dot_product_attention and not found:
-            out = batched_attention(args, kwargs, self.level)
+        if func in BATCHED and not found:
+            out = BATCHED[func](args, kwargs, self.level)
             return func(*args, **kwargs) if out is None else out
-        if not found or not torch.is_grad_enabled() or _name(func) in _NO_GRADIENT:
+        if not found or not torch.is_grad_enabled() or _name(func) in NO_GRADIENT:
             return func(*args, **kwargs)
         aliased = self._aliased(func, args, kwargs, found)
         if aliased is not None:
@@ -204,24 +191,23 @@ class _Recorder(TorchFunctionMode):
         def run() -> Any:
             return func(self._use(source), *args[1:], **kwargs)
 
-        if name in _CASTS and not any(isinstance(v, Tensor) and v.requires_grad
-                                      for v in (*args[1:], *kwargs.values())):
+        rest = args[1:]
+        if is_cast(name, rest, kwargs):
             out = run()
             return self._register(out, ref) if isinstance(out, Tensor) else None
-        if (name in _TRANSPOSES and source.dim() == 2 and ref.region is None
-                and _swaps(name, args[1:], kwargs)):
+        if source.dim() == 2 and ref.region is None and is_transpose(name, rest, kwargs):
             return self._register(run(), replace(ref, transposed=not ref.transposed))
-        factor = _factor(name, args[1:], kwargs)
-        if factor is not None:
-            return self._register(run(), replace(ref, scale=ref.scale * factor))
-        if name in _SLICES and not ref.transposed:
+        scale = factor(name, rest, kwargs)
+        if scale is not None:
+            return self._register(run(), replace(ref, scale=ref.scale * scale))
+        if name in SLICES and not ref.transposed:
             out = run()
             parts = list(out) if isinstance(out, list | tuple) else [out]
-            boxes = [_box(part, source) for part in parts]
-            if any(box is None for box in boxes):
+            boxes = [box(part, source) for part in parts]
+            if any(b is None for b in boxes):
                 return None  # not a box of the parameter: it takes the vmap route instead
-            for part, box in zip(parts, boxes, strict=True):
-                self._register(part, replace(ref, region=_compose(ref.region, box)))
+            for part, b in zip(parts, boxes, strict=True):
+                self._register(part, replace(ref, region=compose(ref.region, b)))
             return out
         return None
 
@@ -247,6 +233,23 @@ class _Recorder(TorchFunctionMode):
         refs = {slot: self.refs[id(v)] for slot, v in operands.items()
                 if isinstance(v, Tensor) and id(v) in self.refs}
         plan = rule.plan(Op(rule.name, operands, {s: r.name for s, r in refs.items()}))
+        takes, replace = self._prepare(rule, plan, func, args, kwargs, operands, refs)
+        args, kwargs = _substitute(args, replace), _substitute(kwargs, replace)
+        operands = rule.bind(args, kwargs)
+        before = self._read(plan.keep if takes else (), func, args, kwargs, operands)
+        out = rule.batched(args, kwargs, self.level) if rule.batched is not None else None
+        if out is None:
+            out = func(*args, **kwargs)
+        if takes:
+            self._keep(rule, plan, takes, refs, operands, out, before)
+        return out
+
+    def _prepare(self, rule: Rule, plan: Plan, func: Callable, args: tuple, kwargs: dict,
+                 operands: dict[str, Any], refs: dict[str, _Ref]
+                 ) -> tuple[list[str], dict[int, Tensor]]:
+        """The parameter slots the rule takes, and the operands to replace (by id) for the
+        call: a per-sample copy of each parameter it does not take, a view of its own of each
+        it takes, and a sample axis for the operands the formula reads that have none."""
         takes = [s for s in plan.takes if refs[s].name not in self.force_copy]
         replace: dict[int, Tensor] = {}
         for slot, ref in refs.items():
@@ -272,15 +275,20 @@ class _Recorder(TorchFunctionMode):
                                   "no operand carries the samples")
         for slot in takes:
             replace[id(operands[slot])] = self._use(operands[slot])
-        args, kwargs = _substitute(args, replace), _substitute(kwargs, replace)
-        operands = rule.bind(args, kwargs)
-        # The formula must read the values the operation reads: an operand that the operation
-        # itself writes (h.mul_(γ) keeps h) is saved as a copy taken before it runs, and the
-        # version of every other is taken before it runs too, so that any write after that,
-        # this operation's own included, is caught by record().
+        return takes, replace
+
+    def _read(self, keep: tuple[str, ...], func: Callable, args: tuple, kwargs: dict,
+              operands: dict[str, Any]) -> dict[str, tuple[Any, int | None]]:
+        """Each kept operand, samples first, as the operation will read it, with its version.
+
+        The formula must read the values the operation reads: an operand that the operation
+        itself writes (h.mul_(γ) keeps h) is saved as a copy taken before it runs, and the
+        version of every other is taken before it runs too, so that any write after that,
+        this operation's own included, is caught by record(). None: a copy or not a tensor.
+        """
         written = _written(func, args, kwargs)
         before: dict[str, tuple[Any, int | None]] = {}
-        for slot in plan.keep if takes else ():
+        for slot in keep:
             value = operands[slot]
             if not isinstance(value, Tensor):
                 before[slot] = (value, None)
@@ -289,12 +297,7 @@ class _Recorder(TorchFunctionMode):
             else:
                 value = _samples_first(value, self.level)
                 before[slot] = (value, value._version)
-        out = batched_linear(operands, self.level) if func is F.linear else None
-        if out is None:
-            out = func(*args, **kwargs)
-        if takes:
-            self._keep(rule, plan, takes, refs, operands, out, before)
-        return out
+        return before
 
     def _give_up(self, takes, refs, operands, replace, op, why) -> list[str]:
         for slot in takes:
@@ -479,55 +482,6 @@ def _shares_memory(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors (batched or not) are views of one storage."""
     a, b = innermost(a), innermost(b)
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
-def _factor(name: str, rest: tuple, kwargs: dict) -> float | None:
-    """The number a parameter is multiplied by in ``P * c``, ``P / c`` or ``-P``, or None."""
-    if name == "neg" and not rest and not kwargs:
-        return -1.0
-    if name not in _SCALINGS or len(rest) != 1 or kwargs:
-        return None
-    c = rest[0]
-    if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c):
-        return None
-    if name in ("div", "__truediv__"):
-        return 1.0 / c if c else None
-    return float(c)
-
-
-def _box(part: Tensor, source: Tensor) -> Region | None:
-    """The box of ``source`` that the view ``part`` is, read from their geometry, or None."""
-    if (not isinstance(part, Tensor) or part.dim() != source.dim()
-            or part.stride() != source.stride()
-            or part.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()):
-        return None
-    rest = part.storage_offset() - source.storage_offset()
-    starts = [0] * source.dim()
-    for axis in sorted((a for a in range(source.dim()) if source.shape[a] > 1),
-                       key=lambda a: -source.stride(a)):
-        starts[axis], rest = divmod(rest, source.stride(axis))
-    if rest or any(s < 0 or s + size > full for s, size, full in
-                   zip(starts, part.shape, source.shape, strict=True)):
-        return None
-    return tuple((s, s + size) for s, size in zip(starts, part.shape, strict=True))
-
-
-def _compose(outer: Region | None, inner: Region) -> Region:
-    """A box ``inner`` of a box ``outer`` of the parameter, in the parameter's coordinates."""
-    if outer is None:
-        return inner
-    return tuple((a + s, a + t) for (a, _), (s, t) in zip(outer, inner, strict=True))
-
-
-def _swaps(name: str, dims: tuple, kwargs: dict) -> bool:
-    """Whether a transpose-like call on a matrix swaps its two axes."""
-    if name in ("t", "T", "mT"):
-        return True
-    dims = (*dims, *kwargs.values())
-    if name == "permute":
-        order = dims[0] if len(dims) == 1 else dims
-        return [d % 2 for d in order] == [1, 0]
-    return len(dims) == 2 and dims[0] % 2 != dims[1] % 2
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:

@@ -243,10 +243,10 @@ def _self_gram(term: Term, workspace: Workspace) -> Tensor:
     if T == 1:
         return (workspace.product(term.left[:, 0]) * workspace.product(term.right[:, 0])
                 ).double()
-    return _blocks(term.left, term.right, term.left, term.right)
+    return outer_cross(term.left, term.right, term.left, term.right)
 
 
-def _blocks(left_a: Tensor, right_a: Tensor, left_b: Tensor, right_b: Tensor) -> Tensor:
+def outer_cross(left_a: Tensor, right_a: Tensor, left_b: Tensor, right_b: Tensor) -> Tensor:
     """Σ_{t,s} (left_a[i,t]·left_b[j,s])(right_a[i,t]·right_b[j,s]), in row blocks."""
     n_a, T_a, _ = left_a.shape
     n_b, T_b, _ = left_b.shape
@@ -276,13 +276,13 @@ def _cross_gram(a: Term, b: Term) -> Tensor:
         factored = n * n * S * T * (q + 2)
         if (n * p * q * a.left.element_size() > MATERIALISE_BYTES
                 or factored <= n * T * p * q + n * n * p * q):
-            return _rows_outer(b, a).T
+            return rows_outer_cross(b, a).T
     g_a, g_b = materialise(a), materialise(b)
     dtype = torch.promote_types(compute_dtype(g_a), compute_dtype(g_b))
     return (g_a.to(dtype) @ g_b.to(dtype).T).double()
 
 
-def _rows_outer(rows: Rows, outer: Outer) -> Tensor:
+def rows_outer_cross(rows: Rows, outer: Outer) -> Tensor:
     """[i, j] = Σ_{s,t} outer.left[j,t][index[i,s]] · (values[i,s]·outer.right[j,t]).
 
     The two terms may belong to different sample sets: K is (n_rows, n_outer)."""

@@ -1,25 +1,41 @@
-"""Per-sample gradients through ``torch.func``.
+"""Per-sample gradients through ``torch.func``: the reference route.
 
 For a model with parameters θ, a data set of n samples and the usual mean-reduced loss, the
 per-sample gradient of sample i is ``g_i = ∇θ ℓ(f(x_i), y_i)``. They are computed by vectorising
 ``grad`` of a single-sample loss over the batch with ``vmap``; ``functional_call`` runs the
-model with the parameters as explicit inputs. Module hooks are never used here: hooks break
-``torch.func`` transforms (the hook-based Gram fast path lives elsewhere).
+model with the parameters as explicit inputs, in chunks of samples when the (n, d) result is
+large. Recurrent layers run step by step (:mod:`sgn_lab.grads.rules.recurrent`), since vmap
+cannot batch torch's fused kernels. Where vmap refuses a model altogether,
+:func:`last_resort` takes one ordinary backward pass per sample and :func:`culprit` names the
+module vmap could not get through (found with forward hooks, which do not disturb vmap).
+
+The Gram path (:mod:`sgn_lab.grads.gram`) checks itself against this route (``verify=``) and
+takes it for parameters with a use its recording pass could not see. What both routes share
+(input checks, BatchNorm policy, seeding, the (n, d) layout) lives in
+:mod:`sgn_lab.grads.common`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import numbers
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from sgn_lab.checks import NonFiniteError
+from sgn_lab.grads.common import (
+    Inputs,
+    LossFn,
+    as_tuple,
+    batchnorm_policy,
+    check_finite,
+    num_samples,
+    refuse_max_norm,
+    seeded,
+)
 from sgn_lab.grads.consistency import (
     CHECK_SAMPLES,
     check_independent,
@@ -29,11 +45,8 @@ from sgn_lab.grads.consistency import (
     structure,
 )
 from sgn_lab.grads.hf_masks import traceable_masks
-from sgn_lab.grads.recurrent import Recurrence
+from sgn_lab.grads.rules.recurrent import Recurrence
 from sgn_lab.models.wrapped import unwrapped
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
-Inputs = Tensor | Sequence[Tensor]
 
 # chunk_size=None: all samples at once while G fits in _WHOLE_BYTES; beyond, chunks whose
 # gradients fit in _CHUNK_BYTES (small allocations reuse their pages, while every fresh n × d
@@ -41,8 +54,6 @@ Inputs = Tensor | Sequence[Tensor]
 _WHOLE_BYTES = 256 * 2**20
 _CHUNK_BYTES = 32 * 2**20
 _MIN_CHUNK = 8
-
-BATCHNORM_POLICIES = ("error", "eval")
 
 
 def per_sample_grads(
@@ -112,8 +123,8 @@ def per_sample_grads(
         a copy.
     """
     model = unwrapped(model)
-    xs = _as_tuple(inputs)
-    n = _num_samples(xs, targets)
+    xs = as_tuple(inputs)
+    n = num_samples(xs, targets)
     check_samples_option(samples)
     if verify is not None and (isinstance(verify, bool) or not isinstance(verify, int)
                                or verify < 0):
@@ -157,7 +168,7 @@ def per_sample_grads(
     key = (*structure("grads", model, loss_fn, xs, targets), samples)
     if verify is None:
         verify = 0 if checked(model, key) else CHECK_SAMPLES
-    with _batchnorm_policy(model, batchnorm):
+    with batchnorm_policy(model, batchnorm):
         grads = _computed(model, loss_fn, xs, targets, trainable, compute, chunk_size, seed,
                           device)
         if verify:
@@ -169,7 +180,7 @@ def per_sample_grads(
 def _computed(model, loss_fn, xs, targets, trainable, compute, chunk_size, seed, device):
     """The per-sample gradients: vmap in chunks, or the last resort where vmap refuses."""
     n = targets.shape[0]
-    with _seeded(seed, device):
+    with seeded(seed, device):
         try:
             with recurrence(model), traceable_masks():
                 if chunk_size >= n:  # one chunk: vmap's own output, no copy
@@ -305,181 +316,10 @@ def _output(trainable: dict[str, Tensor], n: int) -> dict[str, Tensor]:
     return out
 
 
-def flatten_grads(grads: dict[str, Tensor]) -> Tensor:
-    """Concatenate per-sample gradients into one (n, d) matrix, in the dict's order.
-
-    When they are the column blocks of one (n, d) matrix in order (as
-    :func:`per_sample_grads` returns them), that matrix itself is returned: no copy.
-    """
-    if not grads:
-        raise ValueError("flatten_grads got an empty dict of gradients")
-    sizes = {k: g.shape[0] for k, g in grads.items()}
-    if len(set(sizes.values())) != 1:
-        raise ValueError(f"per-sample gradients disagree on the number of samples: {sizes}")
-    whole = _whole(list(grads.values()))
-    if whole is not None:
-        return whole
-    return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
-
-
-def _whole(grads: list[Tensor]) -> Tensor | None:
-    """The (n, d) matrix whose consecutive column blocks ``grads`` are, if they are."""
-    base = grads[0]._base
-    if base is None or base.dim() != 2 or not base.is_contiguous():
-        return None
-    offset = base.storage_offset()
-    for g in grads:
-        if (g._base is not base or g.storage_offset() != offset or g.shape[0] != base.shape[0]
-                or (g.dim() > 1 and g.stride(0) != base.stride(0))
-                or not g[0].is_contiguous()):
-            return None
-        offset += g[0].numel()
-    return base if offset == base.storage_offset() + base.shape[1] else None
-
-
-def check_finite(losses: Tensor, grads: dict[str, Tensor], *, offset: int = 0) -> None:
-    """Raise a :class:`~sgn_lab.checks.NonFiniteError` (a ValueError) naming the first sample
-    (and parameter) with a NaN or inf."""
-    bad = ~torch.isfinite(losses)
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
-        raise NonFiniteError(f"non-finite loss {losses[i].item()} for sample {offset + i}")
-    for name, g in grads.items():
-        rows = g.reshape(g.shape[0], -1)
-        # A row's sum is finite when all its entries are (one read of G, no n×d mask); a
-        # non-finite sum is then checked entry by entry, since finite values can overflow it.
-        suspect = (~torch.isfinite(rows.sum(dim=1))).nonzero()[:, 0]
-        if len(suspect):
-            bad = suspect[~torch.isfinite(rows[suspect]).all(dim=1)]
-            if len(bad):
-                i = int(bad[0])
-                raise NonFiniteError(
-                    f"non-finite gradient for sample {offset + i} in parameter '{name}'"
-                )
-
-
-def refuse_max_norm(model: nn.Module) -> None:
-    """A ValueError for an embedding with max_norm, which no per-sample route supports."""
-    for name, module in model.named_modules():
-        if (isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None
-                and module.weight.requires_grad):
-            raise max_norm_error(name, module.max_norm)
-
-
-def max_norm_error(name: str, max_norm: float) -> ValueError:
-    return ValueError(
-        f"the embedding '{name}' has max_norm={max_norm}: it renormalises its weight in place "
-        "in every forward pass, so a sample's gradient depends on the samples run before it, "
-        "and no per-sample route supports it; renormalise once (torch.embedding_renorm_) and "
-        "set max_norm=None for the measurement")
-
-
-def trainable_dim(model: nn.Module) -> int:
-    """Number of scalar parameters with requires_grad: the d of the (n, d) gradient matrix."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The BatchNorm layers of ``model`` (any dimension, SyncBatchNorm included)."""
-    batchnorm = nn.modules.batchnorm._BatchNorm
-    return [(k, m) for k, m in model.named_modules() if isinstance(m, batchnorm)]
-
-
-def batchnorm_to_groupnorm(model: nn.Module, num_groups: int = 32) -> nn.Module:
-    """A copy of ``model`` with every BatchNorm layer replaced by GroupNorm.
-
-    GroupNorm normalises within each sample, so per-sample gradients exist. A layer with C
-    channels gets the largest number of groups that divides C, is at most ``num_groups`` and
-    leaves at least two channels in each group (a group of one channel normalises a flat
-    BatchNorm1d input to a constant); affine weights are copied with their dtype and device.
-    This changes the model (its function and its training dynamics): it is an explicit
-    choice, never applied silently. The input model is left untouched.
-    """
-    if num_groups < 1:
-        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
-    new = copy.deepcopy(model)
-    for name, bn in batchnorm_modules(new):
-        channels = bn.num_features
-        groups = max(
-            g for g in range(1, min(num_groups, channels) + 1)
-            if channels % g == 0 and (channels // g >= 2 or g == 1)
-        )
-        gn = nn.GroupNorm(groups, channels, eps=bn.eps, affine=bn.affine)
-        if bn.affine:
-            gn.to(device=bn.weight.device, dtype=bn.weight.dtype)
-            with torch.no_grad():
-                gn.weight.copy_(bn.weight)
-                gn.bias.copy_(bn.bias)
-        parent_name, _, child = name.rpartition(".")
-        parent = new.get_submodule(parent_name) if parent_name else new
-        setattr(parent, child, gn)
-    return new
-
-
-@contextlib.contextmanager
-def _batchnorm_policy(model: nn.Module, policy: str) -> Iterator[None]:
-    if policy not in BATCHNORM_POLICIES:
-        raise ValueError(f"unknown batchnorm policy {policy!r}; choose one of {BATCHNORM_POLICIES}")
-    coupled = [(k, m) for k, m in batchnorm_modules(model) if m.training or m.running_mean is None]
-    for k, m in coupled:
-        if m.running_mean is None:
-            raise ValueError(
-                f"BatchNorm layer '{k}' keeps no running statistics (track_running_stats=False), "
-                "so it always normalises with batch statistics, which couple the samples; "
-                "replace it with sgn_lab.batchnorm_to_groupnorm(model)"
-            )
-        if policy == "error":
-            raise ValueError(
-                f"BatchNorm layer '{k}' is in train mode: its batch statistics couple the samples, "
-                "so per-sample gradients do not exist. Choose batchnorm='eval' (use its running "
-                "statistics), sgn_lab.batchnorm_to_groupnorm(model) (replace it by GroupNorm), "
-                "or put it in eval mode yourself."
-            )
-    try:
-        for _, m in coupled:
-            m.eval()
-        yield
-    finally:
-        for _, m in coupled:
-            m.train()
-
-
 def recurrence(model: nn.Module) -> contextlib.AbstractContextManager:
     """Recurrent layers written out step by step (vmap cannot batch torch's fused kernels)."""
     if any(isinstance(m, nn.RNNBase) for m in model.modules()):
         return Recurrence()
     return contextlib.nullcontext()
 
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def _as_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
-    xs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    if not xs or not all(isinstance(x, Tensor) for x in xs):
-        raise TypeError("inputs must be a Tensor or a non-empty sequence of Tensors")
-    return xs
-
-
-def _num_samples(xs: tuple[Tensor, ...], targets: Tensor) -> int:
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a Tensor, got {type(targets).__name__}")
-    lengths = [x.shape[0] if x.dim() > 0 else None for x in xs]
-    n = targets.shape[0] if targets.dim() > 0 else None
-    if n is None or any(m != n for m in lengths):
-        raise ValueError(
-            f"inputs and targets must have the same number of samples along dim 0; got inputs "
-            f"{[tuple(x.shape) for x in xs]} and targets {tuple(targets.shape)}"
-        )
-    if n == 0:
-        raise ValueError("got 0 samples")
-    return n
 

@@ -9,6 +9,6 @@ end of training, and write the same run directory as ``sgn-lab measure``
 (:func:`sgn_lab.load_run` reads it; ``log=("tensorboard",)`` adds event files). Training is
 bit-identical with or without them: random state, ``.grad``, train/eval flags and weights are
 left as they were. Under mixed precision the probe measures float32 gradients of its own loss
-with autocast off, so a GradScaler's scale never enters (details in ``_common``).
+with autocast off, so a GradScaler's scale never enters (details in ``session``).
 Import the submodule you need; this package imports neither trainer.
 """

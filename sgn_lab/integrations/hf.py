@@ -58,7 +58,7 @@ The run directory ``out``
 
 Training is left as it would be without the callback: the random state (torch CPU and CUDA,
 Python, numpy), the ``.grad`` buffers, the train/eval flags and the weights are as before each
-measurement (:mod:`sgn_lab.integrations._common`), so a seeded run gives bit-identical
+measurement (:mod:`sgn_lab.integrations.session`), so a seeded run gives bit-identical
 weights with or without it.
 
 Mixed precision
@@ -84,7 +84,7 @@ from torch.nn import functional as F
 from transformers import PretrainedConfig, TrainerCallback
 
 from sgn_lab.data import PAD_ID
-from sgn_lab.integrations._common import (
+from sgn_lab.integrations.session import (
     ProbeSettings,
     Session,
     TrainingFacts,

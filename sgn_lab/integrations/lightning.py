@@ -46,7 +46,7 @@ The run directory ``out``
 
 Training is left as it would be without the callback: the random state (torch CPU and CUDA,
 Python, numpy), the ``.grad`` buffers, the train/eval flags and the weights are as before
-each measurement (:mod:`sgn_lab.integrations._common`), so a seeded run gives bit-identical
+each measurement (:mod:`sgn_lab.integrations.session`), so a seeded run gives bit-identical
 weights with or without it.
 
 Mixed precision
@@ -70,7 +70,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 
 from sgn_lab import checks
-from sgn_lab.integrations._common import (
+from sgn_lab.integrations.session import (
     ProbeSettings,
     Session,
     TrainingFacts,

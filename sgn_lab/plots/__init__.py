@@ -1,13 +1,14 @@
 """Seaborn figures: one style, one colour per method.
 
-``style``   colours, axis labels, the rcParams context, atomic PNG/PDF saving
-``runs``    metrics over training, spectra, the figures of a run (``sgn-lab plot``)
-``sweeps``  theory against measurement (``sgn-lab scaling``)
+``style``         colours, axis labels, the rcParams context, atomic PNG/PDF saving
+``measurements``  metrics over training, spectra, the figures of a run (``sgn-lab plot``)
+``layers``        per-layer noise scales
+``sweeps``        theory against measurement (``sgn-lab scaling``)
 
 Computation modules never import this package.
 """
 
-from sgn_lab.plots.runs import plot_metrics, plot_run, plot_spectra
+from sgn_lab.plots.measurements import plot_metrics, plot_run, plot_spectra
 from sgn_lab.plots.style import (
     DEFAULT_COLUMNS,
     LOG_METRICS,

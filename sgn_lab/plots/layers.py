@@ -15,10 +15,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from sgn_lab.plots.style import (
-    _PANEL_SIZE,
+    PANEL_SIZE,
     REFERENCE_COLOR,
-    _check_table,
-    _numeric,
+    check_table,
+    numeric,
     plot_style,
 )
 
@@ -34,11 +34,11 @@ def plot_layers(table: pd.DataFrame, *, group: str = "layernorm",
     last by default); (b) the ``group``'s B_simple and the total's over training, ± 1 SE;
     (c) their ratio over training, with its median and the log-log correlation in the title.
     """
-    _check_table(table, "layers", ["step", "name", "kind", "noise_scale", "noise_scale_se"])
+    check_table(table, "layers", ["step", "name", "kind", "noise_scale", "noise_scale_se"])
     steps = sorted(table["step"].unique())
     step = steps[-1] if step is None else step
     with plot_style():
-        width, height = _PANEL_SIZE
+        width, height = PANEL_SIZE
         fig = Figure(figsize=(3 * width + 1.2, max(height, 1.0 + 0.16 * _rows(table, step))),
                      layout="constrained")
         ax_end, ax_time, ax_ratio = fig.subplots(1, 3, width_ratios=(1.25, 1, 1))
@@ -73,7 +73,7 @@ def _per_module(ax, table: pd.DataFrame, step: int, group: str) -> None:
         else:
             labels.append(f"[{record.name}]" if record.kind == "group" else "[total]")
             colors.append(GROUP_COLOR if record.name == group else TOTAL_COLOR)
-    value, se = _numeric(rows["noise_scale"]), _numeric(rows["noise_scale_se"])
+    value, se = numeric(rows["noise_scale"]), numeric(rows["noise_scale_se"])
     y = np.arange(len(rows))[::-1]
     lower, upper = _bars(value, se)
     for yi, v, lo, hi, color in zip(y, value, lower, upper, colors, strict=True):
@@ -104,8 +104,8 @@ def _over_training(ax_time, ax_ratio, table: pd.DataFrame, group: str) -> None:
                                (chosen, f"{group} parameters", GROUP_COLOR)):
         if rows.empty:
             continue
-        x = _numeric(rows["step"])
-        v, se = _numeric(rows["noise_scale"]), _numeric(rows["noise_scale_se"])
+        x = numeric(rows["step"])
+        v, se = numeric(rows["noise_scale"]), numeric(rows["noise_scale_se"])
         lower, upper = _bars(v, se)
         ax_time.plot(x, v, "o-", color=color, markersize=2.5, linewidth=1, label=label)
         ax_time.fill_between(x, v - lower, v + upper, color=color, alpha=0.15, linewidth=0)
@@ -117,7 +117,7 @@ def _over_training(ax_time, ax_ratio, table: pd.DataFrame, group: str) -> None:
     if chosen.empty:
         ax_ratio.set_title(f"(c) no '{group}' group in this run", loc="left")
         return
-    x, ratio = _numeric(chosen["step"]), _numeric(chosen["ratio_to_total"])
+    x, ratio = numeric(chosen["step"]), numeric(chosen["ratio_to_total"])
     ax_ratio.plot(x, ratio, "o-", color=GROUP_COLOR, markersize=2.5, linewidth=1)
     first = chosen.iloc[0]
     median, r = float(first["median_ratio"]), float(first["log_correlation"])

@@ -58,7 +58,7 @@ METHOD_COLORS: dict[str, str] = {
 REFERENCE_COLOR = "0.45"
 
 # Colours for method names outside METHOD_COLORS, picked by a stable hash of the name.
-_FALLBACK_COLORS: tuple[str, ...] = (
+FALLBACK_COLORS: tuple[str, ...] = (
     "#393b79",
     "#637939",
     "#8c6d31",
@@ -174,16 +174,16 @@ LOG_METRICS: frozenset[str] = frozenset(
 DEFAULT_COLUMNS: tuple[str, ...] = ("trace", "noise_scale", "effective_rank", "test_accuracy")
 
 # Panels :func:`plot_run` adds to DEFAULT_COLUMNS when the table has data for them.
-_OPTIONAL_RUN_COLUMNS: tuple[str, ...] = (
+OPTIONAL_RUN_COLUMNS: tuple[str, ...] = (
     "update_trace",
     "hessian_top_eigenvalue",
     "curvature_alignment",
 )
 
-_ERRORBAR: tuple[str, float] = ("sd", 1.0)
-_PANEL_SIZE: tuple[float, float] = (3.4, 2.5)  # inches per panel
-_SPECTRUM_KINDS = ("sgn", "isotropic")
-_DASHES: tuple[Any, ...] = ("", (4, 1.5), (1, 1), (3, 1.25, 1.5, 1.25), (5, 1, 1, 1, 1, 1))
+ERRORBAR: tuple[str, float] = ("sd", 1.0)
+PANEL_SIZE: tuple[float, float] = (3.4, 2.5)  # inches per panel
+SPECTRUM_KINDS = ("sgn", "isotropic")
+DASHES: tuple[Any, ...] = ("", (4, 1.5), (1, 1), (3, 1.25, 1.5, 1.25), (5, 1, 1, 1, 1, 1))
 _STYLE_RC: dict[str, Any] = {
     "legend.frameon": False,
     "axes.titleweight": "bold",
@@ -223,7 +223,7 @@ def method_color(method: str) -> str:
     """
     if method in METHOD_COLORS:
         return METHOD_COLORS[method]
-    return _FALLBACK_COLORS[zlib.crc32(str(method).encode()) % len(_FALLBACK_COLORS)]
+    return FALLBACK_COLORS[zlib.crc32(str(method).encode()) % len(FALLBACK_COLORS)]
 
 
 def metric_label(column: str) -> str:
@@ -277,7 +277,7 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> list[Path]:
     return written
 
 
-def _check_table(table: pd.DataFrame, name: str, required: Iterable[str | None]) -> None:
+def check_table(table: pd.DataFrame, name: str, required: Iterable[str | None]) -> None:
     """Type, emptiness and required columns of an input table."""
     if not isinstance(table, pd.DataFrame):
         raise TypeError(f"{name} must be a pandas DataFrame, got {type(table).__name__}")
@@ -291,19 +291,19 @@ def _check_table(table: pd.DataFrame, name: str, required: Iterable[str | None])
         )
 
 
-def _numeric(values: pd.Series) -> np.ndarray:
+def numeric(values: pd.Series) -> np.ndarray:
     """A column as float64, with non-numbers as NaN."""
     return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def _empty_panel(ax: Axes, reason: str) -> None:
+def empty_panel(ax: Axes, reason: str) -> None:
     # Tick labels off, not set_xticks([]): the x-axis is shared, so its ticks are too.
     ax.tick_params(labelbottom=False, labelleft=False, length=0)
     ax.grid(False)
-    _note(ax, f"not shown:\n{reason}", center=True)
+    panel_note(ax, f"not shown:\n{reason}", center=True)
 
 
-def _note(ax: Axes, text: str, *, center: bool = False) -> None:
+def panel_note(ax: Axes, text: str, *, center: bool = False) -> None:
     """A small grey note: centred in an empty panel, else as the right-hand title (off the data;
     panel titles go on the left)."""
     if center:
@@ -331,7 +331,7 @@ def _close(fig: Figure) -> None:
         plt.close(fig)
 
 
-def _ordered_levels(values: pd.Series, name: str) -> list[Any]:
+def ordered_levels(values: pd.Series, name: str) -> list[Any]:
     """Levels of a hue/style column: methods in :data:`METHODS` order, others sorted."""
     levels = list(pd.unique(values.dropna()))
     if name == "method":
@@ -343,7 +343,7 @@ def _ordered_levels(values: pd.Series, name: str) -> list[Any]:
         return sorted(levels, key=str)
 
 
-def _format_level(value: Any) -> str:
+def format_level(value: Any) -> str:
     if isinstance(value, float | np.floating) and float(value).is_integer():
         return f"{float(value):g}"
     return str(value)

@@ -11,16 +11,16 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from sgn_lab.plots.style import (
-    _FALLBACK_COLORS,
-    _PANEL_SIZE,
+    FALLBACK_COLORS,
     METHOD_COLORS,
     METRIC_LABELS,
+    PANEL_SIZE,
     REFERENCE_COLOR,
-    _check_table,
-    _note,
-    _numeric,
+    check_table,
     method_color,
     metric_label,
+    numeric,
+    panel_note,
     plot_style,
 )
 
@@ -53,7 +53,7 @@ _SCALING_X: dict[str, str] = {
 _SCALING_SERIES: tuple[tuple[str, str, str], ...] = (
     ("sgd_", "SGD at η/√Γ", METHOD_COLORS["sgd"]),
     ("full_", "covariance noise, full", METHOD_COLORS["covariance"]),
-    ("diagonal_", "covariance noise, diagonal", _FALLBACK_COLORS[6]),
+    ("diagonal_", "covariance noise, diagonal", FALLBACK_COLORS[6]),
     ("isotropic_", "isotropic noise, equal trace", METHOD_COLORS["gaussian"]),
     ("large_batch_", "large batch alone", METHOD_COLORS["sgd"]),
 )
@@ -105,7 +105,7 @@ def plot_scaling(table: pd.DataFrame) -> Figure:
     ValueError
         Empty table, missing columns, or rows of several sweeps.
     """
-    _check_table(table, "scaling", _SCALING_COLUMNS)
+    check_table(table, "scaling", _SCALING_COLUMNS)
     sweeps = list(pd.unique(table["sweep"]))
     if len(sweeps) != 1:
         raise ValueError(f"plot_scaling: the table holds several sweeps {sweeps}; pass one")
@@ -114,7 +114,7 @@ def plot_scaling(table: pd.DataFrame) -> Figure:
         return plot_critical_batch(table)
     data = table.loc[:, list(_SCALING_COLUMNS)].copy()
     for col in ("x", "measured", "ci_low", "ci_high", "theory"):
-        data[col] = _numeric(data[col])
+        data[col] = numeric(data[col])
     split = [_scaling_series(sweep, str(q)) for q in data["quantity"]]
     data["metric"] = [metric for _, metric in split]
     data["series"] = [series for series, _ in split]
@@ -129,7 +129,7 @@ def plot_scaling(table: pd.DataFrame) -> Figure:
     shared_theory_drawn = own_theory_drawn = False
     with plot_style():
         fig = Figure(
-            figsize=(_PANEL_SIZE[0] * ncols + 1.9, _PANEL_SIZE[1] * nrows), layout="constrained"
+            figsize=(PANEL_SIZE[0] * ncols + 1.9, PANEL_SIZE[1] * nrows), layout="constrained"
         )
         grid = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
         for ax in grid[n:]:
@@ -235,7 +235,7 @@ def _scaling_batch_reference(ax: Axes, part: pd.DataFrame) -> None:
     small = part[(part["x"] <= x.max() / 8) & (part["measured"] > 0)]
     if len(small) >= 2:
         slope = np.polyfit(np.log(small["x"]), np.log(small["measured"]), 1)[0]
-        _note(ax, f"slope {slope:.3f} for B ≤ {small['x'].max():g}; dotted: ∝ 1/B")
+        panel_note(ax, f"slope {slope:.3f} for B ≤ {small['x'].max():g}; dotted: ∝ 1/B")
 
 
 # critical batch (McCandlish et al.): S against E, and the noise scales
@@ -277,18 +277,18 @@ def plot_critical_batch(table: pd.DataFrame) -> Figure:
     ValueError
         Empty table, missing columns, or rows of another sweep.
     """
-    _check_table(table, "critical-batch", _SCALING_COLUMNS)
+    check_table(table, "critical-batch", _SCALING_COLUMNS)
     if set(pd.unique(table["sweep"])) != {"critical-batch"}:
         raise ValueError("plot_critical_batch: the table must hold critical-batch rows only")
     data = table.copy()
     for col in ("x", "measured", "ci_low", "ci_high", "theory"):
-        data[col] = _numeric(data[col])
+        data[col] = numeric(data[col])
     if "problem" not in data:
         data["problem"] = ""
     problems = list(dict.fromkeys(data["problem"]))
     with plot_style():
         n = len(problems) + 1
-        fig = Figure(figsize=(_PANEL_SIZE[0] * n + 0.4, _PANEL_SIZE[1] + 0.6),
+        fig = Figure(figsize=(PANEL_SIZE[0] * n + 0.4, PANEL_SIZE[1] + 0.6),
                      layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, n, squeeze=False)).ravel()
         for ax, problem in zip(axes[:-1], problems, strict=True):

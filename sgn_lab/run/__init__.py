@@ -1,33 +1,60 @@
 """Measurement runs: the typed config, instruments, NoiseProbe, the one loop, run directories.
 
-``config``       RunConfig: one nested, validated schema; flat names for TOML keys and flags
-``instruments``  the named families of measured quantities (sgn, tails, curvature, updates,
-                 eval) and the Measurement they share
-``probe``        NoiseProbe: a schedule over instruments inside any training loop
-``loop``         run_measurement, run_series: the one training loop, resume rules, Diverged
+Modules, bottom up (each imports only those above it in this list):
+
+``choices``      the names a config chooses from (instruments, logs, gradient paths, model
+                 kinds), defined once and light
 ``rundir``       run directories: atomic writes, the lock, load_run
+``config``       RunConfig: one nested, validated schema; flat names for TOML keys and flags
+``build``        the run's task and model from its config
+``instruments``  one class per family of measured quantities, owning its options (Eval, SGN,
+                 Tails, MinibatchTails, Curvature, Updates, Layers), and the Measurement
+                 they share
+``probe``        NoiseProbe: data, a schedule and a list of instruments, in any training loop
+``tensorboard``  TensorBoard event files of a run
+``recorder``     RunRecorder: the one writer of a run directory's tables
+``loop``         run_measurement, run_series: the one training loop (TrainState), resume rules,
+                 Diverged
 ``tune``         tune: each method at its best grid point on a validation split, then seeds
 """
 
 from sgn_lab.run.config import RunConfig, parse
-from sgn_lab.run.instruments import INSTRUMENTS, Instrument, Measurement
+from sgn_lab.run.instruments import (
+    INSTRUMENTS,
+    SGN,
+    Curvature,
+    Eval,
+    Instrument,
+    Layers,
+    Measurement,
+    MinibatchTails,
+    Tails,
+    Updates,
+)
 from sgn_lab.run.loop import Diverged, DivergedMeasurement, run_measurement, run_series
 from sgn_lab.run.probe import NoiseProbe, ProbeResult, update_noise
 from sgn_lab.run.rundir import Run, RunDirError, load_run, load_runs
 from sgn_lab.run.tune import TuneResult, parse_grids, tune
 
 __all__ = [
+    "Curvature",
     "Diverged",
     "DivergedMeasurement",
+    "Eval",
     "INSTRUMENTS",
     "Instrument",
+    "Layers",
     "Measurement",
+    "MinibatchTails",
     "NoiseProbe",
     "ProbeResult",
     "Run",
     "RunConfig",
     "RunDirError",
+    "SGN",
+    "Tails",
     "TuneResult",
+    "Updates",
     "load_run",
     "load_runs",
     "parse",

@@ -27,32 +27,16 @@ import torch
 from torch import nn
 
 from sgn_lab.data import Task, hold_out_validation, load_task
-from sgn_lab.models import MODELS, build_model
-from sgn_lab.models.hf import TRANSFORMERS, build_transformer, is_padded, load_pretrained
+from sgn_lab.models import build_model
+from sgn_lab.models.hf import build_transformer, is_padded, load_pretrained
 from sgn_lab.models.modes import restored_modes
+from sgn_lab.run.choices import HF_PREFIX, model_kind
 from sgn_lab.seeds import Purpose, seed_for
-from sgn_lab.user import _first_line, is_reference, user_model
+from sgn_lab.user import first_line as _first_line
+from sgn_lab.user import user_model
 
 if TYPE_CHECKING:
     from sgn_lab.run.config import RunConfig
-
-HF_PREFIX = "hf:"
-
-
-def model_kind(name: str) -> str:
-    """``builtin``, ``transformer``, ``pretrained`` or ``user``; ValueError for anything else."""
-    if name in MODELS:
-        return "builtin"
-    if name in TRANSFORMERS:
-        return "transformer"
-    if name.startswith(HF_PREFIX):
-        if not name[len(HF_PREFIX):]:
-            raise ValueError(f"model {name!r} needs a folder: write hf:PATH")
-        return "pretrained"
-    if is_reference(name):
-        return "user"
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS + TRANSFORMERS)}"
-                     ", hf:PATH or pkg.module:callable")
 
 
 def build_task(config: RunConfig) -> Task:

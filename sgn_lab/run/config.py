@@ -25,14 +25,15 @@ from sgn_lab.models import MODELS
 from sgn_lab.models.hf import TRANSFORMERS
 from sgn_lab.optim import METHODS, SETTINGS
 from sgn_lab.optim.injection import COVARIANCE_VARIANTS
-from sgn_lab.run.build import model_kind
-from sgn_lab.run.instruments import INSTRUMENTS
-from sgn_lab.run.recorder import LOGS
+from sgn_lab.run.choices import (
+    DEFAULT_INSTRUMENTS,
+    DEVICES,
+    GRADS_PATHS,
+    INSTRUMENT_NAMES,
+    LOGS,
+    model_kind,
+)
 from sgn_lab.run.rundir import STATUS_KEYS
-
-GRADS_PATHS = ("auto", "vmap", "gram")
-DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_INSTRUMENTS = ("sgn", "tails", "updates", "eval")
 
 
 class _Section(BaseModel):
@@ -135,7 +136,7 @@ class ProbeSection(_Section):
                               "(default: one fixed probe set).")
     instruments: tuple[str, ...] = Field(
         DEFAULT_INSTRUMENTS, description="Instruments to run, comma-separated: "
-        f"{', '.join(INSTRUMENTS)}.")
+        f"{', '.join(INSTRUMENT_NAMES)}.")
     update_repeats: int = Field(32, ge=2, description="Minibatch draws R of the updates "
                                 "instrument (per-step update noise).")
     grads: Literal[GRADS_PATHS] = Field(
@@ -152,10 +153,10 @@ class ProbeSection(_Section):
 
     @model_validator(mode="after")
     def _known(self) -> ProbeSection:
-        unknown = [i for i in self.instruments if i not in INSTRUMENTS]
+        unknown = [i for i in self.instruments if i not in INSTRUMENT_NAMES]
         if unknown:
             raise ValueError(f"unknown instrument {unknown[0]!r}; choose from "
-                             f"{', '.join(INSTRUMENTS)}")
+                             f"{', '.join(INSTRUMENT_NAMES)}")
         if self.grads == "gram" and "curvature" in self.instruments:
             raise ValueError("the curvature instrument needs per-sample gradients: grads "
                              "'vmap' or 'auto'")

@@ -1,10 +1,17 @@
-"""Instruments: each family of measured quantities, switched on by name.
+"""Instruments: each family of measured quantities, one class that owns its options.
 
-An instrument is a name and a call ``instrument(measurement) -> dict`` of table columns; it
-may add spectra with ``measurement.add_spectrum(kind, eigenvalues)``, and says whether it
-needs the (n, d) per-sample gradients (``needs_grads``, else the Gram path serves). The
+An instrument is a small frozen dataclass whose fields are its options (``Updates(repeats)``,
+``MinibatchTails(batch_sizes, draws)``, ``Curvature(n_probes, max_iter)``,
+``Layers(groups)``), with a ``name``, a flag ``needs_grads`` (whether it needs the (n, d)
+per-sample gradients, else the Gram path serves) and a call ``instrument(measurement) -> dict``
+of table columns; it may add spectra with ``measurement.add_spectrum(kind, eigenvalues)``. The
 :class:`Measurement` it receives computes what instruments share — the probe batch, its
 per-sample gradients or Gram, the noise statistics — once, on first use.
+
+:data:`INSTRUMENTS` holds the built-ins at their default options, by name;
+:func:`configured` builds one with the options a run's settings give it (:data:`OPTIONS`: the
+config's ``update_repeats`` is ``Updates.repeats``, ...), which is how
+:class:`~sgn_lab.NoiseProbe` builds the instruments it is given by name.
 
 =========== ===================================================================== =========
 name        columns                                                               needs G
@@ -15,8 +22,8 @@ sgn         every :class:`~sgn_lab.NoiseStats` scalar (trace, noise_scale with  
             its error, effective_rank, ...); spectra ``sgn`` and ``isotropic``
 tails       tail_index, normality_pvalue, normality_reject_fraction, kurtosis     no [1]
             of the per-sample noise (batch 1)
-minibatch-  the same four at each minibatch size B of ``shape_batch_sizes``, of   no [1]
-tails       the noise g_B − ḡ (``tail_index_b16``, ...)
+minibatch-  the same four at each minibatch size B of ``batch_sizes``, of the      no [1]
+tails       noise g_B − ḡ (``tail_index_b16``, ...)
 curvature   hessian_top_eigenvalue, hessian_trace, trace_hs, curvature_alignment  yes
 updates     update_trace, update_effective_rank, update_mean_sq_norm; spectrum    no
             ``update`` (per-step update noise over R minibatch draws)
@@ -32,8 +39,8 @@ Gram path from the per-parameter Grams of the pass the ``sgn`` instrument shares
 (``Measurement.gram``), with vmap, and over several processes, from the shared per-sample
 gradients (gathered from the ranks).
 
-A user's instrument is any object with ``name``, ``needs_grads`` and that call, passed to
-:class:`~sgn_lab.NoiseProbe` in ``instruments``.
+A user's instrument is written the same way (any object with ``name``, ``needs_grads`` and
+that call; its options its own), passed to :class:`~sgn_lab.NoiseProbe` in ``instruments``.
 
 Over several processes (the probe's ``ranks``), the shared results are assembled across them
 and are the same on every rank, so every instrument runs unchanged on each: the noise
@@ -43,7 +50,10 @@ per-sample gradients (vmap) gathered from the ranks' blocks, the evaluation pass
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
@@ -51,13 +61,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from sgn_lab import checks
 from sgn_lab.distributed.gram_over_ranks import split_gram
 from sgn_lab.grads import GramCoverage, GramResult, gram_result
-from sgn_lab.grads.vmap import _seeded, flatten_grads, per_sample_grads
-from sgn_lab.seeds import Purpose, seed_for
+from sgn_lab.grads.common import flatten_grads
+from sgn_lab.grads.common import seeded as _seeded
+from sgn_lab.grads.vmap import per_sample_grads
+from sgn_lab.optim import train_step
+from sgn_lab.seeds import Purpose, derive, seed_for
 from sgn_lab.stats.curvature import curvature_stats
+from sgn_lab.stats.layers import LAYERNORM, layer_noise_scale
 from sgn_lab.stats.noise import NoiseStats, noise_stats
 from sgn_lab.stats.tails import minibatch_noise_shape, shape_stats
 
@@ -65,6 +80,7 @@ if TYPE_CHECKING:
     from sgn_lab.run.probe import NoiseProbe
 
 SPECTRUM_KINDS = ("sgn", "isotropic", "update")
+LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class Instrument(Protocol):
@@ -75,34 +91,47 @@ class Instrument(Protocol):
 
 
 class Measurement:
-    """One measurement: the probe batch, and what the instruments share, computed on demand."""
+    """One measurement: the probe batch, and what the instruments share, computed on demand.
+
+    The shared things an instrument reads: ``step``, ``epoch``, :meth:`seed`; the model and
+    its loss (``model``, ``loss_fn``); the probe batch ``x``, ``y``; the per-sample gradients
+    (:attr:`grads`), the Gram pass (:attr:`gram`), the noise statistics (:attr:`noise`) and
+    the gradients for the noise's shape (:attr:`shape_grads`), each computed once; how they
+    are taken (``path``: ``"vmap"`` or ``"gram"``, ``chunk_size``, ``ranks``); and the probe
+    itself (``probe``) for its data (``x_train``, ``x_val``, ``x_test``, :meth:`evaluate
+    <sgn_lab.run.probe.NoiseProbe.evaluate>`) and the training's ``optimizer``, ``method`` and
+    ``batch_size``. An instrument's own options are its own attributes.
+    """
 
     def __init__(self, probe: NoiseProbe, step: int, epoch: float) -> None:
         self.probe, self.step, self.epoch = probe, step, epoch
+        self.model, self.loss_fn = probe.model, probe.loss_fn
+        self.path, self.chunk_size, self.ranks = probe.grads, probe.chunk_size, probe.ranks
         self.device = next(probe.model.parameters()).device
         idx = probe.probe_indices(step)
         self.x = probe.x_train[idx].to(self.device)
         self.y = probe.y_train[idx].to(self.device)
         self.spectra: list[pd.DataFrame] = []
         self.coverage: GramCoverage | None = None
+        self.layers: pd.DataFrame | None = None  # the layers instrument's table
 
     def seed(self, purpose: Purpose) -> int:
         return seed_for(self.probe.seed, self.step, purpose)
 
+    def _per_sample(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        return per_sample_grads(self.model, self.loss_fn, x, y, chunk_size=self.chunk_size,
+                                batchnorm=self.probe.batchnorm, seed=self.seed(Purpose.GRADS),
+                                verify=self.probe.grads_verify)
+
     @cached_property
     def grads(self) -> dict[str, Tensor]:
         """Per-sample gradients of the probe batch (vmap)."""
-        p = self.probe
-        if not p.ranks.distributed:
-            return per_sample_grads(p.model, p.loss_fn, self.x, self.y,
-                                    chunk_size=p.chunk_size, batchnorm=p.batchnorm,
-                                    seed=self.seed(Purpose.GRADS), verify=p.grads_verify)
+        if not self.ranks.distributed:
+            return self._per_sample(self.x, self.y)
         # Each rank its block of the probe set; every rank then holds all of them (n × d).
-        block = p.ranks.shard(len(self.y))
-        local = per_sample_grads(p.model, p.loss_fn, self.x[block], self.y[block],
-                                 chunk_size=p.chunk_size, batchnorm=p.batchnorm,
-                                 seed=self.seed(Purpose.GRADS), verify=p.grads_verify)
-        return {name: p.ranks.gather_rows(g, kind="gradients") for name, g in local.items()}
+        block = self.ranks.shard(len(self.y))
+        local = self._per_sample(self.x[block], self.y[block])
+        return {name: self.ranks.gather_rows(g, kind="gradients") for name, g in local.items()}
 
     @cached_property
     def noise(self) -> NoiseStats:
@@ -110,14 +139,14 @@ class Measurement:
         p = self.probe
         minibatch = {"batch_size": p.batch_size, "dataset_size": len(p.x_train),
                      "seed": self.seed(Purpose.STATS)}
-        if p.grads == "vmap" and (not p.ranks.distributed or p.gathers_grads
-                                  or "grads" in self.__dict__):
+        if self.path == "vmap" and (not self.ranks.distributed or p.gathers_grads
+                                    or "grads" in self.__dict__):
             return noise_stats(self.grads, shape=False, **minibatch)
-        if p.ranks.distributed:
+        if self.ranks.distributed:
             with _seeded(self.seed(Purpose.GRADS), self.device):
-                split = split_gram(p.model, p.loss_fn, self.x, self.y, p.ranks, grads=p.grads,
-                                   batchnorm=p.batchnorm, chunk_size=p.chunk_size,
-                                   verify=p.take_verify())
+                split = split_gram(self.model, self.loss_fn, self.x, self.y, self.ranks,
+                                   grads=self.path, batchnorm=p.batchnorm,
+                                   chunk_size=self.chunk_size, verify=p.take_verify())
             self.coverage = split.coverage
             return noise_stats(gram=split.gram, dim=split.mean.numel(), mean=split.mean,
                                diag_variance=split.diag_variance, **minibatch)
@@ -132,9 +161,9 @@ class Measurement:
         p = self.probe
         per_parameter = any(i.name == "layers" for i in p.instruments)
         with _seeded(self.seed(Purpose.GRADS), self.device):
-            result = gram_result(p.model, p.loss_fn, self.x, self.y, with_mean=True,
+            result = gram_result(self.model, self.loss_fn, self.x, self.y, with_mean=True,
                                  per_parameter=per_parameter, batchnorm=p.batchnorm,
-                                 chunk_size=p.chunk_size, verify=p.take_verify())
+                                 chunk_size=self.chunk_size, verify=p.take_verify())
         self.coverage = result.coverage
         return result
 
@@ -142,17 +171,13 @@ class Measurement:
     def shape_grads(self) -> Tensor | None:
         """(n', d) float64 per-sample gradients for the shape of the noise: all n with vmap,
         the first ``shape_samples`` probe samples' on the Gram path; None below 8 samples."""
-        p = self.probe
-        if p.grads == "vmap":
+        if self.path == "vmap":
             G = flatten_grads(self.grads)
             return G.to(torch.float64) if len(G) >= 8 else None
-        count = min(len(self.x), p.shape_samples)
+        count = min(len(self.x), self.probe.shape_samples)
         if count < 8:
             return None
-        return flatten_grads(per_sample_grads(
-            p.model, p.loss_fn, self.x[:count], self.y[:count], chunk_size=p.chunk_size,
-            batchnorm=p.batchnorm, seed=self.seed(Purpose.GRADS),
-            verify=p.grads_verify)).to(torch.float64)
+        return flatten_grads(self._per_sample(self.x[:count], self.y[:count])).to(torch.float64)
 
     def add_spectrum(self, kind: str, eigenvalues: Tensor) -> None:
         self.spectra.append(pd.DataFrame({
@@ -166,8 +191,8 @@ class Eval:
     :meth:`~sgn_lab.run.probe.NoiseProbe.evaluate`) on the training set and, when the probe
     has them, the validation set (``val_*``) and the test set (``test_*``)."""
 
-    name: str = "eval"
-    needs_grads: bool = False
+    name = "eval"
+    needs_grads = False
 
     def __call__(self, m: Measurement) -> dict[str, Any]:
         p = m.probe
@@ -184,92 +209,109 @@ class Eval:
 class SGN:
     """The noise statistics of :func:`sgn_lab.noise_stats` and the two spectra."""
 
-    name: str = "sgn"
-    needs_grads: bool = False
+    name = "sgn"
+    needs_grads = False
 
     def __call__(self, m: Measurement) -> dict[str, Any]:
         stats = m.noise
         m.add_spectrum("sgn", stats.eigenvalues)
         m.add_spectrum("isotropic", stats.isotropic_eigenvalues)
         row = stats.to_dict()
-        for key in _TAIL_COLUMNS:  # the tails instrument's
+        for key in TAIL_COLUMNS:  # the tails instrument's
             row.pop(key, None)
         return row
 
 
-_TAIL_COLUMNS = ("tail_index", "normality_pvalue", "normality_reject_fraction", "kurtosis")
+TAIL_COLUMNS = ("tail_index", "normality_pvalue", "normality_reject_fraction", "kurtosis")
+"""The tails instrument's columns (:func:`sgn_lab.shape_stats`)."""
 
 
 @dataclass(frozen=True)
 class Tails:
     """Tail index and Gaussianity of the per-sample noise (:func:`sgn_lab.shape_stats`)."""
 
-    name: str = "tails"
-    needs_grads: bool = False
+    name = "tails"
+    needs_grads = False
 
     def __call__(self, m: Measurement) -> dict[str, Any]:
         G = m.shape_grads
-        if G is None or (m.probe.grads == "vmap" and not m.noise.trace > 0):
-            return dict.fromkeys(_TAIL_COLUMNS, math.nan)
+        if G is None or (m.path == "vmap" and not m.noise.trace > 0):
+            return dict.fromkeys(TAIL_COLUMNS, math.nan)
         centred = G - G.mean(dim=0)  # centred as noise_stats centres them
         if not bool(centred.abs().max() > 0):
-            return dict.fromkeys(_TAIL_COLUMNS, math.nan)
-        seed = m.seed(Purpose.STATS if m.probe.grads == "vmap" else Purpose.GRADS)
+            return dict.fromkeys(TAIL_COLUMNS, math.nan)
+        seed = m.seed(Purpose.STATS if m.path == "vmap" else Purpose.GRADS)
         return shape_stats(centred, seed=seed).to_dict()
 
 
 @dataclass(frozen=True)
 class MinibatchTails:
-    """Tail index and Gaussianity of the minibatch noise g_B − ḡ at each of the probe's
-    ``shape_batch_sizes`` (:func:`sgn_lab.minibatch_noise_shape`): columns ``tail_index_b16``
-    and so on; a B not below the per-sample gradients available is NaN."""
+    """Tail index and Gaussianity of the minibatch noise g_B − ḡ at each minibatch size of
+    ``batch_sizes``, over ``draws`` minibatches of each (:func:`sgn_lab.minibatch_noise_shape`):
+    columns ``tail_index_b16`` and so on; a B not below the per-sample gradients available is
+    NaN."""
 
-    name: str = "minibatch-tails"
-    needs_grads: bool = False
+    batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
+    draws: int = 256
+    name = "minibatch-tails"
+    needs_grads = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batch_sizes", tuple(
+            checks.integer("batch_sizes", b, 1) for b in self.batch_sizes))
+        checks.integer("draws", self.draws, 8)
 
     def __call__(self, m: Measurement) -> dict[str, Any]:
-        p = m.probe
         G = m.shape_grads
-        sizes = [b for b in p.shape_batch_sizes if G is not None and b < len(G)]
-        row = {f"{column}_b{b}": math.nan for b in p.shape_batch_sizes
-               for column in _TAIL_COLUMNS}
+        sizes = [b for b in self.batch_sizes if G is not None and b < len(G)]
+        row = {f"{column}_b{b}": math.nan for b in self.batch_sizes
+               for column in TAIL_COLUMNS}
         if not sizes or not bool((G != G[:1]).any()):  # all rows equal: no noise
             return row
-        table = minibatch_noise_shape(G, sizes, draws=p.shape_draws,
-                                      seed=m.seed(Purpose.STATS))
+        table = minibatch_noise_shape(G, sizes, draws=self.draws, seed=m.seed(Purpose.STATS))
         for record in table.to_dict("records"):
-            for column in _TAIL_COLUMNS:
+            for column in TAIL_COLUMNS:
                 row[f"{column}_b{record['batch_size']}"] = record[column]
         return row
 
 
 @dataclass(frozen=True)
 class Curvature:
-    """λ_max(H), tr H, tr(HS) and the alignment ratio (:func:`sgn_lab.curvature_stats`)."""
+    """λ_max(H), tr H, tr(HS) and the alignment ratio (:func:`sgn_lab.curvature_stats`, with
+    ``n_probes`` Hutchinson probes and ``max_iter`` power iterations)."""
 
-    name: str = "curvature"
-    needs_grads: bool = True
+    n_probes: int = 64
+    max_iter: int = 100
+    name = "curvature"
+    needs_grads = True
+
+    def __post_init__(self) -> None:
+        checks.integer("n_probes", self.n_probes, 1)
+        checks.integer("max_iter", self.max_iter, 1)
 
     def __call__(self, m: Measurement) -> dict[str, Any]:
-        p = m.probe
-        return curvature_stats(p.model, p.loss_fn, m.x, m.y, flatten_grads(m.grads),
-                               seed=m.seed(Purpose.CURVATURE), chunk_size=p.chunk_size
+        return curvature_stats(m.model, m.loss_fn, m.x, m.y, flatten_grads(m.grads),
+                               n_probes=self.n_probes, max_iter=self.max_iter,
+                               seed=m.seed(Purpose.CURVATURE), chunk_size=m.chunk_size
                                ).to_dict()
 
 
 @dataclass(frozen=True)
 class Updates:
-    """The per-step update noise: R one-step copies of (model, optimizer)."""
+    """The per-step update noise: ``repeats`` R >= 2 one-step copies of the probe's (model,
+    optimizer), each on its own minibatch of the probe's ``batch_size`` (:func:`update_noise`)."""
 
-    name: str = "updates"
-    needs_grads: bool = False
+    repeats: int = 32
+    name = "updates"
+    needs_grads = False
+
+    def __post_init__(self) -> None:
+        checks.integer("repeats", self.repeats, 2)
 
     def __call__(self, m: Measurement) -> dict[str, Any]:
-        from sgn_lab.run.probe import update_noise
-
         p = m.probe
-        updates = update_noise(p.model, p.optimizer, p.method, p.loss_fn, p.x_train,
-                               p.y_train, batch_size=p.batch_size, repeats=p.update_repeats,
+        updates = update_noise(m.model, p.optimizer, p.method, m.loss_fn, p.x_train,
+                               p.y_train, batch_size=p.batch_size, repeats=self.repeats,
                                seed=m.seed(Purpose.UPDATES))
         stats = noise_stats(updates, shape=False)
         m.add_spectrum("update", stats.eigenvalues)
@@ -280,26 +322,26 @@ class Updates:
 @dataclass(frozen=True)
 class Layers:
     """B_simple, tr S and |G|² with their errors per parameter tensor, module, the
-    ``layernorm`` group and in total (:func:`sgn_lab.layer_noise_scale`).
+    ``layernorm`` group, the ``groups`` of one's own (group name -> parameter names) and in
+    total (:func:`sgn_lab.layer_noise_scale`).
 
     The table (with a ``step`` column) is ``measurement.layers``, which the probe returns as
     :attr:`~sgn_lab.run.probe.ProbeResult.layers` and a run writes to ``layers.csv``; the row
     gets the ``layernorm`` group's columns (NaN for a model without norm layers).
     """
 
-    name: str = "layers"
-    needs_grads: bool = False
+    groups: Mapping[str, Sequence[str]] | None = None
+    name = "layers"
+    needs_grads = False
 
     def __call__(self, m: Measurement) -> dict[str, Any]:
-        from sgn_lab.stats.layers import LAYERNORM, layer_noise_scale
-
-        p = m.probe
-        if p.grads == "vmap" or p.ranks.distributed:
+        if m.path == "vmap" or m.ranks.distributed:
             # Over several processes: the per-sample gradients gathered from the ranks.
-            table = layer_noise_scale(m.grads, model=p.model)
+            table = layer_noise_scale(m.grads, model=m.model, groups=self.groups)
         else:  # the pass the sgn instrument shares
             assert m.gram.parameter_grams is not None
-            table = layer_noise_scale(grams=m.gram.parameter_grams, model=p.model)
+            table = layer_noise_scale(grams=m.gram.parameter_grams, model=m.model,
+                                      groups=self.groups)
         table.insert(0, "step", m.step)
         m.layers = table
         group = table[(table["kind"] == "group") & (table["name"] == LAYERNORM)]
@@ -314,6 +356,63 @@ LAYER_ROW_COLUMNS = {"noise_scale": "noise_scale_layernorm",
 """The layers instrument's columns: the layernorm group's figures under these names."""
 
 
-# The built-in instruments by name, in the order their columns appear in a row.
+# The built-in instruments by name, with their default options, in the order their columns
+# appear in a row (:data:`sgn_lab.run.choices.INSTRUMENT_NAMES`).
 INSTRUMENTS: dict[str, Instrument] = {i.name: i for i in (Eval(), SGN(), Tails(), MinibatchTails(),
                                                           Curvature(), Updates(), Layers())}
+
+OPTIONS: dict[str, dict[str, str]] = {
+    "minibatch-tails": {"shape_batch_sizes": "batch_sizes", "shape_draws": "draws"},
+    "updates": {"update_repeats": "repeats"},
+}
+"""The settings of a run (its config's probe keys, :class:`~sgn_lab.run.probe.NoiseProbe`'s
+keyword arguments) that are a built-in instrument's options: setting -> option."""
+
+
+def configured(name: str, settings: Mapping[str, Any]) -> Instrument:
+    """The built-in instrument ``name`` with the options that ``settings`` (flat names, as
+    :data:`OPTIONS` maps them) give it; the others at their defaults."""
+    if name not in INSTRUMENTS:
+        raise ValueError(f"unknown instrument {name!r}; choose from {', '.join(INSTRUMENTS)}")
+    options = {option: settings[key] for key, option in OPTIONS.get(name, {}).items()
+               if key in settings}
+    return dataclasses.replace(INSTRUMENTS[name], **options)
+
+
+def update_noise(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: str,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int,
+    repeats: int,
+    seed: int,
+) -> Tensor:
+    """Updates Δθ of R one-step copies of (model, optimizer) on independent minibatches.
+
+    Returns an (R, d) float64 matrix; row r is θ_after − θ_before for copy r, whose minibatch
+    (B samples without replacement) and whose own random draws (the optimizer's generator and
+    torch's global one, e.g. for dropout) come from (seed, r). The model and optimizer passed
+    in are not modified.
+    """
+    device = next(model.parameters()).device
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    rows = []
+    for r in range(repeats):
+        replica_seed = derive(seed, r)
+        replica, replica_opt = copy.deepcopy((model, optimizer))
+        generator = getattr(replica_opt, "generator", None)
+        if generator is not None:
+            generator.manual_seed(replica_seed)
+        gen = torch.Generator().manual_seed(replica_seed)
+        idx = torch.randperm(len(x), generator=gen)[:batch_size]
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(replica_seed)
+            train_step(method, replica_opt, replica, loss_fn, x[idx].to(device), y[idx].to(device))
+        after = torch.cat([p.detach().reshape(-1) for p in replica.parameters()]).double()
+        rows.append(after - before)
+    return torch.stack(rows)

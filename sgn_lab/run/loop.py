@@ -3,7 +3,9 @@
 :func:`run_measurement` trains the model on the task with the method and writes a run
 directory (:mod:`sgn_lab.run.rundir`) as it goes: after each measurement the tables and a
 checkpoint are rewritten atomically, so a run killed at any point resumes from its last
-measurement (``resume=True``) and ends with the same numbers as one that never stopped.
+measurement (``resume=True``) and ends with the same numbers as one that never stopped. What
+the checkpoint restores is one object, :class:`TrainState` (model, optimizer, data order and
+position, step, DDP noise scale); a step and a measurement are each a function of it.
 :func:`run_series` runs several configs into one folder with the same rule for each: a
 complete run with the same config is kept, an interrupted one resumed, and a run with another
 config is never overwritten or mixed in.
@@ -20,13 +22,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from sgn_lab import checks
 from sgn_lab.checks import NonFiniteError
+from sgn_lab.data import Task
 from sgn_lab.distributed.gns import GradientNoiseScale, gns_hook
 from sgn_lab.distributed.ranks import Ranks
 from sgn_lab.optim import METHODS, build_optimizer, optimizer_kwargs, train_step
@@ -45,6 +50,7 @@ from sgn_lab.run.rundir import (
     write_table,
 )
 from sgn_lab.seeds import Purpose, seed_for
+from sgn_lab.version import __version__
 
 GNS_FILE = "gns.csv"  # the DDP noise scale, one row per training step (nproc > 1)
 ON_DIVERGENCE = ("raise", "record")
@@ -204,61 +210,88 @@ def identity_columns(config: RunConfig) -> dict[str, Any]:
     }
 
 
+@dataclass
+class TrainState:
+    """What a run resumes from: the model and optimizer, the data order and where the loop
+    stands in it, and the DDP noise scale; a checkpoint is :meth:`state_dict` plus torch's
+    random state (:func:`save_state`)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    data_gen: torch.Generator
+    order: Tensor
+    position: int
+    step: int
+    device: torch.device
+    gns: GradientNoiseScale | None = None
+
+    def next_batch(self, batch_size: int) -> Tensor:
+        """The indices of the next minibatch, without replacement within an epoch: a new
+        order of the training samples when this one has fewer than ``batch_size`` left."""
+        if self.position + batch_size > len(self.order):
+            self.order, self.position = torch.randperm(len(self.order), generator=self.data_gen), 0
+        idx = self.order[self.position : self.position + batch_size]
+        self.position += batch_size
+        return idx
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "data_generator": self.data_gen.get_state(),
+            "order": self.order,
+            "position": self.position,
+            "step": self.step,
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.gns is not None:
+            state["gns"] = self.gns.tracker.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.data_gen.set_state(state["data_generator"])
+        self.order, self.position, self.step = state["order"], state["position"], state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if self.gns is not None and "gns" in state:
+            self.gns.tracker.load_state_dict(state["gns"])
+
+
+@dataclass(frozen=True)
+class _Training:
+    """One run's fixed parts: what it trains on, through what, for how long, and its probe."""
+
+    config: RunConfig
+    task: Task
+    stepped: nn.Module  # the module the optimizer steps through (DDP, or the model)
+    probe: NoiseProbe
+    total: int  # steps
+    steps_per_epoch: int
+    share: slice  # this rank's part of every minibatch
+    ranks: Ranks
+
+    def failed(self, what: str) -> str:
+        opt = self.config.optimizer
+        return (f"training diverged: {what} (method {opt.method}, lr {opt.lr}); lower the "
+                "learning rate")
+
+
 def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | None,
            notify: Notify | None, ranks: Ranks, on_divergence: str) -> None:
-    training, probe_cfg, opt = config.training, config.probe, config.optimizer
-    device = resolve_device(training.device, ranks)
-    task = build_task(config)
-    n_train = len(task.x_train)
-    if training.batch_size > n_train:
-        raise ValueError(f"batch_size={training.batch_size} exceeds the {n_train} training "
-                         "samples")
-    steps_per_epoch = n_train // training.batch_size
-    total = (training.steps if training.epochs is None
-             else round(training.epochs * steps_per_epoch))
-
-    torch.manual_seed(training.seed)
-    model = build_run_model(config, task).to(device)
-    stepped, gns = _data_parallel(model, config, ranks)
-    loss_fn = task.loss_fn
-    kwargs = optimizer_kwargs(opt.method, opt.lr, opt.settings(),
-                              batch_size=training.batch_size,
-                              seed=seed_for(training.seed, 0, Purpose.OPTIMIZER))
-    optimizer = build_optimizer(opt.method, model.named_parameters(), **kwargs)
-    instruments = list(probe_cfg.instruments)
-    probe = NoiseProbe(
-        model, loss_fn, task.x_train, task.y_train, x_test=task.x_test, y_test=task.y_test,
-        x_val=task.x_val, y_val=task.y_val, every=probe_cfg.measure_every,
-        samples=probe_cfg.probe_samples, fresh=probe_cfg.fresh_probe,
-        batch_size=training.batch_size, instruments=instruments,
-        update_repeats=probe_cfg.update_repeats if "updates" in instruments else 0,
-        optimizer=optimizer, method=opt.method, grads=probe_cfg.grads,
-        chunk_size=probe_cfg.chunk_size, seed=training.seed, ranks=ranks,
-        shape_batch_sizes=probe_cfg.shape_batch_sizes, shape_draws=probe_cfg.shape_draws,
-    )
-    data_gen = torch.Generator().manual_seed(seed_for(training.seed, 0, Purpose.DATA_ORDER))
-    order, position, start = torch.randperm(n_train, generator=data_gen), 0, 0
-    # Every rank draws the same minibatch and takes its equal share of it.
-    share = ranks.shard(training.batch_size)
-
-    checkpoint_path = out / CHECKPOINT_FILE
+    run, state = _set_up(config, ranks)
+    checkpoint = out / CHECKPOINT_FILE
     resumed_at = None
     if resume:
-        state = ranks.decided(
-            lambda: load_checkpoint(checkpoint_path) if checkpoint_path.is_file() else None)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            data_gen.set_state(state["data_generator"])
-            order, position, start = state["order"], state["position"], state["step"]
-            torch.set_rng_state(state["torch_rng"])
-            if device.type == "cuda" and "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-            if gns is not None and "gns" in state:
-                gns.tracker.load_state_dict(state["gns"])
-            resumed_at = start
-    from sgn_lab.version import __version__
-
+        saved = ranks.decided(lambda: load_checkpoint(checkpoint) if checkpoint.is_file()
+                              else None)
+        if saved is not None:
+            state.load_state_dict(saved)
+            resumed_at = state.step
     recorder = None
     if ranks.is_root:
         status = {**config.to_dict(), "run": config.run_name, "sgn_lab_version": __version__}
@@ -266,51 +299,15 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
                                resume_from=resumed_at, log=config.output.log, notify=notify)
     diverged: str | None = None
     try:
-        for step in range(start, total + 1):
-            if (probe.due(step) or step == total) and step != resumed_at:
-                try:
-                    result = probe.measure(step, epoch=step / steps_per_epoch)
-                except NonFiniteError as exc:
-                    raise DivergedMeasurement(
-                        f"training diverged: {exc} at the measurement of step {step} (method "
-                        f"{opt.method}, lr {opt.lr}); lower the learning rate") from exc
-                if opt.sigma_trace_factor is not None and result.noise is not None:
-                    # Isotropic noise of the SGN's magnitude: σ² = c·tr(S)/d, re-matched at
-                    # every measurement (σ lives in the optimizer state: a resume keeps it).
-                    optimizer.set_sigma_from_trace(opt.sigma_trace_factor * result.noise.trace)
-                if recorder is not None:
-                    if gns is not None:
-                        result.row.update(gns_columns(gns))
-                        write_table(out / GNS_FILE, gns.frame())
-                    coverage = probe.coverage
-                    recorder.record(result, coverage=None if coverage is None
-                                    else coverage.to_frame(), coverage_summary=None
-                                    if coverage is None else coverage.summary())
-                    _save(checkpoint_path, model, optimizer, data_gen, order, position, step,
-                          device, gns)
-            if step == total:
+        for step in range(state.step, run.total + 1):
+            state.step = step
+            if (run.probe.due(step) or step == run.total) and step != resumed_at:
+                _measure(run, state, recorder, out)
+            if step == run.total:
                 break
-            if position + training.batch_size > n_train:
-                order, position = torch.randperm(n_train, generator=data_gen), 0
-            idx = order[position : position + training.batch_size][share]
-            position += training.batch_size
-            try:
-                loss = train_step(opt.method, optimizer, stepped, loss_fn,
-                                  task.x_train[idx].to(device), task.y_train[idx].to(device))
-            except NonFiniteError as exc:  # a method that steps on per-sample gradients
-                raise DivergedMeasurement(
-                    f"training diverged: {exc} in the minibatch of step {step} (method "
-                    f"{opt.method}, lr {opt.lr}); lower the learning rate") from exc
-            if ranks.distributed:  # the minibatch loss: the mean of the equal shares' losses
-                loss = float(ranks.sum(torch.tensor([loss], dtype=torch.float64))) / ranks.size
-            if gns is not None:
-                gns.step()
-            if not math.isfinite(loss):
-                raise Diverged(
-                    f"training diverged: loss {loss} at step {step} (method {opt.method}, "
-                    f"lr {opt.lr}); lower the learning rate")
+            _step(run, state)
             if progress is not None:
-                progress(step + 1, total)
+                progress(step + 1, run.total)
     except BaseException as exc:
         if not (isinstance(exc, Diverged) and on_divergence == "record"):
             if recorder is not None:
@@ -324,6 +321,94 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
     if recorder is not None:
         recorder.finish(diverged=diverged)
     ranks.barrier()  # nobody leaves before rank 0 has written the end
+
+
+def _set_up(config: RunConfig, ranks: Ranks) -> tuple[_Training, TrainState]:
+    """The task, the model (seeded by the run's seed), the optimizer, the probe and the data
+    order of a new run, in the order that fixes their random draws."""
+    training, opt = config.training, config.optimizer
+    device = resolve_device(training.device, ranks)
+    task = build_task(config)
+    n_train = len(task.x_train)
+    if training.batch_size > n_train:
+        raise ValueError(f"batch_size={training.batch_size} exceeds the {n_train} training "
+                         "samples")
+    steps_per_epoch = n_train // training.batch_size
+    total = (training.steps if training.epochs is None
+             else round(training.epochs * steps_per_epoch))
+    torch.manual_seed(training.seed)
+    model = build_run_model(config, task).to(device)
+    stepped, gns = _data_parallel(model, config, ranks)
+    kwargs = optimizer_kwargs(opt.method, opt.lr, opt.settings(),
+                              batch_size=training.batch_size,
+                              seed=seed_for(training.seed, 0, Purpose.OPTIMIZER))
+    optimizer = build_optimizer(opt.method, model.named_parameters(), **kwargs)
+    probe = _probe(config, task, model, optimizer, ranks)
+    data_gen = torch.Generator().manual_seed(seed_for(training.seed, 0, Purpose.DATA_ORDER))
+    state = TrainState(model, optimizer, data_gen, torch.randperm(n_train, generator=data_gen),
+                       position=0, step=0, device=device, gns=gns)
+    # Every rank draws the same minibatch and takes its equal share of it.
+    run = _Training(config, task, stepped, probe, total, steps_per_epoch,
+                    share=ranks.shard(training.batch_size), ranks=ranks)
+    return run, state
+
+
+def _probe(config: RunConfig, task: Task, model: nn.Module,
+           optimizer: torch.optim.Optimizer, ranks: Ranks) -> NoiseProbe:
+    """The run's probe, as its config's probe section says."""
+    probe, training = config.probe, config.training
+    instruments = list(probe.instruments)
+    return NoiseProbe(
+        model, task.loss_fn, task.x_train, task.y_train, x_test=task.x_test,
+        y_test=task.y_test, x_val=task.x_val, y_val=task.y_val, every=probe.measure_every,
+        samples=probe.probe_samples, fresh=probe.fresh_probe,
+        batch_size=training.batch_size, instruments=instruments,
+        update_repeats=probe.update_repeats if "updates" in instruments else 0,
+        optimizer=optimizer, method=config.optimizer.method, grads=probe.grads,
+        chunk_size=probe.chunk_size, seed=training.seed, ranks=ranks,
+        shape_batch_sizes=probe.shape_batch_sizes, shape_draws=probe.shape_draws,
+    )
+
+
+def _measure(run: _Training, state: TrainState, recorder: RunRecorder | None,
+             out: Path) -> None:
+    """Measure at ``state.step``; on rank 0, record the row and save the checkpoint."""
+    step, opt = state.step, run.config.optimizer
+    try:
+        result = run.probe.measure(step, epoch=step / run.steps_per_epoch)
+    except NonFiniteError as exc:
+        raise DivergedMeasurement(run.failed(f"{exc} at the measurement of step {step}")
+                                  ) from exc
+    if opt.sigma_trace_factor is not None and result.noise is not None:
+        # Isotropic noise of the SGN's magnitude: σ² = c·tr(S)/d, re-matched at every
+        # measurement (σ lives in the optimizer state: a resume keeps it).
+        state.optimizer.set_sigma_from_trace(opt.sigma_trace_factor * result.noise.trace)
+    if recorder is None:
+        return
+    if state.gns is not None:
+        result.row.update(gns_columns(state.gns))
+        write_table(out / GNS_FILE, state.gns.frame())
+    coverage = run.probe.coverage
+    recorder.record(result, coverage=None if coverage is None else coverage.to_frame(),
+                    coverage_summary=None if coverage is None else coverage.summary())
+    save_checkpoint(out / CHECKPOINT_FILE, state.state_dict())
+
+
+def _step(run: _Training, state: TrainState) -> None:
+    """One training step on the next minibatch (this rank's share of it)."""
+    task, step, method = run.task, state.step, run.config.optimizer.method
+    idx = state.next_batch(run.config.training.batch_size)[run.share]
+    try:
+        loss = train_step(method, state.optimizer, run.stepped, task.loss_fn,
+                          task.x_train[idx].to(state.device), task.y_train[idx].to(state.device))
+    except NonFiniteError as exc:  # a method that steps on per-sample gradients
+        raise DivergedMeasurement(run.failed(f"{exc} in the minibatch of step {step}")) from exc
+    if run.ranks.distributed:  # the minibatch loss: the mean of the equal shares' losses
+        loss = float(run.ranks.sum(torch.tensor([loss], dtype=torch.float64))) / run.ranks.size
+    if state.gns is not None:
+        state.gns.step()
+    if not math.isfinite(loss):
+        raise Diverged(run.failed(f"loss {loss} at step {step}"))
 
 
 def _data_parallel(model: torch.nn.Module, config: RunConfig, ranks: Ranks
@@ -351,20 +436,3 @@ def gns_columns(gns: GradientNoiseScale) -> dict[str, float]:
     last = gns.history[-1] if gns.history else {}
     return {f"gns_{key}": last.get(key, math.nan)
             for key in ("noise_scale", "noise_scale_se", "sq_norm_smoothed", "trace_smoothed")}
-
-
-def _save(path, model, optimizer, data_gen, order, position, step, device, gns) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "data_generator": data_gen.get_state(),
-        "order": order,
-        "position": position,
-        "step": step,
-        "torch_rng": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(device)
-    if gns is not None:
-        state["gns"] = gns.tracker.state_dict()
-    save_checkpoint(path, state)

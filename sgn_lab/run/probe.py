@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -18,12 +18,19 @@ from sgn_lab.grads import GramCoverage
 from sgn_lab.models.losses import IGNORE_INDEX
 from sgn_lab.models.modes import restored_modes
 from sgn_lab.models.wrapped import unwrapped
-from sgn_lab.run.config import GRADS_PATHS
-from sgn_lab.run.instruments import INSTRUMENTS, Instrument, Measurement
-from sgn_lab.seeds import Purpose, derive, seed_for
+from sgn_lab.run.choices import GRADS_PATHS
+from sgn_lab.run.instruments import (
+    INSTRUMENTS,
+    Instrument,
+    LossFn,
+    Measurement,
+    configured,
+    update_noise,
+)
+from sgn_lab.seeds import Purpose, seed_for
 from sgn_lab.stats.noise import NoiseStats
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+__all__ = ["LossFn", "NoiseProbe", "ProbeResult", "update_noise"]
 
 
 @dataclass(frozen=True)
@@ -40,8 +47,15 @@ class ProbeResult:
 
 
 class NoiseProbe:
-    """Measure a model's SGN every ``every`` steps of a training loop: a schedule over
-    instruments (:mod:`sgn_lab.run.instruments`).
+    """Measure a model's SGN every ``every`` steps of a training loop: the data, the schedule
+    and a list of instruments (:mod:`sgn_lab.run.instruments`), each of which owns its options.
+
+    An instrument named by a string is built with its options from the keyword arguments
+    below (``update_repeats`` is :class:`~sgn_lab.run.instruments.Updates`' ``repeats``,
+    ``shape_batch_sizes`` and ``shape_draws`` are
+    :class:`~sgn_lab.run.instruments.MinibatchTails`' ``batch_sizes`` and ``draws``); an
+    instrument object, such as ``MinibatchTails(batch_sizes=(1, 8), draws=64)``, carries its
+    own.
 
     Parameters
     ----------
@@ -72,7 +86,8 @@ class NoiseProbe:
         sgn, tails, and updates when ``update_repeats`` is given; ``curvature=True`` adds
         curvature.
     update_repeats, optimizer, method
-        For the updates instrument: R >= 2 copies of (model, optimizer) each take one step of
+        The training's optimizer and method, and the repeats of the updates instrument
+        named ``"updates"``: R >= 2 copies of (model, optimizer) each take one step of
         ``method`` (a registry name of :mod:`sgn_lab.optim`) on an independent minibatch, and
         the covariance of the updates Δθ is summarised as ``update_trace``,
         ``update_effective_rank`` and ``update_mean_sq_norm`` (|mean Δθ|²). Each copy draws
@@ -97,8 +112,8 @@ class NoiseProbe:
     shape_samples
         Samples for the tails (and minibatch tails) in Gram mode.
     shape_batch_sizes, shape_draws
-        For the minibatch-tails instrument: the minibatch sizes B and the draws R per size
-        (:func:`sgn_lab.minibatch_noise_shape`).
+        For the minibatch-tails instrument named ``"minibatch-tails"``: the minibatch sizes B
+        and the draws R per size (:func:`sgn_lab.minibatch_noise_shape`).
     chunk_size, batchnorm
         Passed to :func:`sgn_lab.per_sample_grads`.
     eval_batch
@@ -157,12 +172,14 @@ class NoiseProbe:
         if update_repeats != 0:  # 0: off
             checks.integer("update_repeats", update_repeats, 2)
         checks.choice("grads", grads, GRADS_PATHS)
-        self.instruments = _schedule(instruments, curvature, update_repeats)
+        settings = {"update_repeats": update_repeats,
+                    "shape_batch_sizes": tuple(checks.integer("shape_batch_sizes", b, 1)
+                                               for b in shape_batch_sizes),
+                    "shape_draws": checks.integer("shape_draws", shape_draws, 8)}
+        self.instruments = _schedule(instruments, curvature, settings)
         names = [i.name for i in self.instruments]
-        if "updates" in names and (optimizer is None or batch_size is None
-                                   or update_repeats < 2):
-            raise ValueError("the updates instrument needs the optimizer, the batch_size and "
-                             "update_repeats >= 2")
+        if "updates" in names and (optimizer is None or batch_size is None):
+            raise ValueError(_UPDATES_NEED)
         needs_grads = any(i.needs_grads for i in self.instruments)
         if grads == "gram" and needs_grads:
             raise ValueError("curvature needs per-sample gradients: use grads='vmap' or 'auto'")
@@ -173,9 +190,6 @@ class NoiseProbe:
         if grads == "auto":
             grads = "vmap" if needs_grads else "gram"
         self.grads, self.shape_samples = grads, shape_samples
-        self.shape_batch_sizes = tuple(checks.integer("shape_batch_sizes", b, 1)
-                                       for b in shape_batch_sizes)
-        self.shape_draws = checks.integer("shape_draws", shape_draws, 8)
         self.ranks = ranks or Ranks()
         # With vmap, these instruments want every rank to hold G: the Gram then comes from it.
         self.gathers_grads = grads == "vmap" and (
@@ -187,7 +201,7 @@ class NoiseProbe:
         self.x_val, self.y_val = x_val, y_val
         self.every, self.samples, self.fresh = every, min(samples, n_train), fresh
         self.batch_size = batch_size
-        self.update_repeats, self.optimizer, self.method = update_repeats, optimizer, method
+        self.optimizer, self.method = optimizer, method
         self.chunk_size, self.batchnorm, self.eval_batch = chunk_size, batchnorm, eval_batch
         self.seed = seed
         self._fixed = self._draw_probe(0)
@@ -268,66 +282,30 @@ class NoiseProbe:
         return torch.randperm(len(self.x_train), generator=gen)[: self.samples]
 
 
+_UPDATES_NEED = ("the updates instrument needs the optimizer, the batch_size and "
+                 "update_repeats >= 2")
+
+
 def _schedule(instruments: Sequence[str | Instrument] | None, curvature: bool,
-              update_repeats: int) -> list[Instrument]:
-    """Instruments by name or object, built-ins in their table order, then the user's."""
+              settings: dict[str, Any]) -> list[Instrument]:
+    """Instruments by name (built with their options from ``settings``,
+    :func:`~sgn_lab.run.instruments.configured`) or object, built-ins in their table order,
+    then the user's."""
     if instruments is None:
         instruments = ["eval", "sgn", "tails"]
         instruments += ["curvature"] if curvature else []
-        instruments += ["updates"] if update_repeats else []
+        instruments += ["updates"] if settings["update_repeats"] else []
     elif curvature and "curvature" not in instruments:
         instruments = [*instruments, "curvature"]
     chosen: list[Instrument] = []
     for item in instruments:
         if isinstance(item, str):
-            if item not in INSTRUMENTS:
-                raise ValueError(f"unknown instrument {item!r}; choose from "
-                                 f"{', '.join(INSTRUMENTS)}")
-            item = INSTRUMENTS[item]
+            if item == "updates" and settings["update_repeats"] < 2:
+                raise ValueError(_UPDATES_NEED)
+            item = configured(item, settings)
         if any(i.name == item.name for i in chosen):
             raise ValueError(f"instrument {item.name!r} given twice")
         chosen.append(item)
     order = list(INSTRUMENTS)
     return sorted(chosen, key=lambda i: order.index(i.name) if i.name in INSTRUMENTS
                   else len(order))
-
-
-def update_noise(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    method: str,
-    loss_fn: LossFn,
-    x: Tensor,
-    y: Tensor,
-    *,
-    batch_size: int,
-    repeats: int,
-    seed: int,
-) -> Tensor:
-    """Updates Δθ of R one-step copies of (model, optimizer) on independent minibatches.
-
-    Returns an (R, d) float64 matrix; row r is θ_after − θ_before for copy r, whose minibatch
-    (B samples without replacement) and whose own random draws (the optimizer's generator and
-    torch's global one, e.g. for dropout) come from (seed, r). The model and optimizer passed
-    in are not modified.
-    """
-    from sgn_lab.optim import train_step
-
-    device = next(model.parameters()).device
-    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
-    rows = []
-    for r in range(repeats):
-        replica_seed = derive(seed, r)
-        replica, replica_opt = copy.deepcopy((model, optimizer))
-        generator = getattr(replica_opt, "generator", None)
-        if generator is not None:
-            generator.manual_seed(replica_seed)
-        gen = torch.Generator().manual_seed(replica_seed)
-        idx = torch.randperm(len(x), generator=gen)[:batch_size]
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(replica_seed)
-            train_step(method, replica_opt, replica, loss_fn, x[idx].to(device), y[idx].to(device))
-        after = torch.cat([p.detach().reshape(-1) for p in replica.parameters()]).double()
-        rows.append(after - before)
-    return torch.stack(rows)

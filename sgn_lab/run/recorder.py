@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from sgn_lab.run.choices import LOGS
 from sgn_lab.run.rundir import (
     CONFIG_FILE,
     COVERAGE_FILE,
@@ -27,12 +28,10 @@ from sgn_lab.run.rundir import (
     write_json,
     write_table,
 )
+from sgn_lab.run.tensorboard import TensorBoardLog
 
 if TYPE_CHECKING:
     from sgn_lab.run.probe import ProbeResult
-
-LOGS = ("tensorboard",)
-"""Live views a run can write besides its tables."""
 
 TENSORBOARD_DIR = "tensorboard"
 # The identity columns copied onto every spectrum row, so that spectra of many runs concatenate.
@@ -96,8 +95,6 @@ class RunRecorder:
                 self.layers = run.layers[kept].reset_index(drop=True)
         self._tensorboard = None
         if "tensorboard" in log:
-            from sgn_lab.run.tensorboard import TensorBoardLog
-
             self._tensorboard = TensorBoardLog(self.out / TENSORBOARD_DIR,
                                                resume_from=resume_from)
         write_json(self.out / CONFIG_FILE, {**self.status, "complete": False})

@@ -31,7 +31,7 @@ from typing import Any
 import pandas as pd
 
 from sgn_lab.checks import log_spaced, parse_value
-from sgn_lab.optim import METHODS
+from sgn_lab.optim import METHODS, matched_lr
 from sgn_lab.run.config import FIELDS, HYPERPARAMETERS, OptimizerSection, RunConfig, parse
 from sgn_lab.run.loop import Notify, Progress, run_series
 from sgn_lab.run.rundir import load_run, writable_dir, write_json, write_table
@@ -194,8 +194,6 @@ def with_values(config: RunConfig, **values: Any) -> RunConfig:
 def matched_config(config: RunConfig, eta: float) -> RunConfig:
     """``config`` with the lr at which its method takes the mean step of SGD at lr ``eta``
     (:func:`sgn_lab.optim.matched_lr`, with the method's resolved hyperparameters)."""
-    from sgn_lab.optim import matched_lr
-
     opt = config.resolved().optimizer
     return with_values(config, lr=matched_lr(opt.method, eta, opt.settings()))
 

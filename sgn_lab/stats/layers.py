@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from sgn_lab import checks
 from sgn_lab.stats.noise import jackknife_from_gram, magnitudes
-from sgn_lab.stats.streaming import _cross_gram
+from sgn_lab.stats.streaming import cross_gram
 
 LAYER_COLUMNS = ("name", "kind", "dim", "trace", "trace_fraction", "mean_sq_norm",
                  "grad_sq_norm", "grad_sq_norm_se", "noise_scale", "noise_scale_se",
@@ -68,7 +68,7 @@ def parameter_grams(grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
     ``grads`` maps a name to the (n, *shape) per-sample gradients of that parameter (the dict
     of :func:`sgn_lab.per_sample_grads`); columns are streamed in float64 blocks.
     """
-    return {name: _cross_gram({name: g}, {name: g}) for name, g in grads.items()}
+    return {name: cross_gram({name: g}, {name: g}) for name, g in grads.items()}
 
 
 def layer_noise_scale(
@@ -121,24 +121,45 @@ def layer_noise_scale(
 
         model = unwrapped(model)
     if grads is not None:
-        if not isinstance(grads, Mapping) or not grads:
-            raise ValueError("grads must be a non-empty dict name -> (n, *shape) per-sample "
-                             "gradients")
-        for name, g in grads.items():  # each Gram needs its samples first
-            checks.samples(f"n[{name}]", g.shape[0] if g.dim() else 0)
-        dims = {name: int(g[0].numel()) for name, g in grads.items()}
-        grams = parameter_grams(grads)
+        grams, dims = _grams_of(grads)
     else:
-        if not isinstance(grams, Mapping) or not grams:
-            raise ValueError("grams must be a non-empty dict name -> (n, n) Gram")
-        if dims is None:
-            if model is None:
-                raise ValueError("grams= needs dims (name -> number of entries) or the model")
-            sizes = dict(model.named_parameters())
-            dims = {name: sizes[name].numel() for name in grams if name in sizes}
+        dims = _dims_of(grams, dims, model)
     n = _check(grams, dims)
-    names = list(grams)
-    # The model's norm parameters among those measured (explicit groups must all be).
+    rows = [_row(label, kind, members, grams, dims, n)
+            for label, kind, members in _parameter_sets(list(grams), _groups(grams, model, groups))]
+    table = pd.DataFrame(rows)
+    total_trace = float(table["trace"].iloc[-1])
+    table["trace_fraction"] = table["trace"] / total_trace if total_trace > 0 else math.nan
+    return table[list(LAYER_COLUMNS)]
+
+
+def _grams_of(grads: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """Each parameter's Gram and number of entries, from its per-sample gradients."""
+    if not isinstance(grads, Mapping) or not grads:
+        raise ValueError("grads must be a non-empty dict name -> (n, *shape) per-sample "
+                         "gradients")
+    for name, g in grads.items():  # each Gram needs its samples first
+        checks.samples(f"n[{name}]", g.shape[0] if g.dim() else 0)
+    return parameter_grams(grads), {name: int(g[0].numel()) for name, g in grads.items()}
+
+
+def _dims_of(grams: Mapping[str, Tensor] | None, dims: Mapping[str, int] | None,
+             model: nn.Module | None) -> Mapping[str, int]:
+    """The parameters' numbers of entries: as given, else from the model."""
+    if not isinstance(grams, Mapping) or not grams:
+        raise ValueError("grams must be a non-empty dict name -> (n, n) Gram")
+    if dims is not None:
+        return dims
+    if model is None:
+        raise ValueError("grams= needs dims (name -> number of entries) or the model")
+    sizes = dict(model.named_parameters())
+    return {name: sizes[name].numel() for name in grams if name in sizes}
+
+
+def _groups(grams: Mapping[str, Tensor], model: nn.Module | None,
+            groups: Mapping[str, Sequence[str]] | None) -> dict[str, Sequence[str]]:
+    """The model's norm parameters among those measured, then the groups given (whose
+    members must all be measured)."""
     found = ({LAYERNORM: [k for k in norm_parameters(model) if k in grams]}
              if model is not None else {})
     chosen = {**found, **(dict(groups) if groups is not None else {})}
@@ -146,34 +167,38 @@ def layer_noise_scale(
         unknown = [m for m in members if m not in grams]
         if unknown:
             raise ValueError(f"group {group!r} names {unknown[0]!r}, which is not among the "
-                             f"{len(names)} parameters measured")
+                             f"{len(grams)} parameters measured")
+    return chosen
 
+
+def _parameter_sets(names: list[str], groups: Mapping[str, Sequence[str]]
+                    ) -> list[tuple[str, str, list[str]]]:
+    """(label, kind, members) of every row: parameters, modules, groups, the total."""
     modules: dict[str, list[str]] = {}
     for name in names:
         modules.setdefault(name.rpartition(".")[0] or ROOT, []).append(name)
     sets = [(name, "parameter", [name]) for name in names]
     sets += [(module, "module", members) for module, members in modules.items()]
     sets += [(group, "group", list(dict.fromkeys(members)))
-             for group, members in chosen.items() if members]
+             for group, members in groups.items() if members]
     sets.append(("total", "total", names))
+    return sets
 
-    rows = []
-    for label, kind, members in sets:
-        K = grams[members[0]].to(torch.float64)
-        for other in members[1:]:
-            K = K + grams[other].to(torch.float64)
-        # tr(C K C) = tr K − 1ᵀK1/n: the trace of the centred Gram without forming it.
-        total_sum = float(K.sum())
-        trace = (float(torch.diagonal(K).sum()) - total_sum / n) / (n - 1)
-        values = magnitudes(trace, total_sum / n**2, n, jackknife_from_gram(K),
-                            batch_size=None, dataset_size=None, replacement=False)
-        rows.append({"name": label, "kind": kind, "dim": sum(dims[m] for m in members),
-                     **{key: values[key] for key in LAYER_COLUMNS if key in values},
-                     "nonpositive": not values["grad_sq_norm"] > 0})
-    table = pd.DataFrame(rows)
-    total_trace = float(table["trace"].iloc[-1])
-    table["trace_fraction"] = table["trace"] / total_trace if total_trace > 0 else math.nan
-    return table[list(LAYER_COLUMNS)]
+
+def _row(label: str, kind: str, members: list[str], grams: Mapping[str, Tensor],
+         dims: Mapping[str, int], n: int) -> dict:
+    """One row of :func:`layer_noise_scale`: the statistics of the members' summed Gram."""
+    K = grams[members[0]].to(torch.float64)
+    for other in members[1:]:
+        K = K + grams[other].to(torch.float64)
+    # tr(C K C) = tr K − 1ᵀK1/n: the trace of the centred Gram without forming it.
+    total_sum = float(K.sum())
+    trace = (float(torch.diagonal(K).sum()) - total_sum / n) / (n - 1)
+    values = magnitudes(trace, total_sum / n**2, n, jackknife_from_gram(K),
+                        batch_size=None, dataset_size=None, replacement=False)
+    return {"name": label, "kind": kind, "dim": sum(dims[m] for m in members),
+            **{key: values[key] for key in LAYER_COLUMNS if key in values},
+            "nonpositive": not values["grad_sq_norm"] > 0}
 
 
 def _check(grams: Mapping[str, Tensor], dims: Mapping[str, int]) -> int:

@@ -2,7 +2,7 @@
 
 The per-sample gradients g_1..g_n (d parameters each) are never held as one (n, d) matrix: they
 are computed ``chunk_size`` samples at a time with :func:`sgn_lab.per_sample_grads` and folded
-into running statistics (DESIGN.md §4: memory is bounded by a chunk size, never by n×d).
+into running statistics (memory is bounded by a chunk size, never by n×d).
 
 Moments (:func:`streaming_moments`)
     The mean ḡ, diag(S) and tr S are exact (float64) in O(chunk_size·d + d) memory. Chunks are
@@ -39,7 +39,10 @@ from torch import Tensor, nn
 
 from sgn_lab import checks
 from sgn_lab.grads import per_sample_gram
-from sgn_lab.grads.vmap import _as_tuple, _num_samples, per_sample_grads, trainable_dim
+from sgn_lab.grads.common import as_tuple as _as_tuple
+from sgn_lab.grads.common import num_samples as _num_samples
+from sgn_lab.grads.common import trainable_dim
+from sgn_lab.grads.vmap import per_sample_grads
 from sgn_lab.seeds import Purpose, derive
 from sgn_lab.stats.noise import (
     NoiseStats,
@@ -465,12 +468,12 @@ def _exact_gram(
     for a, (a0, a1) in enumerate(bounds):
         G_a = _chunk_grads(model, loss_fn, xs, targets, a0, a1, batchnorm, seed, a)
         accumulator.add(G_a)
-        K[a0:a1, a0:a1] = _cross_gram(G_a, G_a)
+        K[a0:a1, a0:a1] = cross_gram(G_a, G_a)
         for b in range(a + 1, len(bounds)):
             b0, b1 = bounds[b]
             # Recomputed rather than stored: keeping every G_b would be the n×d matrix again.
             G_b = _chunk_grads(model, loss_fn, xs, targets, b0, b1, batchnorm, seed, b)
-            block = _cross_gram(G_a, G_b)
+            block = cross_gram(G_a, G_b)
             K[a0:a1, b0:b1] = block
             K[b0:b1, a0:a1] = block.T
     return K, accumulator.result()
@@ -505,7 +508,7 @@ def _dropout_active(model: nn.Module) -> bool:
     return any(isinstance(m, dropout) and m.training and m.p > 0 for m in model.modules())
 
 
-def _cross_gram(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+def cross_gram(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
     """G_a G_bᵀ in float64, streamed over column blocks (no float64 copy of a whole chunk)."""
     rows_a, rows_b = _rows(a), _rows(b)
     width = max(1, _BLOCK_ELEMENTS // max(rows_a, rows_b))

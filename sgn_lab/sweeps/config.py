@@ -35,7 +35,8 @@ Z95 = 1.959963984540054
 
 Progress = Callable[[int, int], Any]
 
-_DTYPE = torch.float64
+DTYPE = torch.float64
+"""The sweeps' floating-point type."""
 
 
 
@@ -210,7 +211,7 @@ def sweep_config(name: str, *, quick: bool = False, seed: int = 0, **options: An
     Raises ValueError for an unknown sweep, an option the sweep does not take, or an invalid
     value (each message names it).
     """
-    _check_sweep(name)
+    check_sweep(name)
     if name == "critical-batch":
         return _critical_config(quick=quick, seed=seed, **options)
     allowed = _OPTIONS[name]
@@ -269,7 +270,8 @@ def format_sweep_options(options: dict[str, Any]) -> str:
     return ",".join(f"{key}={shown(value)}" for key, value in options.items())
 
 
-def _check_sweep(name: Any) -> None:
+def check_sweep(name: Any) -> None:
+    """ValueError unless ``name`` is one of :data:`SWEEPS`."""
     if name not in SWEEPS:
         raise ValueError(f"unknown sweep {name!r}; choose one of {', '.join(SWEEPS)}")
 

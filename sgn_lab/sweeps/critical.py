@@ -74,14 +74,17 @@ from torch import Tensor
 from sgn_lab import theory
 from sgn_lab.data import load_task
 from sgn_lab.grads import flatten_grads, per_sample_grads
+from sgn_lab.run.rundir import load_checkpoint, save_checkpoint
 from sgn_lab.seeds import SweepPurpose, derive
 from sgn_lab.stats.noise import noise_stats
-from sgn_lab.sweeps.config import _DTYPE, SWEEPS, Z95, Progress, SweepConfig
+from sgn_lab.sweeps.config import DTYPE, SWEEPS, Z95, Progress, SweepConfig
+from sgn_lab.sweeps.linreg import half_squared_error, keyed_generator, linear_model, linreg_problem
+from sgn_lab.version import __version__
 
-_KEY = SWEEPS.index("critical-batch")
-# Keys of this sweep's own seeds, beside SweepPurpose's (derive(seed, _KEY, key)).
-_PROBE, _BOOTSTRAP, _INIT = 100, 101, 102
-_EVAL = 256  # held-out samples (windows) on which mlp and transformer check the target
+SWEEP_KEY = SWEEPS.index("critical-batch")
+# Keys of this sweep's own seeds, beside SweepPurpose's (derive(seed, SWEEP_KEY, key)).
+PROBE_KEY, BOOTSTRAP_KEY, INIT_KEY = 100, 101, 102
+EVAL_SAMPLES = 256  # held-out samples (windows) on which mlp and transformer check the target
 DIVERGENCE_FACTOR = 1e6
 """A branch whose loss exceeds this many times the loss at the branch point has diverged."""
 
@@ -229,9 +232,6 @@ class _Kept:
 
     @classmethod
     def open(cls, path: Path | None, c: SweepConfig, target: float) -> _Kept:
-        from sgn_lab.run.rundir import load_checkpoint
-        from sgn_lab.version import __version__
-
         record = {"sgn_lab": __version__, **c.to_dict(), "target": float(target)}
         steps = np.full((len(c.grid), len(c.lr_grid), c.repeats), np.nan)
         if path is not None and path.is_file():
@@ -244,8 +244,6 @@ class _Kept:
                   run: Callable[[int, int], np.ndarray]) -> np.ndarray:
         """Steps (B, lrs, seeds): for each batch size ``grid[j]`` the kept steps, or else
         ``run(j, B)``'s (lrs, seeds), saved as soon as they are computed."""
-        from sgn_lab.run.rundir import save_checkpoint
-
         for j, batch in enumerate(grid):
             if np.isnan(self.steps[j]).any():
                 self.steps[j] = run(j, batch)
@@ -269,7 +267,7 @@ def _b_simple(grads: Tensor) -> tuple[float, float, float]:
     return value, value - Z95 * se, value + Z95 * se
 
 
-def _beyond_best(done: np.ndarray, dead: np.ndarray, t: int) -> bool:
+def beyond_best(done: np.ndarray, dead: np.ndarray, t: int) -> bool:
     """True when no unfinished run can give its lr a mean below that of the best lr whose
     seeds have all finished. ``done`` (lrs, seeds): the step a run reached the target, ∞ while
     it has not (at step t: at least t); ``dead``: diverged runs (never)."""
@@ -287,13 +285,11 @@ def _beyond_best(done: np.ndarray, dead: np.ndarray, t: int) -> bool:
 
 
 def _branch_linreg(c: SweepConfig, progress: Progress, state_file: Path | None) -> _Branched:
-    from sgn_lab.sweeps.runs import _generator, _half_squared_error, _linear_model, _linreg
-
-    problem = _linreg(c, _KEY)
+    problem = linreg_problem(c, SWEEP_KEY)
     H, sigma = problem.H, problem.noise_std
     w_star = problem.w_star
     # The branch point: branch_steps of online SGD from w* + δ0, then saved.
-    gen = _generator(c.seed, _KEY, SweepPurpose.PROBLEM, SweepPurpose.DRAWS)
+    gen = keyed_generator(c.seed, SWEEP_KEY, SweepPurpose.PROBLEM, SweepPurpose.DRAWS)
     w = (w_star + problem.delta).clone()
     for _ in range(c.branch_steps):
         x, y = problem.sample((c.branch_batch,), gen)
@@ -310,15 +306,15 @@ def _branch_linreg(c: SweepConfig, progress: Progress, state_file: Path | None) 
 
     branch_loss, floor = float(loss(w_branch)), 0.5 * sigma**2
     target = _target(c, branch_loss, floor)
-    x, y = problem.sample((c.probe_samples,), _generator(c.seed, _KEY, _PROBE))
-    grads = flatten_grads(per_sample_grads(_linear_model(w_branch), _half_squared_error, x, y))
-    b_simple = _b_simple(grads.to(_DTYPE))
+    x, y = problem.sample((c.probe_samples,), keyed_generator(c.seed, SWEEP_KEY, PROBE_KEY))
+    grads = flatten_grads(per_sample_grads(linear_model(w_branch), half_squared_error, x, y))
+    b_simple = _b_simple(grads.to(DTYPE))
 
-    rates = torch.tensor(c.lr_grid, dtype=_DTYPE)
+    rates = torch.tensor(c.lr_grid, dtype=DTYPE)
     limit = DIVERGENCE_FACTOR * branch_loss
 
     def branches(j: int, batch: int) -> np.ndarray:
-        gen = _generator(c.seed, _KEY, j, SweepPurpose.DRAWS)
+        gen = keyed_generator(c.seed, SWEEP_KEY, j, SweepPurpose.DRAWS)
         theta = w_branch.expand(len(rates), c.repeats, -1).clone()  # (lrs, seeds, d)
         done = np.full((len(rates), c.repeats), np.inf)
         dead = np.zeros(done.shape, dtype=bool)
@@ -334,7 +330,7 @@ def _branch_linreg(c: SweepConfig, progress: Progress, state_file: Path | None) 
             blown = pending & (~np.isfinite(current) | (current > limit))
             dead |= blown
             theta[torch.from_numpy(blown)] = w_branch  # parked (finite), no longer updated
-            if (np.isfinite(done) | dead).all() or _beyond_best(done, dead, t):
+            if (np.isfinite(done) | dead).all() or beyond_best(done, dead, t):
                 break
         return done
 
@@ -362,14 +358,14 @@ def _branch_linreg(c: SweepConfig, progress: Progress, state_file: Path | None) 
 
 
 def _branch_network(c: SweepConfig, progress: Progress, state_file: Path | None) -> _Branched:
-    task_seed = derive(c.seed, _KEY, SweepPurpose.PROBLEM) % 2**32
+    task_seed = derive(c.seed, SWEEP_KEY, SweepPurpose.PROBLEM) % 2**32
     if c.problem == "mlp":
         task = load_task("teacher-student", seed=task_seed, n=c.dataset_size, dim=c.dim)
         floor = 0.5 * float(task.info.get("label_noise", 0.0)) ** 2
     else:
         task = load_task("markov", seed=task_seed, n=c.dataset_size, context=c.dim)
         floor = float(task.info["entropy_rate"])
-    torch.manual_seed(derive(c.seed, _KEY, _INIT))  # the initial weights
+    torch.manual_seed(derive(c.seed, SWEEP_KEY, INIT_KEY))  # the initial weights
     if c.problem == "mlp":
         from sgn_lab.models import build_model
 
@@ -381,7 +377,7 @@ def _branch_network(c: SweepConfig, progress: Progress, state_file: Path | None)
         model = build_transformer("gpt2", task, width=c.width, depth=c.depth, heads=2)
     loss_fn = task.loss_fn
     x_train, y_train = task.x_train, task.y_train
-    x_eval, y_eval = task.x_test[:_EVAL], task.y_test[:_EVAL]  # a fixed held-out set
+    x_eval, y_eval = task.x_test[:EVAL_SAMPLES], task.y_test[:EVAL_SAMPLES]  # a fixed held-out set
     n = len(x_train)
 
     def evaluate() -> float:
@@ -390,7 +386,7 @@ def _branch_network(c: SweepConfig, progress: Progress, state_file: Path | None)
 
     model.train(False)  # no dropout: the GPT-2 has none, the MLP no random layers
     # The branch point: branch_steps of SGD from the initial weights.
-    gen = torch.Generator().manual_seed(derive(c.seed, _KEY, SweepPurpose.PROBLEM,
+    gen = torch.Generator().manual_seed(derive(c.seed, SWEEP_KEY, SweepPurpose.PROBLEM,
                                                SweepPurpose.DRAWS))
     opt = torch.optim.SGD(model.parameters(), lr=c.branch_lr)
     for _ in range(c.branch_steps):
@@ -401,14 +397,14 @@ def _branch_network(c: SweepConfig, progress: Progress, state_file: Path | None)
     branch_loss = evaluate()
     target = _target(c, branch_loss, floor)
     probe = torch.randperm(n, generator=torch.Generator().manual_seed(
-        derive(c.seed, _KEY, _PROBE)))[: c.probe_samples]
+        derive(c.seed, SWEEP_KEY, PROBE_KEY)))[: c.probe_samples]
     grads = flatten_grads(per_sample_grads(model, loss_fn, x_train[probe], y_train[probe]))
-    b_simple = _b_simple(grads.to(_DTYPE))
+    b_simple = _b_simple(grads.to(DTYPE))
 
     branch_params = {k: p.detach() for k, p in model.named_parameters()}
 
     def branches(j: int, batch: int) -> np.ndarray:
-        gens = [torch.Generator().manual_seed(derive(c.seed, _KEY, j, r, SweepPurpose.DRAWS))
+        gens = [torch.Generator().manual_seed(derive(c.seed, SWEEP_KEY, j, r, SweepPurpose.DRAWS))
                 for r in range(c.repeats)]
         return run_branches(model, loss_fn, branch_params, (x_train, y_train),
                             (x_eval, y_eval), lrs=c.lr_grid, batch_size=batch,
@@ -439,7 +435,7 @@ def run_branches(
     numbers). After every step each run's loss on ``held_out`` is checked. Returns steps
     (lrs, seeds), ∞ for a run that did not reach the target: it diverged (a non-finite loss,
     or one above 10⁶ times the loss at ``params``), ran ``max_steps``, or was stopped once it
-    could no longer make its lr's mean the fewest (:func:`_beyond_best`).
+    could no longer make its lr's mean the fewest (:func:`beyond_best`).
 
     The runs still going take their steps together, as one ``torch.func.vmap`` of the gradient
     over their stacked parameters; their held-out losses are computed one run at a time, which
@@ -490,7 +486,7 @@ def run_branches(
             live = live[keep]
             kept = torch.from_numpy(np.flatnonzero(keep))
             theta = {k: v[kept] for k, v in theta.items()}
-        if live.size == 0 or _beyond_best(done, dead, t):
+        if live.size == 0 or beyond_best(done, dead, t):
             break
     return done
 
@@ -526,7 +522,7 @@ def sweep_critical(c: SweepConfig, progress: Progress,
         row(float(b), "lr", (lr, nan, nan), th["lr"][j] if th else nan)
     if np.isfinite(best).all():
         fit = fit_critical_batch(grid, best)
-        rng = np.random.default_rng(derive(c.seed, _KEY, _BOOTSTRAP))
+        rng = np.random.default_rng(derive(c.seed, SWEEP_KEY, BOOTSTRAP_KEY))
         boot = bootstrap_fit(grid, branched.steps, c.bootstrap, rng)
     else:  # some batch size never reached the target: no fit
         fit = CriticalFit(nan, nan, nan)

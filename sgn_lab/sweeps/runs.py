@@ -89,30 +89,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from sgn_lab import theory
-from sgn_lab.data import load_task
 from sgn_lab.grads import flatten_grads, per_sample_grads
 from sgn_lab.optim import PNM, CovarianceNoiseSGD, GaussianNoiseSGD
 from sgn_lab.seeds import SweepPurpose, derive
 from sgn_lab.stats.noise import spectrum_summary
 from sgn_lab.sweeps.config import (
-    _DTYPE,
     COLUMNS,
+    DTYPE,
     SWEEPS,
     Z95,
     Progress,
     SweepConfig,
-    _check_sweep,
+    check_sweep,
     sweep_config,
+)
+from sgn_lab.sweeps.critical import sweep_critical
+from sgn_lab.sweeps.linreg import (
+    LinregProblem,
+    half_squared_error,
+    keyed_generator,
+    linear_model,
+    linreg_problem,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +173,7 @@ def run_config(config: SweepConfig, *, progress: Progress | None = None,
     """Run a sweep from its :class:`SweepConfig` (see :func:`run_sweep`)."""
     if not isinstance(config, SweepConfig):
         raise TypeError(f"config must be a SweepConfig, got {type(config).__name__}")
-    _check_sweep(config.sweep)
+    check_sweep(config.sweep)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be callable(done, total) or None, got {progress!r}")
     progress = progress or (lambda done, total: None)
@@ -254,76 +260,6 @@ def _row(x: float, quantity: str, estimate: tuple[float, float, float], theory_v
 
 
 # --------------------------------------------------------------------------------------------
-# Gaussian linear regression
-
-
-@dataclass(frozen=True)
-class _Linreg:
-    """x ~ N(0, H) as z @ rootᵀ, y = x·w* + σε; the fixed state w = w* + δ."""
-
-    H: np.ndarray
-    root: Tensor
-    w_star: Tensor
-    noise_std: float
-    delta: Tensor
-
-    @property
-    def dim(self) -> int:
-        return self.H.shape[0]
-
-    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        z = torch.randn(*shape, self.dim, generator=generator, dtype=_DTYPE)
-        x = z @ self.root.T
-        eps = torch.randn(*shape, generator=generator, dtype=_DTYPE)
-        return x, x @ self.w_star + self.noise_std * eps
-
-    def gradient_covariance(self) -> np.ndarray:
-        """Σ(w) at the fixed state (exact, population)."""
-        return theory.linreg_gradient_covariance(self.H, self.delta.numpy(), self.noise_std)
-
-
-def _linreg(config: SweepConfig, sweep_key: int) -> _Linreg:
-    """The problem of a sweep: H, w*, σ from ``load_task("linreg")``, then the fixed state."""
-    seed = derive(config.seed, sweep_key, SweepPurpose.PROBLEM) % 2**32  # load_task's range
-    task = load_task("linreg", seed=seed, n=8, dim=config.dim, condition=config.condition,
-                     noise_std=config.noise_std)
-    H = task.info["H"].numpy().astype(np.float64)
-    w_star = task.info["w_star"].numpy().astype(np.float64)
-    rng = np.random.default_rng(derive(config.seed, sweep_key, SweepPurpose.ROTATION))
-    if config.rotate:
-        q, r = np.linalg.qr(rng.standard_normal((config.dim, config.dim)))
-        q = q * np.sign(np.diag(r))  # Haar-distributed
-        H = q @ H @ q.T
-        H = 0.5 * (H + H.T)
-        w_star = q @ w_star
-    u = rng.standard_normal(config.dim)
-    delta = (config.distance or 0.0) * u / np.linalg.norm(u)
-    root = np.linalg.cholesky(H)
-    return _Linreg(
-        H=H,
-        root=torch.from_numpy(root),
-        w_star=torch.from_numpy(w_star),
-        noise_std=float(task.info["noise_std"]),
-        delta=torch.from_numpy(delta),
-    )
-
-
-def _half_squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
-    return 0.5 * (outputs.squeeze(-1) - targets).square().mean()
-
-
-def _linear_model(w: Tensor) -> nn.Linear:
-    model = nn.Linear(w.numel(), 1, bias=False, dtype=_DTYPE)
-    with torch.no_grad():
-        model.weight.copy_(w.reshape(1, -1))
-    return model
-
-
-def _generator(seed: int, *keys: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derive(seed, *keys))
-
-
-# --------------------------------------------------------------------------------------------
 # batch: minibatch noise against B
 
 
@@ -332,28 +268,28 @@ _BATCH_BLOCK = 8  # data sets per per_sample_grads call (and per progress tick)
 
 def _sweep_batch(c: SweepConfig, progress: Progress) -> list[dict[str, Any]]:
     key = SWEEPS.index("batch")
-    problem = _linreg(c, key)
+    problem = linreg_problem(c, key)
     n, sizes = c.dataset_size, np.array(c.grid, dtype=np.int64)
     trace_sigma = float(np.trace(problem.gradient_covariance()))
     predicted = [theory.minibatch_noise_trace(trace_sigma, int(b), dataset_size=n)
                  for b in sizes]
-    model = _linear_model(problem.w_star + problem.delta)
+    model = linear_model(problem.w_star + problem.delta)
     values = np.empty((c.repeats, len(sizes)))
     blocks = range(0, c.repeats, _BATCH_BLOCK)
     for done, start in enumerate(blocks, 1):
         stop = min(start + _BATCH_BLOCK, c.repeats)
-        gen = _generator(c.seed, key, start, SweepPurpose.DRAWS)
+        gen = keyed_generator(c.seed, key, start, SweepPurpose.DRAWS)
         x, y = problem.sample((stop - start, n), gen)
-        grads = flatten_grads(per_sample_grads(model, _half_squared_error, x.reshape(-1, c.dim),
+        grads = flatten_grads(per_sample_grads(model, half_squared_error, x.reshape(-1, c.dim),
                                                y.reshape(-1)))
-        grads = grads.to(_DTYPE).reshape(stop - start, n, c.dim)
+        grads = grads.to(DTYPE).reshape(stop - start, n, c.dim)
         for j in range(stop - start):
             centred = grads[j] - grads[j].mean(dim=0)  # g_i − G
             # Each draw is a random permutation; its first B samples are a minibatch of B
             # without replacement, for every B at once (prefix sums).
-            order = torch.rand(c.draws, n, generator=gen, dtype=_DTYPE).argsort(dim=1)
+            order = torch.rand(c.draws, n, generator=gen, dtype=DTYPE).argsort(dim=1)
             prefix = centred[order].cumsum(dim=1)[:, sizes - 1, :]  # (draws, |grid|, d)
-            noise = prefix / torch.from_numpy(sizes).to(_DTYPE)[None, :, None]  # g_B − G
+            noise = prefix / torch.from_numpy(sizes).to(DTYPE)[None, :, None]  # g_B − G
             values[start + j] = noise.square().sum(dim=-1).mean(dim=0).numpy()
         progress(done, len(blocks))
     return [
@@ -368,7 +304,7 @@ def _sweep_batch(c: SweepConfig, progress: Progress) -> list[dict[str, Any]]:
 
 def _sweep_beta0(c: SweepConfig, progress: Progress) -> list[dict[str, Any]]:
     key = SWEEPS.index("beta0")
-    problem = _linreg(c, key)
+    problem = linreg_problem(c, key)
     noise_model = theory.linreg_noise_model(problem.H, problem.noise_std, c.batch_size)
     # The theory first: an unstable lr fails here, before any simulation.
     predictions = []
@@ -382,7 +318,7 @@ def _sweep_beta0(c: SweepConfig, progress: Progress) -> list[dict[str, Any]]:
     for j, beta0 in enumerate(c.grid):
         pnm_theory, sgd_theory = predictions[j]
         sgd_lr = c.lr / math.sqrt(theory.pnm_noise_factor(beta0))
-        measured = _simulate_pnm_and_sgd(c, problem, beta0, sgd_lr, _generator(c.seed, key, j))
+        measured = _simulate_pnm_and_sgd(c, problem, beta0, sgd_lr, keyed_generator(c.seed, key, j))
         pnm, sgd = measured["pnm"], measured["sgd"]
         for prefix, m, t in (("", pnm, pnm_theory), ("sgd_", sgd, sgd_theory)):
             rows.append(_row(beta0, f"{prefix}update_trace", _mean_ci(m["update"]),
@@ -401,7 +337,7 @@ def _sweep_beta0(c: SweepConfig, progress: Progress) -> list[dict[str, Any]]:
 
 
 def _simulate_pnm_and_sgd(
-    c: SweepConfig, problem: _Linreg, beta0: float, sgd_lr: float, gen: torch.Generator
+    c: SweepConfig, problem: LinregProblem, beta0: float, sgd_lr: float, gen: torch.Generator
 ) -> dict[str, dict[str, np.ndarray]]:
     """R chains of PNM (lr, β0, β1) and of SGD at ``sgd_lr`` on the same online minibatches.
 
@@ -418,7 +354,7 @@ def _simulate_pnm_and_sgd(
         "pnm": PNM([chains["pnm"]], lr=c.lr, betas=(c.beta1, beta0)),
         "sgd": torch.optim.SGD([chains["sgd"]], lr=sgd_lr),
     }
-    sums = {name: {k: torch.zeros(R, dtype=_DTYPE) for k in ("update", "parameter", "lag1")}
+    sums = {name: {k: torch.zeros(R, dtype=DTYPE) for k in ("update", "parameter", "lag1")}
             for name in chains}
     previous: dict[str, Tensor | None] = dict.fromkeys(chains)
     total = c.burn_in + c.steps + 1  # one more step: the lag-1 pair of the last update
@@ -448,14 +384,14 @@ def _simulate_pnm_and_sgd(
 
 def _sweep_sigma(c: SweepConfig, progress: Progress) -> list[dict[str, Any]]:
     key = SWEEPS.index("sigma")
-    problem = _linreg(c, key)
+    problem = linreg_problem(c, key)
     trace_sigma = float(np.trace(problem.gradient_covariance()))
     minibatch = theory.minibatch_noise_trace(trace_sigma, c.batch_size)  # online: N = ∞
     w = problem.w_star + problem.delta
     full_gradient = torch.from_numpy(problem.H @ problem.delta.numpy())  # ∇L(w) = Hδ
     rows: list[dict[str, Any]] = []
     for j, sigma in enumerate(c.grid):
-        gen = _generator(c.seed, key, j, SweepPurpose.DRAWS)
+        gen = keyed_generator(c.seed, key, j, SweepPurpose.DRAWS)
         x, y = problem.sample((c.repeats, c.batch_size), gen)
         residual = x @ w - y
         minibatch_grad = torch.einsum("rbd,rb->rd", x, residual) / c.batch_size
@@ -481,11 +417,12 @@ _LARGE_BATCH_METHODS = ("full", "diagonal", "isotropic", "large_batch")
 
 def _sweep_large_batch(c: SweepConfig, progress: Progress) -> list[dict[str, Any]]:
     key = SWEEPS.index("large-batch")
-    problem = _linreg(c, key)
+    problem = linreg_problem(c, key)
     n, d = c.dataset_size, c.dim
-    x, y = problem.sample((n,), _generator(c.seed, key, SweepPurpose.PROBLEM, SweepPurpose.DRAWS))
-    model = _linear_model(problem.w_star + problem.delta)
-    grads = flatten_grads(per_sample_grads(model, _half_squared_error, x, y)).to(_DTYPE)
+    x, y = problem.sample((n,), keyed_generator(c.seed, key, SweepPurpose.PROBLEM,
+                                                SweepPurpose.DRAWS))
+    model = linear_model(problem.w_star + problem.delta)
+    grads = flatten_grads(per_sample_grads(model, half_squared_error, x, y)).to(DTYPE)
     full_gradient = grads.mean(dim=0)  # G
     centred = grads - full_gradient
     S = (centred.T @ centred / (n - 1)).numpy()  # exact per-sample covariance of the data
@@ -497,8 +434,8 @@ def _sweep_large_batch(c: SweepConfig, progress: Progress) -> list[dict[str, Any
     rows: list[dict[str, Any]] = []
     for j, large in enumerate(c.grid):
         large = int(large)
-        gen = _generator(c.seed, key, j, SweepPurpose.DRAWS)
-        weights = torch.ones(c.repeats, n, dtype=_DTYPE)
+        gen = keyed_generator(c.seed, key, j, SweepPurpose.DRAWS)
+        weights = torch.ones(c.repeats, n, dtype=DTYPE)
         batches = torch.multinomial(weights, large, replacement=False, generator=gen)
         injected = theory.covariance_noise_target(S, c.small_batch, large, dataset_size=n)
         sigma = math.sqrt(float(np.trace(injected)) / d)  # isotropic, equal trace
@@ -536,7 +473,7 @@ def _covariance_steps(
     opt = CovarianceNoiseSGD([theta], lr=c.lr, small_batch=c.small_batch,
                              large_batch=int(batches.shape[1]), variant=variant,
                              seed=derive(c.seed, key, j, purpose))
-    out = torch.empty(len(batches), w.numel(), dtype=_DTYPE)
+    out = torch.empty(len(batches), w.numel(), dtype=DTYPE)
     with torch.no_grad():
         for r, batch in enumerate(batches):
             theta.copy_(w)
@@ -559,10 +496,7 @@ def _gaussian_step(w: Tensor, grads: Tensor, lr: float, sigma: float, seed: int)
 
 def _sweep_critical_batch(c: SweepConfig, progress: Progress,
                           state_file: str | Path | None = None) -> list[dict[str, Any]]:
-    """The critical-batch sweep lives in :mod:`sgn_lab.sweeps.critical` (imported here, late:
-    it uses this module's linear-regression helpers)."""
-    from sgn_lab.sweeps.critical import sweep_critical
-
+    """The critical-batch sweep lives in :mod:`sgn_lab.sweeps.critical`."""
     return sweep_critical(c, progress, state_file)
 
 

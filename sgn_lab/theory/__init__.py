@@ -1,6 +1,6 @@
 """Closed-form predictions for stochastic gradient noise (SGN) and the optimizers that shape it.
 
-What it covers (formulas and sources: ``THEORY.md``):
+What it covers (each formula with its source in the docstring of its function):
 
 - minibatch noise: Cov[g_B] = c·S with or without replacement (:func:`minibatch_noise_covariance`);
 - Gaussian linear regression: the exact per-sample gradient covariance Σ(w) and the
@@ -35,7 +35,7 @@ raises ValueError naming the offending value; so does a learning rate past the s
 
 
 from sgn_lab.optim.pnm import pnm_noise_factor
-from sgn_lab.theory._inputs import NoiseModel
+from sgn_lab.theory.inputs import NoiseModel
 from sgn_lab.theory.linreg import (
     linreg_gradient_covariance,
     linreg_noise_model,

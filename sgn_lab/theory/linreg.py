@@ -9,7 +9,7 @@ import numpy as np
 
 from sgn_lab import checks
 from sgn_lab.stats.noise import minibatch_factor
-from sgn_lab.theory._inputs import (
+from sgn_lab.theory.inputs import (
     NoiseModel,
 )
 

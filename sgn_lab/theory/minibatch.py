@@ -25,7 +25,7 @@ def minibatch_noise_covariance(
     i.i.d. from the empirical distribution, whose covariance is (N−1)/N·S, so
     Cov[g_B] = (1 − 1/N)·S/B. Without N (an infinite data set) both are S/B. The factor c is
     :func:`sgn_lab.stats.noise.minibatch_factor`, the single place it is defined. See McCandlish et
-    al. 2018 (arXiv 1812.06162) and ``THEORY.md``, "Minibatch noise".
+    al. 2018 (arXiv 1812.06162), Appendix A.
 
     Parameters
     ----------

@@ -9,13 +9,13 @@ import numpy as np
 
 from sgn_lab import checks
 from sgn_lab.optim.pnm import pnm_noise_factor
-from sgn_lab.theory._inputs import (
-    _curvature,
-    _noise,
+from sgn_lab.theory.inputs import (
+    checked_curvature,
+    checked_noise,
 )
 from sgn_lab.theory.stationary import (
     Stationary,
-    _modal_stationary,
+    modal_stationary,
 )
 
 
@@ -28,7 +28,7 @@ def pnm_max_lr(H: Any, beta0: float = 1.0) -> float:
     through −1 there. Checked numerically (``tests/test_theory.py``): for β0 in [0, 3] and
     β1 in [0, 0.99] no complex pair crosses earlier, so the bound is exact.
     """
-    H = _curvature(H)
+    H = checked_curvature(H)
     beta0 = checks.number("beta0", beta0, 0, inclusive=True)
     return 2.0 * math.sqrt(pnm_noise_factor(beta0)) / ((1.0 + 2.0 * beta0)
                                                        * float(np.linalg.eigvalsh(H)[-1]))
@@ -70,8 +70,8 @@ def pnm_lag1_autocorrelation(beta0: float, beta1: float) -> float:
     Cov(m_{t+1}, m_{t−1}) = β1²·V (m_{t+1} = β1²m_{t−1} + fresh noise), V = Var m. So
     Cov(u_{t+1}, u_t) = −(1+β0)β0·β1²V − β0(1+β0)·V and Var u = ΓV, giving
     ρ₁ = −β0(1+β0)(1+β1²)/Γ: −0.724 at β0 = 1, β1 = 0.9; 0 at β0 = 0 (independent buffers,
-    unlike EMA momentum, whose updates are positively correlated with ρ₁ = β1). ``THEORY.md``
-    writes "≈": the formula is exact in this limit; finite lr adds O(ηh) through θ (see
+    unlike EMA momentum, whose updates are positively correlated with ρ₁ = β1). The small-lr
+    analysis writes "≈": the formula is exact in this limit; finite lr adds O(ηh) through θ (see
     :func:`pnm_stationary`'s ``update_lag1_correlation`` for the exact finite-lr value).
     """
     beta0 = checks.number("beta0", beta0, 0, inclusive=True)
@@ -100,7 +100,7 @@ def pnm_stationary(
 
     θ's law does not depend on the buffers' names, so this is exact, and the stationary
     moments are the same at odd and even steps (the parity average is trivial). The covariance
-    solves Σ = AΣAᵀ + BCBᵀ (mode by mode, :func:`_modal_stationary`); updates and their lag-1
+    solves Σ = AΣAᵀ + BCBᵀ (mode by mode, :func:`modal_stationary`); updates and their lag-1
     covariance follow as in heavy ball.
 
     Stable iff (η/√Γ)·λ_max(H) < 2/(1+2β0) (:func:`pnm_max_lr`). For small ηh the parameter
@@ -120,9 +120,9 @@ def pnm_stationary(
     beta0, beta1
         β0 >= 0, β1 in [0, 1), as ``PNM(..., betas=(beta1, beta0))``.
     """
-    H = _curvature(H)
+    H = checked_curvature(H)
     d = H.shape[0]
-    C = _noise(C, d)
+    C = checked_noise(C, d)
     eta = checks.number("lr", lr, 0)
     beta0 = checks.number("beta0", beta0, 0, inclusive=True)
     beta1 = checks.coefficient("beta1", beta1)
@@ -141,6 +141,6 @@ def pnm_stationary(
         return m, np.tile([-k * (1 + beta0) * (1 - a), 1 - a, 0.0], (h.size, 1))
 
     bound = pnm_max_lr(H, beta0)
-    return _modal_stationary(
+    return modal_stationary(
         H, modes, C, f"lr={lr!r}", f"lr < 2·sqrt(Γ)/((1+2·beta0)·λ_max(H)) = {bound:.6g}"
     )

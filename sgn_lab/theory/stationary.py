@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 
 from sgn_lab import checks
-from sgn_lab.theory._inputs import (
+from sgn_lab.theory.inputs import (
     NoiseModel,
-    _curvature,
-    _noise,
-    _spectral_radius,
+    checked_curvature,
+    checked_noise,
+    spectral_radius,
 )
 
 
@@ -114,7 +114,7 @@ def _affine_fixed_point(
     except np.linalg.LinAlgError:
         stable = False
     if not stable:
-        gain = f" {_spectral_radius(M):.6g}" if M.shape[0] <= 1500 else ""
+        gain = f" {spectral_radius(M):.6g}" if M.shape[0] <= 1500 else ""
         raise ValueError(
             f"{lr_text} is past the mean-square stability bound for this state-dependent noise "
             f"(the noise feeds back on the fluctuation with a gain{gain} >= 1: the second "
@@ -160,7 +160,7 @@ def _modal_kernels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return k_theta, k_update, k_lag
 
 
-def _modal_stationary(
+def modal_stationary(
     H: np.ndarray,
     a_of_h: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
     C: np.ndarray | NoiseModel,
@@ -214,7 +214,7 @@ def heavy_ball_max_lr(H: Any, momentum: float = 0.0) -> float:
     Per eigenvalue h the recursion has characteristic polynomial z² − (1 + β − ηh)z + β, whose
     roots stay inside the unit circle iff |β| < 1 and 0 < ηh < 2(1+β) (Jury's criterion).
     """
-    H = _curvature(H)
+    H = checked_curvature(H)
     beta = checks.coefficient("momentum", momentum)
     return 2.0 * (1.0 + beta) / float(np.linalg.eigvalsh(H)[-1])
 
@@ -229,7 +229,7 @@ def heavy_ball_stationary(H: Any, C: Any, lr: float, *, momentum: float = 0.0) -
     On the stacked state z = (θ, v) this is z_{t+1} = A z_t + B ξ_t with
     A = [[I − ηH, −ηβ I], [H, βI]], B = [[−ηI], [I]]; the stationary covariance solves the
     discrete Lyapunov equation Σ = AΣAᵀ + BCBᵀ (solved exactly mode by mode in H's
-    eigenbasis, see :func:`_modal_stationary`; the same as
+    eigenbasis, see :func:`modal_stationary`; the same as
     ``scipy.linalg.solve_discrete_lyapunov`` on the stacked state, which the tests check)
     and exists iff A's spectral radius is < 1, i.e. η·λ_max(H) < 2(1+β) (see
     :func:`heavy_ball_max_lr`). Exact at any lr; the small-lr limit is
@@ -255,9 +255,9 @@ def heavy_ball_stationary(H: Any, C: Any, lr: float, *, momentum: float = 0.0) -
     ValueError
         Bad input, or lr past the stability bound (naming lr).
     """
-    H = _curvature(H)
+    H = checked_curvature(H)
     d = H.shape[0]
-    C = _noise(C, d)
+    C = checked_noise(C, d)
     eta = checks.number("lr", lr, 0)
     beta = checks.coefficient("momentum", momentum)
 
@@ -268,7 +268,7 @@ def heavy_ball_stationary(H: Any, C: Any, lr: float, *, momentum: float = 0.0) -
         return a, np.tile([-eta, 1.0], (h.size, 1))
 
     bound = heavy_ball_max_lr(H, beta)
-    return _modal_stationary(
+    return modal_stationary(
         H, modes, C, f"lr={lr!r}", f"lr < 2(1+momentum)/λ_max(H) = {bound:.6g}"
     )
 
@@ -296,9 +296,9 @@ def small_lr_stationary_covariance(H: Any, C: Any, effective_lr: float) -> np.nd
     heavy ball use η_eff = η/(1−β); for PNM η_eff = η/√Γ. A :data:`NoiseModel` C(P) is solved
     at its fixed point HP + PH = η_eff·C(P).
     """
-    H = _curvature(H)
+    H = checked_curvature(H)
     d = H.shape[0]
-    C = _noise(C, d)
+    C = checked_noise(C, d)
     eta = checks.number("effective_lr", effective_lr, 0)
     # In H's eigenbasis the equation is diagonal: P̃_ij = η·C̃_ij/(h_i + h_j).
     h, V = np.linalg.eigh(H)

@@ -47,13 +47,13 @@ def test_recipe_writes_table_and_images(registered, tmp_path):
 
 def test_an_interrupted_figure_keeps_the_problems_it_finished(registered, tmp_path,
                                                               monkeypatch):
-    from sgn_lab.figures import _runs, critical_batch
+    from sgn_lab.figures import critical_batch, measure
 
     config = {"name": "critical-batch", "seed": 0, "quick_sweep": True, "problems": {
         "linreg": dict(grid=(1, 8, 64), repeats=3, bootstrap=200),
         "mlp": dict(grid=(8, 32, 128), repeats=2, bootstrap=200, lr_grid=(0.1, 0.4),
                     branch_steps=50, max_steps=400, probe_samples=64)}}
-    real, ran = _runs.run_config, []
+    real, ran = measure.run_config, []
 
     def interrupted(c, **kwargs):
         ran.append(c.problem)
@@ -61,7 +61,7 @@ def test_an_interrupted_figure_keeps_the_problems_it_finished(registered, tmp_pa
             raise KeyboardInterrupt  # stopped during the second problem
         return real(c, **kwargs)
 
-    monkeypatch.setattr(_runs, "run_config", interrupted)
+    monkeypatch.setattr(measure, "run_config", interrupted)
     with pytest.raises(KeyboardInterrupt):
         critical_batch.make(config, tmp_path)
     kept = pd.read_csv(tmp_path / "sweeps" / "critical-batch-linreg.csv")

@@ -203,14 +203,14 @@ def test_scaling_figures_carry_theory_next_to_measurement(name, options, tmp_pat
 
 
 def test_a_kept_sweep_reads_back_as_it_was_run(tmp_path, monkeypatch):
-    from sgn_lab.figures import _runs
+    from sgn_lab.figures import measure
 
     options = dict(repeats=200, grid=(0.0, 0.1))
-    table = _runs.figure_sweep(tmp_path, "s", "sigma", quick=True, seed=3, options=options)
-    monkeypatch.setattr(_runs, "run_config", lambda *a, **k: pytest.fail("ran again"))
-    again = _runs.figure_sweep(tmp_path, "s", "sigma", quick=True, seed=3, options=options)
+    table = measure.figure_sweep(tmp_path, "s", "sigma", quick=True, seed=3, options=options)
+    monkeypatch.setattr(measure, "run_config", lambda *a, **k: pytest.fail("ran again"))
+    again = measure.figure_sweep(tmp_path, "s", "sigma", quick=True, seed=3, options=options)
     pd.testing.assert_frame_equal(again, table)  # every value, NaN and dtype, read back
     for change in (dict(seed=4, options=options), dict(seed=3, options={**options,
                                                                          "repeats": 201})):
         with pytest.raises(pytest.fail.Exception, match="ran again"):
-            _runs.figure_sweep(tmp_path, "s", "sigma", quick=True, **change)
+            measure.figure_sweep(tmp_path, "s", "sigma", quick=True, **change)

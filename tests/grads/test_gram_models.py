@@ -8,6 +8,7 @@ and no parameter takes the slow vmap route except where the coverage says why.
 
 import pytest
 import torch
+from grads.oracle import labels
 from helpers import loop_grads, loop_matrix, relative_error, seeded
 from torch import nn
 from torch.nn import functional as F
@@ -101,10 +102,6 @@ def tokens(n, T, vocab=40, seed=0):
     return torch.randint(0, vocab, (n, T), generator=torch.Generator().manual_seed(seed))
 
 
-def labels(n, seed=1):
-    return torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed))
-
-
 def problems():
     """(id, make model, inputs, targets, loss): every architecture of the issue."""
     images = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -112,11 +109,12 @@ def problems():
     return [
         ("gpt2-5x7", gpt2, tokens(5, 7), tokens(5, 7), next_token_loss),
         ("gpt2-3x11", gpt2, tokens(3, 11, seed=4), tokens(3, 11, seed=4), next_token_loss),
-        ("bert", bert, tokens(5, 7), labels(5), F.cross_entropy),
-        ("vit", vit, images, labels(5), F.cross_entropy),
-        ("encoder-seq-first", lambda: Encoder(False), seq, labels(5), F.cross_entropy),
-        ("encoder-batch-first", lambda: Encoder(True, True), seq, labels(5), F.cross_entropy),
-        ("rmsnorm-block", RMSBlock, seq, labels(5), F.cross_entropy),
+        ("bert", bert, tokens(5, 7), labels(5, seed=1), F.cross_entropy),
+        ("vit", vit, images, labels(5, seed=1), F.cross_entropy),
+        ("encoder-seq-first", lambda: Encoder(False), seq, labels(5, seed=1), F.cross_entropy),
+        ("encoder-batch-first", lambda: Encoder(True, True), seq, labels(5, seed=1),
+         F.cross_entropy),
+        ("rmsnorm-block", RMSBlock, seq, labels(5, seed=1), F.cross_entropy),
     ]
 
 

@@ -18,9 +18,11 @@ backward passes, float64), never against sgn_lab itself, on both paths: the Gram
 """
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
+from grads.oracle import D, check, labels
 from helpers import loop_matrix, relative_error, seeded
 from torch import nn
 from torch.nn import functional as F
@@ -37,25 +39,7 @@ from sgn_lab.grads import (
 from sgn_lab.grads.consistency import check_independent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-D = torch.float64
 FAST = ("ghost", "per-sample")
-
-
-def labels(n, classes=3, seed=0):
-    return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-def both_paths(model, x, y, loss_fn=F.cross_entropy, rtol=1e-10, **options):
-    """The Gram and mean of ``gram_result`` and the G Gᵀ of ``per_sample_grads`` equal the
-    loop's; returns the Gram's coverage."""
-    result = gram_result(model, loss_fn, x, y, with_mean=True, **options)
-    G = flatten_grads(per_sample_grads(model, loss_fn, x, y, **options)).double()
-    want = loop_matrix(model, loss_fn, x, y)
-    assert relative_error(result.gram, want @ want.T) <= rtol
-    assert relative_error(result.mean, want.mean(dim=0)) <= rtol
-    assert relative_error(G, want) <= rtol
-    assert relative_error(G @ G.T, want @ want.T) <= rtol
-    return result.coverage
 
 
 # --- A(1): an operand that the in-place operation itself writes ----------------------------
@@ -115,7 +99,7 @@ def test_a_scale_multiplied_in_place_stays_exact_on_the_fast_routes(pattern):
     with seeded(0):
         model = InPlaceScale(pattern).double()
         x = torch.randn(7, 4, dtype=D)
-    coverage = both_paths(model, x, labels(7))
+    coverage = check(model, x, labels(7), vmap=True)
     assert coverage.routes["gamma"] in FAST
     assert coverage.routes["lin.weight"] in FAST
     if pattern == "chain":
@@ -127,7 +111,7 @@ def test_timm_layerscale_inplace():
     with seeded(1):
         model = Block().double()
         x = torch.randn(6, 5, 6, dtype=D)
-    coverage = both_paths(model, x, labels(6))
+    coverage = check(model, x, labels(6), vmap=True)
     assert coverage.routes["ls.gamma"] in FAST
     assert coverage.routes["fc2.weight"] in FAST
     assert coverage.names("vmap") == [] and coverage.names("loop") == []
@@ -154,7 +138,7 @@ def test_one_tensor_as_both_operands_takes_the_exact_vmap_route():
     with seeded(2):
         model = SelfProducts().double()
         x = torch.randn(7, 4, dtype=D)
-    coverage = both_paths(model, x, labels(7))
+    coverage = check(model, x, labels(7), vmap=True)
     assert coverage.routes["w"] == "vmap"
     assert coverage.routes["p"] == "vmap"
     assert coverage.routes["head.weight"] in FAST
@@ -184,7 +168,7 @@ def test_a_parameter_also_used_where_no_rule_sees_takes_vmap_whole():
     with seeded(3):
         model = SeenAndUnseen().double()
         x = torch.randn(7, 4, dtype=D)
-    coverage = both_paths(model, x, labels(7))
+    coverage = check(model, x, labels(7), vmap=True)
     frame = coverage.to_frame().set_index("name")
     for name in ("g", "lin.bias"):
         assert frame.loc[name, "route"] == "vmap"
@@ -506,8 +490,7 @@ def break_linear(monkeypatch, factor=1.01):
 
         return rules.Plan(plan.takes, plan.declined, plan.keep, plan.sample, terms_)
 
-    monkeypatch.setitem(rules.RULES, F.linear,
-                        rules.Rule("linear", real.slots, real.defaults, scaled_plan))
+    monkeypatch.setitem(rules.RULES, F.linear, replace(real, plan=scaled_plan))
 
 
 def mlp(seed=11):

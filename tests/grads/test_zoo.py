@@ -1,45 +1,23 @@
-"""Per-sample gradients for every module: a zoo of layer kinds, recurrent layers, and the
-exact route of last resort for modules vmap cannot transform.
+"""Per-sample gradients for every module: a zoo of layer kinds, and the exact route of last
+resort for modules vmap cannot transform (recurrent layers: ``rules/test_recurrent.py``).
 
 Both paths (``per_sample_grads`` and the Gram) against the loop of single-sample backward
 passes, in float64: per-sample gradients at rtol 1e-10, the Gram G Gᵀ at 1e-10 relative.
 """
 
-import warnings
 
 import pytest
 import torch
-from helpers import loop_grads, relative_error, seeded
+from grads.oracle import D, check_each_parameter, labels
+from helpers import seeded
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sgn_lab.grads import gram_result, per_sample_grads
-from sgn_lab.grads.recurrent import Recurrence
+from sgn_lab.grads import per_sample_grads
 from sgn_lab.grads.vmap import LastResortWarning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-D = torch.float64
-
-
-def both_paths_equal_the_loop(model, x, y, loss=F.cross_entropy, samples="independent"):
-    """Per-sample gradients and the Gram of both paths against the loop; returns coverage."""
-    reference = loop_grads(model, loss, x, y)
-    G = torch.cat([g.reshape(g.shape[0], -1) for g in reference.values()], dim=1).double()
-    scale = float(torch.linalg.norm(G))
-    grads = per_sample_grads(model, loss, x, y, samples=samples)
-    assert list(grads) == list(reference)
-    for name, want in reference.items():  # relative to the whole where a gradient is zero
-        error = float(torch.linalg.norm(grads[name] - want))
-        assert error <= 1e-10 * max(float(torch.linalg.norm(want)), 1e-6 * scale), name
-    result = gram_result(model, loss, x, y, with_mean=True, samples=samples)
-    assert relative_error(result.gram, G @ G.T) <= 1e-10
-    assert relative_error(result.mean, G.mean(dim=0)) <= 1e-10
-    return result.coverage
-
-
-def labels(n, classes=3):
-    return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(1))
 
 
 class Pooled(nn.Module):
@@ -118,88 +96,9 @@ def test_zoo_on_both_paths(model, x):
         model(*xs)  # lazy layers take their shapes
         model = model.double()
     xs = tuple(t.double() if t.is_floating_point() else t for t in xs)
-    coverage = both_paths_equal_the_loop(model, xs if len(xs) > 1 else xs[0], labels(5 if len(
-        xs[0]) == 5 else 4))
+    coverage = check_each_parameter(model, xs if len(xs) > 1 else xs[0], labels(5 if len(
+        xs[0]) == 5 else 4, seed=1))
     assert coverage.names("loop") == []
-
-
-# --- recurrent layers ---------------------------------------------------------------------
-
-
-class Recurrent(nn.Module):
-    def __init__(self, kind, **options):
-        super().__init__()
-        self.batch_first = options.get("batch_first", False)
-        self.rnn = kind(4, 5, **options)
-        width = options.get("proj_size") or 5
-        self.head = nn.Linear(width * (2 if options.get("bidirectional") else 1), 3)
-
-    def forward(self, x):  # x (n, T, 4)
-        out = self.rnn(x if self.batch_first else x.transpose(0, 1))[0]
-        return self.head((out if self.batch_first else out.transpose(0, 1)).mean(dim=1))
-
-
-RECURRENT = [
-    (nn.LSTM, dict()),
-    (nn.LSTM, dict(num_layers=2, bidirectional=True, batch_first=True)),
-    (nn.LSTM, dict(num_layers=2, bias=False, proj_size=3)),
-    (nn.GRU, dict(batch_first=True)),
-    (nn.GRU, dict(num_layers=2, bidirectional=True, bias=False)),
-    (nn.RNN, dict(nonlinearity="relu", num_layers=2, batch_first=True)),
-    (nn.RNN, dict(bidirectional=True)),
-]
-
-
-NAMES = [f"{k.__name__}-" + "-".join(f"{a}={b}" for a, b in o.items()) for k, o in RECURRENT]
-
-
-@pytest.mark.parametrize(("kind", "options"), RECURRENT, ids=NAMES)
-def test_recurrent_layers_on_both_paths(kind, options):
-    with seeded(3):
-        model = Recurrent(kind, **options).double()
-        x = torch.randn(5, 6, 4, dtype=D)
-    coverage = both_paths_equal_the_loop(model, x, labels(5))
-    assert coverage.names("vmap") == coverage.names("loop") == []  # the rules see linears
-
-
-@pytest.mark.parametrize(("kind", "options"), RECURRENT, ids=NAMES)
-def test_the_step_by_step_recurrence_is_torchs(kind, options):
-    with seeded(4):
-        layer = kind(4, 5, **options).double()
-        x = torch.randn((3, 7, 4) if layer.batch_first else (7, 3, 4), dtype=D)
-        h0 = torch.randn(layer.num_layers * (2 if layer.bidirectional else 1), 3,
-                         layer.proj_size or 5, dtype=D)
-    hx = (h0, torch.randn(h0.shape[0], 3, 5, dtype=D)) if kind is nn.LSTM else h0
-    want = layer(x, hx)
-    with Recurrence():
-        got = layer(x, hx)
-    flat = [want[0], *(want[1] if kind is nn.LSTM else (want[1],))]
-    for a, b in zip(flat, [got[0], *(got[1] if kind is nn.LSTM else (got[1],))], strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
-
-
-def test_packed_sequences_are_exact_or_refused_with_a_message():
-    class Packed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn, self.head = nn.GRU(4, 5, batch_first=True), nn.Linear(5, 3)
-
-        def forward(self, x):
-            lengths = (x.abs().sum(-1) > 0).sum(-1).cpu()
-            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
-                                                       enforce_sorted=False)
-            return self.head(self.rnn(packed)[1][-1])
-
-    with seeded(5):
-        model = Packed().double()
-        x = torch.randn(4, 6, 4, dtype=D)
-        x[1, 4:] = 0  # a shorter sequence
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", LastResortWarning)
-        try:
-            both_paths_equal_the_loop(model, x, labels(4))
-        except ValueError as refused:
-            assert "packed sequence" in str(refused) and "pad" in str(refused)
 
 
 # --- the route of last resort -------------------------------------------------------------
@@ -253,7 +152,7 @@ def test_modules_vmap_cannot_transform_take_the_last_resort(block, name):
     # batches of one: the batch-of-one gradients, which the loop gives, are asked for.
     samples = "batch-of-one" if name in ("Branch", "Running") else "independent"
     with pytest.warns(LastResortWarning, match=rf"module '1' \({name}\)|the model") as caught:
-        coverage = both_paths_equal_the_loop(model, x, labels(6), samples=samples)
+        coverage = check_each_parameter(model, x, labels(6, seed=1), samples=samples)
     assert any(name in str(w.message) or "the model" in str(w.message) for w in caught)
     assert set(coverage.routes.values()) == {"loop"}
     assert "vmap cannot transform" in coverage.to_frame()["reason"].iloc[0]
@@ -271,4 +170,4 @@ def test_a_genuine_error_is_not_hidden_by_the_last_resort():
             return self.lin(x)
 
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied|mat1 and mat2"):
-        per_sample_grads(Broken(), F.cross_entropy, torch.randn(3, 4), labels(3))
+        per_sample_grads(Broken(), F.cross_entropy, torch.randn(3, 4), labels(3, seed=1))

@@ -7,7 +7,6 @@ second callback saved at each step, and training with the callback against train
 
 from __future__ import annotations
 
-import copy
 import random
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import sgn_lab
 
 transformers = pytest.importorskip("transformers")
+from hf_snapshots import Snapshots  # noqa: E402
 from transformers import (  # noqa: E402
     GPT2Config,
     GPT2LMHeadModel,
@@ -51,22 +51,6 @@ class Windows(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-class Snapshots(TrainerCallback):
-    """The weights at each optimizer step, taken where SGNTrainerCallback measures."""
-
-    def __init__(self) -> None:
-        self.weights: dict[int, dict[str, torch.Tensor]] = {}
-
-    def _take(self, state, model) -> None:
-        self.weights.setdefault(state.global_step, copy.deepcopy(model.state_dict()))
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._take(state, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._take(state, model)
 
 
 class Guard(TrainerCallback):

@@ -6,7 +6,6 @@ second callback saved at each step, and training with the callback against train
 
 from __future__ import annotations
 
-import copy
 import random
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import sgn_lab
 
 pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+from lightning_snapshots import Snapshots  # noqa: E402
 
 from sgn_lab.integrations.lightning import SGNCallback  # noqa: E402
 from sgn_lab.run.rundir import RunDirError, locked  # noqa: E402
@@ -59,22 +59,6 @@ class NoLoss(MLP):
     def training_step(self, batch, batch_idx):
         x, y = batch
         return F.cross_entropy(self(x), y)
-
-
-class Snapshots(pl.Callback):
-    """The weights at each optimizer step, taken where SGNCallback measures."""
-
-    def __init__(self) -> None:
-        self.weights: dict[int, dict[str, torch.Tensor]] = {}
-
-    def _take(self, trainer, module) -> None:
-        self.weights.setdefault(trainer.global_step, copy.deepcopy(module.state_dict()))
-
-    def on_train_start(self, trainer, module) -> None:
-        self._take(trainer, module)
-
-    def on_train_batch_end(self, trainer, module, *args) -> None:
-        self._take(trainer, module)
 
 
 class Greedy:

@@ -8,8 +8,6 @@ against the mean over samples of each sample's mean over its real tokens, comput
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from padded_helpers import mixed_records, tiny_gpt2, write_jsonl
@@ -27,6 +25,8 @@ from sgn_lab.data import (
 from sgn_lab.models.losses import token_cross_entropy
 
 transformers = pytest.importorskip("transformers")
+from hf_snapshots import Snapshots as HFSnapshots  # noqa: E402
+
 from sgn_lab.integrations.hf import SGNTrainerCallback, padded_next_token_pairs  # noqa: E402
 from sgn_lab.models.hf import Logits  # noqa: E402
 
@@ -59,6 +59,8 @@ def reference(model, x, y):
 # ------------------------------------------------------------------------------------------
 
 pl = pytest.importorskip("lightning.pytorch")
+from lightning_snapshots import Snapshots  # noqa: E402
+
 from sgn_lab.integrations.lightning import SGNCallback  # noqa: E402
 
 
@@ -79,17 +81,6 @@ class PaddedLM(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.5)
-
-
-class Snapshots(pl.Callback):
-    def __init__(self) -> None:
-        self.weights: dict[int, dict[str, torch.Tensor]] = {}
-
-    def on_train_start(self, trainer, module) -> None:
-        self.weights.setdefault(trainer.global_step, copy.deepcopy(module.state_dict()))
-
-    def on_train_batch_end(self, trainer, module, *args) -> None:
-        self.weights.setdefault(trainer.global_step, copy.deepcopy(module.state_dict()))
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
@@ -137,17 +128,6 @@ class Examples(torch.utils.data.Dataset):
         ids = self.x[i].clamp(min=0)
         return {"input_ids": ids, "attention_mask": mask,
                 "labels": torch.where(mask.bool(), ids, IGNORE_INDEX)}
-
-
-class HFSnapshots(transformers.TrainerCallback):
-    def __init__(self) -> None:
-        self.weights: dict[int, dict[str, torch.Tensor]] = {}
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.weights.setdefault(state.global_step, copy.deepcopy(model.state_dict()))
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.weights.setdefault(state.global_step, copy.deepcopy(model.state_dict()))
 
 
 def test_padded_next_token_pairs_are_the_padded_batch():

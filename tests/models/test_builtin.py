@@ -10,13 +10,13 @@ generator changed.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from helpers import loop_grads
+from torch import nn
 
 from sgn_lab.grads import per_sample_grads
 from sgn_lab.models import ACTIVATIONS, MODELS, build_model, half_mse, loss_for
@@ -56,19 +56,6 @@ def make(name, shape, options, num_outputs, seed=0, dtype=torch.float64):
         else:
             y = torch.randn(N, dtype=dtype)
     return model, x, y
-
-
-def loop_grads(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """Reference: one ordinary backward pass per sample on a copy of the model."""
-    model = copy.deepcopy(model)
-    params = dict(model.named_parameters())
-    out: dict[str, list[Tensor]] = {k: [] for k in params}
-    for i in range(len(x)):
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(x[i : i + 1]), y[i : i + 1]).backward()
-        for k, p in params.items():
-            out[k].append(torch.zeros_like(p) if p.grad is None else p.grad.detach().clone())
-    return {k: torch.stack(v) for k, v in out.items()}
 
 
 @pytest.mark.parametrize("name, shape, options", CASES, ids=CASE_IDS)

@@ -36,7 +36,7 @@ from sgn_lab.plots import (
     plot_style,
     save_figure,
 )
-from sgn_lab.plots import runs as plots
+from sgn_lab.plots import measurements as plots
 from sgn_lab.stats.curvature import CurvatureStats
 from sgn_lab.stats.noise import NoiseStats
 

@@ -10,7 +10,16 @@ from torch import nn
 
 from sgn_lab.cli.app import main
 from sgn_lab.run import NoiseProbe
-from sgn_lab.run.instruments import INSTRUMENTS
+from sgn_lab.run.choices import INSTRUMENT_NAMES
+from sgn_lab.run.instruments import (
+    INSTRUMENTS,
+    OPTIONS,
+    Curvature,
+    Layers,
+    MinibatchTails,
+    Updates,
+    configured,
+)
 from sgn_lab.run.rundir import load_run
 
 EVAL = {"train_loss", "train_accuracy", "test_loss", "test_accuracy"}
@@ -79,6 +88,43 @@ def test_bad_instruments_are_named():
         NoiseProbe(model, nn.functional.cross_entropy, x, y, instruments=["sgn", "sgn"])
     with pytest.raises(ValueError, match="the updates instrument needs the optimizer"):
         NoiseProbe(model, nn.functional.cross_entropy, x, y, instruments=["updates"])
+
+
+def test_the_registry_holds_the_names_the_config_chooses_from():
+    assert tuple(INSTRUMENTS) == INSTRUMENT_NAMES
+    for name, options in OPTIONS.items():  # every setting names an option of its instrument
+        assert set(options.values()) <= set(vars(INSTRUMENTS[name]))
+
+
+def test_each_instrument_owns_its_options():
+    assert MinibatchTails((1, 8), draws=64) == MinibatchTails(batch_sizes=(1, 8), draws=64)
+    assert Updates(5).repeats == 5 and Curvature(n_probes=8).max_iter == 100
+    assert Layers().groups is None and not Updates.needs_grads and Curvature.needs_grads
+    built = configured("minibatch-tails", {"shape_batch_sizes": (2,), "shape_draws": 16,
+                                           "update_repeats": 3})
+    assert built == MinibatchTails((2,), 16) and configured("updates", {}) == Updates()
+    for bad in (lambda: MinibatchTails((0, 4)), lambda: MinibatchTails(draws=4),
+                lambda: Updates(1), lambda: Curvature(n_probes=0)):
+        with pytest.raises(ValueError):
+            bad()
+    with pytest.raises(ValueError, match="unknown instrument 'hessian'"):
+        configured("hessian", {})
+
+
+def test_an_instrument_object_or_its_name_with_the_probe_options_measure_alike():
+    model, x, y = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    common = dict(every=1, samples=32, batch_size=16, seed=1, optimizer=opt, grads="vmap")
+    by_name = NoiseProbe(model, nn.functional.cross_entropy, x, y,
+                         instruments=["minibatch-tails", "updates"], update_repeats=3,
+                         shape_batch_sizes=(1, 4), shape_draws=16, **common)
+    by_object = NoiseProbe(model, nn.functional.cross_entropy, x, y,
+                           instruments=[Updates(3), MinibatchTails((1, 4), draws=16)],
+                           **common)
+    assert by_name.instruments == by_object.instruments
+    a, b = by_name.measure(2).row, by_object.measure(2).row
+    for key in ("update_trace", "tail_index_b4", "kurtosis_b1"):
+        assert a[key] == b[key], key
 
 
 def test_instruments_from_the_command_line(tmp_path, monkeypatch, capsys):

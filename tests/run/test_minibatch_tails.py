@@ -42,8 +42,9 @@ def expected(p, step, count):
     """minibatch_noise_shape on the first ``count`` probe samples' gradients, from scratch."""
     idx = p.probe_indices(step)[:count]
     G = flatten_grads(per_sample_grads(p.model, LOSS, p.x_train[idx], p.y_train[idx]))
-    sizes = [b for b in p.shape_batch_sizes if b < count]
-    table = minibatch_noise_shape(G.double(), sizes, draws=p.shape_draws,
+    tails = next(i for i in p.instruments if i.name == "minibatch-tails")
+    sizes = [b for b in tails.batch_sizes if b < count]
+    table = minibatch_noise_shape(G.double(), sizes, draws=tails.draws,
                                   seed=seed_for(p.seed, step, Purpose.STATS))
     return {f"{c}_b{r['batch_size']}": r[c] for r in table.to_dict("records") for c in SHAPE}
 

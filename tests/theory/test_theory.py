@@ -548,7 +548,7 @@ def test_pnm_long_horizon_at_small_lr_simulated() -> None:
 
 def test_pnm_long_horizon_ratio_in_the_small_lr_limit() -> None:
     """Limit check of the exact solver: PNM/SGD variance at equal effective lr → 1 as ηh → 0
-    (THEORY.md: ≈ 0.99 at (η/√Γ)h = 0.01, ≈ 0.88 at 0.1), with a gap O(ηh)."""
+    (small-lr analysis: ≈ 0.99 at (η/√Γ)h = 0.01, ≈ 0.88 at 0.1), with a gap O(ηh)."""
     gamma = pnm_noise_factor(1.0)
     ratios = {}
     for kh in (1e-3, 1e-2, 1e-1):

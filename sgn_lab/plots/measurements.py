@@ -34,22 +34,22 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from sgn_lab.plots.style import (
-    _DASHES,
-    _ERRORBAR,
-    _OPTIONAL_RUN_COLUMNS,
-    _PANEL_SIZE,
-    _SPECTRUM_KINDS,
+    DASHES,
     DEFAULT_COLUMNS,
+    ERRORBAR,
     LOG_METRICS,
+    OPTIONAL_RUN_COLUMNS,
+    PANEL_SIZE,
     REFERENCE_COLOR,
-    _check_table,
-    _empty_panel,
-    _format_level,
-    _note,
-    _numeric,
-    _ordered_levels,
+    SPECTRUM_KINDS,
+    check_table,
+    empty_panel,
+    format_level,
     method_color,
     metric_label,
+    numeric,
+    ordered_levels,
+    panel_note,
     plot_style,
     save_figure,
 )
@@ -107,14 +107,14 @@ def plot_metrics(
     columns = list(dict.fromkeys(columns))
     if not columns:
         raise ValueError("plot_metrics: `columns` is empty; name at least one metric column")
-    _check_table(metrics, "metrics", [x, hue])
+    check_table(metrics, "metrics", [x, hue])
 
     # Which panels have data, and why the others have none.
     status: dict[str, str | None] = {}
     for col in columns:
         if col not in metrics.columns:
             status[col] = f"'{col}' not in the table"
-        elif not np.isfinite(_numeric(metrics[col])).any():
+        elif not np.isfinite(numeric(metrics[col])).any():
             status[col] = f"'{col}' has no finite values"
         else:
             status[col] = None
@@ -129,8 +129,8 @@ def plot_metrics(
     style, style_order, dashes = None, None, None
     if hue != "method" and "method" in metrics.columns and metrics["method"].nunique() > 1:
         style = "method"
-        style_order = _ordered_levels(metrics["method"], "method")
-        dashes = {m: _DASHES[i % len(_DASHES)] for i, m in enumerate(style_order)}
+        style_order = ordered_levels(metrics["method"], "method")
+        dashes = {m: DASHES[i % len(DASHES)] for i, m in enumerate(style_order)}
 
     n = len(columns)
     ncols = 1 if n == 1 else 2 if n in (2, 4) else 3
@@ -138,7 +138,7 @@ def plot_metrics(
     reference_drawn = False
     with plot_style():
         fig = Figure(
-            figsize=(_PANEL_SIZE[0] * ncols + 1.3, _PANEL_SIZE[1] * nrows), layout="constrained"
+            figsize=(PANEL_SIZE[0] * ncols + 1.3, PANEL_SIZE[1] * nrows), layout="constrained"
         )
         grid = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, squeeze=False)).ravel()
         for ax in grid[n:]:
@@ -148,7 +148,7 @@ def plot_metrics(
             ax.set_ylabel(metric_label(col))
             ax.tick_params(labelbottom=True)
             if status[col] is not None:
-                _empty_panel(ax, str(status[col]))
+                empty_panel(ax, str(status[col]))
                 continue
             data = _panel_data(metrics, [x, hue, style], col)
             notes = []
@@ -173,7 +173,7 @@ def plot_metrics(
             ax.set_xlabel(metric_label(x))
             ax.set_ylabel(metric_label(col))
             if notes:
-                _note(ax, "; ".join(notes))
+                panel_note(ax, "; ".join(notes))
 
         handles, labels = _legend_entries(hue, hue_order, palette, style, style_order, dashes)
         if reference_drawn:
@@ -222,48 +222,14 @@ def plot_spectra(
         Empty table, missing columns, unknown ``kind`` values, no SGN eigenvalues, or
         requested steps that are not in the table.
     """
-    _check_table(spectra, "spectra", ["step", "k", "eigenvalue", hue])
-    table = spectra.copy()
-    if "kind" not in table.columns:
-        table["kind"] = "sgn"
-    unknown = sorted(set(table["kind"].dropna().astype(str)) - set(_SPECTRUM_KINDS))
-    if unknown:
-        raise ValueError(
-            f"plot_spectra: unknown 'kind' value(s) {unknown}; expected one of {_SPECTRUM_KINDS}"
-        )
-    table["eigenvalue"] = _numeric(table["eigenvalue"])
-    table["k"] = _numeric(table["k"])
-    sgn = table[table["kind"] == "sgn"]
-    if sgn.empty:
-        raise ValueError("plot_spectra: the spectra table has no rows with kind == 'sgn'")
-
-    available = sorted(pd.unique(sgn["step"].dropna()))
-    if steps is None:
-        selected = list(
-            dict.fromkeys([available[0], available[len(available) // 2], available[-1]])
-        )
-    else:
-        selected = list(dict.fromkeys(steps))
-        missing = [s for s in selected if s not in set(available)]
-        if not selected or missing:
-            raise ValueError(
-                f"plot_spectra: step(s) {missing or '(none given)'} have no SGN spectrum; "
-                f"available steps: {available}"
-            )
+    table = _spectra_table(spectra, hue)
+    selected = _selected_steps(table[table["kind"] == "sgn"], steps)
     table = table[table["step"].isin(selected)].reset_index(drop=True)
     valid = np.isfinite(table["eigenvalue"]) & (table["eigenvalue"] > 0) & (table["k"] >= 1)
 
     by_method = hue != "method" and "method" in table.columns and table["method"].nunique() > 1
-    panels: list[Any] = _ordered_levels(table["method"], "method") if by_method else [None]
-    step_palette = dict(zip(selected, _sequential_colors(len(selected)), strict=True))
-    if hue == "step":
-        hue_order: list[Any] = list(selected)
-        palette = step_palette
-        style, style_order, dashes = None, None, None
-    else:
-        hue_order, palette = _hue_mapping(table[hue], hue)
-        style, style_order = "step", list(selected)
-        dashes = {s: _DASHES[i % len(_DASHES)] for i, s in enumerate(style_order)}
+    panels: list[Any] = ordered_levels(table["method"], "method") if by_method else [None]
+    lines = _spectra_lines(table, hue, selected)
     greys = dict(zip(selected, np.linspace(0.25, 0.65, len(selected)), strict=True))
 
     n = len(panels)
@@ -272,7 +238,7 @@ def plot_spectra(
     reference_drawn = False
     with plot_style():
         fig = Figure(
-            figsize=(_PANEL_SIZE[0] * ncols + 1.3, (_PANEL_SIZE[1] + 0.3) * nrows),
+            figsize=(PANEL_SIZE[0] * ncols + 1.3, (PANEL_SIZE[1] + 0.3) * nrows),
             layout="constrained",
         )
         grid = np.atleast_1d(
@@ -282,48 +248,104 @@ def plot_spectra(
             ax.remove()
         for ax, method in zip(grid[:n], panels, strict=True):
             in_panel = np.ones(len(table), bool) if method is None else table["method"] == method
-            part = table[in_panel & valid]
             dropped = int((in_panel & ~valid).sum())
-            ax.set_xscale("log")  # before plotting: seaborn aggregates in log space
-            ax.set_yscale("log")
-            curve = _panel_data(part[part["kind"] == "sgn"], ["k", hue, style], "eigenvalue")
-            if curve.empty:
-                _note(ax, "no SGN spectrum at these steps", center=True)
-            else:
-                _lines(ax, curve, "k", "eigenvalue", hue=hue, hue_order=hue_order,
-                       palette=palette, style=style, style_order=style_order, dashes=dashes)
-            reference = part[part["kind"] == "isotropic"]
-            group_cols = [c for c in ("method", "step") if c in reference.columns]
-            for key, ref in reference.groupby(group_cols, sort=True):
-                step = key[-1] if isinstance(key, tuple) else key
-                mean = np.exp(np.log(ref["eigenvalue"]).groupby(ref["k"]).mean())
-                ax.plot(
-                    mean.index,
-                    mean.to_numpy(),
-                    color=str(greys[step]),
-                    linestyle="--",
-                    linewidth=1.0,
-                    zorder=1,
-                )
-                reference_drawn = True
-            if method is not None:
-                ax.set_title(str(method), loc="left", color=method_color(str(method)))
-            elif "method" in part.columns and part["method"].nunique() == 1:
-                only = str(part["method"].iloc[0])
-                ax.set_title(only, loc="left", color=method_color(only))
-            ax.set_xlabel(metric_label("k"))
-            ax.set_ylabel(metric_label("eigenvalue"))
-            ax.tick_params(labelbottom=True, labelleft=True)
-            if dropped:
-                _note(ax, f"{dropped} λ ≤ 0 or NaN omitted")
+            drawn = _spectrum_panel(ax, table[in_panel & valid], method, dropped, hue, lines,
+                                    greys)
+            reference_drawn = reference_drawn or drawn
 
-        handles, labels = _legend_entries(hue, hue_order, palette, style, style_order, dashes)
+        handles, labels = _legend_entries(hue, *lines)
         if reference_drawn:
             handles.append(Line2D([], [], color=REFERENCE_COLOR, linestyle="--", linewidth=1.0))
             labels.append("isotropic noise\n(equal tr S)")
         fig.legend(handles, labels, loc="outside right upper", title=_legend_title(hue))
         fig.draw_without_rendering()
     return fig
+
+
+def _spectra_table(spectra: pd.DataFrame, hue: str) -> pd.DataFrame:
+    """A checked copy of the spectra table: ``kind`` filled in (default ``"sgn"``), eigenvalues
+    and ranks as floats."""
+    check_table(spectra, "spectra", ["step", "k", "eigenvalue", hue])
+    table = spectra.copy()
+    if "kind" not in table.columns:
+        table["kind"] = "sgn"
+    unknown = sorted(set(table["kind"].dropna().astype(str)) - set(SPECTRUM_KINDS))
+    if unknown:
+        raise ValueError(
+            f"plot_spectra: unknown 'kind' value(s) {unknown}; expected one of {SPECTRUM_KINDS}"
+        )
+    table["eigenvalue"] = numeric(table["eigenvalue"])
+    table["k"] = numeric(table["k"])
+    if (table["kind"] == "sgn").sum() == 0:
+        raise ValueError("plot_spectra: the spectra table has no rows with kind == 'sgn'")
+    return table
+
+
+def _selected_steps(sgn: pd.DataFrame, steps: Sequence[int] | None) -> list[Any]:
+    """The steps to draw: those asked for (each with an SGN spectrum), else the first, middle
+    and last step that has one."""
+    available = sorted(pd.unique(sgn["step"].dropna()))
+    if steps is None:
+        return list(dict.fromkeys([available[0], available[len(available) // 2], available[-1]]))
+    selected = list(dict.fromkeys(steps))
+    missing = [s for s in selected if s not in set(available)]
+    if not selected or missing:
+        raise ValueError(
+            f"plot_spectra: step(s) {missing or '(none given)'} have no SGN spectrum; "
+            f"available steps: {available}"
+        )
+    return selected
+
+
+def _spectra_lines(table: pd.DataFrame, hue: str, selected: list[Any]) -> tuple[Any, ...]:
+    """(hue_order, palette, style, style_order, dashes): steps by colour when ``hue`` is the
+    step, else by dash style."""
+    if hue == "step":
+        palette = dict(zip(selected, _sequential_colors(len(selected)), strict=True))
+        return list(selected), palette, None, None, None
+    hue_order, palette = _hue_mapping(table[hue], hue)
+    dashes = {s: DASHES[i % len(DASHES)] for i, s in enumerate(selected)}
+    return hue_order, palette, "step", list(selected), dashes
+
+
+def _spectrum_panel(ax: Axes, part: pd.DataFrame, method: Any, dropped: int, hue: str,
+                    lines: tuple[Any, ...], greys: dict[Any, float]) -> bool:
+    """One panel of :func:`plot_spectra` (the valid eigenvalues of one method, or of all);
+    whether it drew an isotropic reference."""
+    hue_order, palette, style, style_order, dashes = lines
+    ax.set_xscale("log")  # before plotting: seaborn aggregates in log space
+    ax.set_yscale("log")
+    curve = _panel_data(part[part["kind"] == "sgn"], ["k", hue, style], "eigenvalue")
+    if curve.empty:
+        panel_note(ax, "no SGN spectrum at these steps", center=True)
+    else:
+        _lines(ax, curve, "k", "eigenvalue", hue=hue, hue_order=hue_order,
+               palette=palette, style=style, style_order=style_order, dashes=dashes)
+    reference_drawn = _isotropic_references(ax, part[part["kind"] == "isotropic"], greys)
+    if method is not None:
+        ax.set_title(str(method), loc="left", color=method_color(str(method)))
+    elif "method" in part.columns and part["method"].nunique() == 1:
+        only = str(part["method"].iloc[0])
+        ax.set_title(only, loc="left", color=method_color(only))
+    ax.set_xlabel(metric_label("k"))
+    ax.set_ylabel(metric_label("eigenvalue"))
+    ax.tick_params(labelbottom=True, labelleft=True)
+    if dropped:
+        panel_note(ax, f"{dropped} λ ≤ 0 or NaN omitted")
+    return reference_drawn
+
+
+def _isotropic_references(ax: Axes, reference: pd.DataFrame, greys: dict[Any, float]) -> bool:
+    """The isotropic spectra, dashed grey (geometric mean over seeds); whether any was drawn."""
+    group_cols = [c for c in ("method", "step") if c in reference.columns]
+    drawn = False
+    for key, ref in reference.groupby(group_cols, sort=True):
+        step = key[-1] if isinstance(key, tuple) else key
+        mean = np.exp(np.log(ref["eigenvalue"]).groupby(ref["k"]).mean())
+        ax.plot(mean.index, mean.to_numpy(), color=str(greys[step]), linestyle="--",
+                linewidth=1.0, zorder=1)
+        drawn = True
+    return drawn
 
 
 def plot_run(
@@ -364,8 +386,8 @@ def plot_run(
     if columns is None:
         extra = [
             c
-            for c in _OPTIONAL_RUN_COLUMNS
-            if c in metrics.columns and np.isfinite(_numeric(metrics[c])).any()
+            for c in OPTIONAL_RUN_COLUMNS
+            if c in metrics.columns and np.isfinite(numeric(metrics[c])).any()
         ]
         columns = (*DEFAULT_COLUMNS, *extra)
     if "label" in metrics.columns and metrics["label"].nunique() > metrics["method"].nunique():
@@ -376,7 +398,7 @@ def plot_run(
     figures = [("metrics", plot_metrics(metrics, columns=columns))]
     if spectra is not None and "kind" in spectra.columns:
         # The update-noise spectra (kind "update") have a figure of their own.
-        spectra = spectra[spectra["kind"].isin(_SPECTRUM_KINDS)]
+        spectra = spectra[spectra["kind"].isin(SPECTRUM_KINDS)]
     if spectra is not None and len(spectra) > 0:
         figures.append(("spectra", plot_spectra(spectra, steps=steps)))
     out = Path(out_dir)
@@ -390,13 +412,13 @@ def _panel_data(table: pd.DataFrame, keys: Sequence[str | None], value: str) -> 
     """The columns one panel needs, with ``value`` as finite float64 (other rows dropped)."""
     cols = list(dict.fromkeys(c for c in (*keys, value) if c is not None))
     data = table[cols].copy()
-    data[value] = _numeric(data[value])
+    data[value] = numeric(data[value])
     return data[np.isfinite(data[value].to_numpy())]
 
 
 def _hue_mapping(values: pd.Series, name: str) -> tuple[list[Any], dict[Any, Any]]:
     """Ordered hue levels and a fixed colour for each (a dict palette: categorical mapping)."""
-    order = _ordered_levels(values, name)
+    order = ordered_levels(values, name)
     if not order:
         raise ValueError(f"the hue column {name!r} has no values")
     if name == "method":
@@ -425,7 +447,7 @@ def _legend_entries(
 ) -> tuple[list[Any], list[str]]:
     """Legend handles: one per hue level, then (under a heading) one per style level."""
     handles: list[Any] = [Line2D([], [], color=palette[h], linewidth=1.6) for h in hue_order]
-    labels = [_format_level(h) for h in hue_order]
+    labels = [format_level(h) for h in hue_order]
     if style is not None and style_order is not None and dashes is not None:
         handles.append(Line2D([], [], linestyle=""))
         labels.append(_legend_title(style))
@@ -434,7 +456,7 @@ def _legend_entries(
             if dashes[level]:
                 line.set_dashes(dashes[level])
             handles.append(line)
-            labels.append(_format_level(level))
+            labels.append(format_level(level))
     return handles, labels
 
 
@@ -477,12 +499,12 @@ def _draw_standard_errors(ax: Axes, metrics: pd.DataFrame, x: str, col: str, hue
         if "run" in part.columns and part["run"].nunique() > 1:
             continue
         part = part.sort_values(x)
-        value, error = _numeric(part[col]), _numeric(part[f"{col}_se"])
+        value, error = numeric(part[col]), numeric(part[f"{col}_se"])
         ok = np.isfinite(value) & np.isfinite(error)
         if ok.any():
             low = np.maximum(value - error, value * 1e-3) if ax.get_yscale() == "log" else (
                 value - error)
-            ax.fill_between(_numeric(part[x])[ok], low[ok], (value + error)[ok],
+            ax.fill_between(numeric(part[x])[ok], low[ok], (value + error)[ok],
                             color=palette.get(level, REFERENCE_COLOR), alpha=0.18, linewidth=0)
 
 
@@ -493,4 +515,4 @@ def _lines(ax: Axes, data: pd.DataFrame, x: str, y: str, *, hue: str, hue_order:
     sns.lineplot(data=data, x=x, y=y, hue=hue, hue_order=hue_order, palette=palette,
                  style=style, style_order=style_order,
                  dashes=dashes if dashes is not None else True, estimator="mean",
-                 errorbar=_ERRORBAR, legend=False, linewidth=1.4, ax=ax)
+                 errorbar=ERRORBAR, legend=False, linewidth=1.4, ax=ax)

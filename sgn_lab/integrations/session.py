@@ -56,10 +56,10 @@ from torch import Tensor, nn
 from sgn_lab import checks
 from sgn_lab.models.losses import loss_average
 from sgn_lab.models.modes import restored_modes
-from sgn_lab.run.config import GRADS_PATHS
+from sgn_lab.run.choices import GRADS_PATHS, LOGS
 from sgn_lab.run.instruments import INSTRUMENTS, Instrument
 from sgn_lab.run.probe import LossFn, NoiseProbe, ProbeResult
-from sgn_lab.run.recorder import LOGS, RunRecorder
+from sgn_lab.run.recorder import RunRecorder
 from sgn_lab.run.rundir import CONFIG_FILE, locked, read_config
 from sgn_lab.stats.noise import minibatch_factor
 

@@ -16,7 +16,7 @@ NoiseModel = Callable[[np.ndarray], np.ndarray]
 """State-dependent gradient-noise covariance: P = E[θθᵀ] (d×d) ↦ C(P) (d×d), affine in P."""
 
 
-def _curvature(H: Any) -> np.ndarray:
+def checked_curvature(H: Any) -> np.ndarray:
     """H symmetric positive definite: a stationary distribution needs every direction curved."""
     H = checks.symmetric("H", H)
     if H.shape[0] == 0:
@@ -30,12 +30,12 @@ def _curvature(H: Any) -> np.ndarray:
     return H
 
 
-def _noise(C: Any, dim: int) -> np.ndarray | NoiseModel:
+def checked_noise(C: Any, dim: int) -> np.ndarray | NoiseModel:
     """A fixed noise covariance (checked now) or a state-dependent model (checked when solved)."""
     if callable(C) and not hasattr(C, "shape"):
         return C
     return checks.symmetric("C", C, dim, psd=True)
 
 
-def _spectral_radius(A: np.ndarray) -> float:
+def spectral_radius(A: np.ndarray) -> float:
     return float(np.abs(np.linalg.eigvals(A)).max()) if A.size else 0.0

@@ -5,9 +5,11 @@ torch runs recurrent layers through fused kernels (``torch._VF.lstm``, ``_VF.gru
 only, :class:`Recurrence` (a ``TorchFunctionMode``) replaces those calls by the same equations
 on the same weights — the module's ``_flat_weights``, in torch's order — as plain tensor
 operations: one ``F.linear`` of the input over all time steps, one of the hidden state per
-step. vmap batches them like any other code, and the Gram path's rules see linear layers.
-The model's own forward is never changed; the tests hold this formulation equal to torch's
-kernels for every option (layers, directions, bias, batch_first, proj_size, dropout off).
+step. vmap batches them like any other code: the reference route enters :class:`Recurrence`,
+and the recording pass, which reads them from ``EXPANDED``, sees linear layers that the rules
+of :mod:`sgn_lab.grads.rules.linear` take. The model's own forward is never changed; the
+tests hold this formulation equal to torch's kernels for every option (layers, directions,
+bias, batch_first, proj_size, dropout off).
 
 Equations (torch's documentation), gates in the weights' row order:
 
@@ -29,6 +31,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
+
+from sgn_lab.grads.rules.registry import EXPANDED
 
 Cell = Callable[[Tensor, Tensor, Tensor | None, Sequence[Tensor]], tuple[Tensor, Tensor | None]]
 
@@ -118,6 +122,7 @@ RECURRENT: dict[Callable, Callable[..., tuple[Tensor, ...]]] = {
     torch._VF.rnn_tanh: _functional(_rnn_cell(torch.tanh), False, "RNN"),
     torch._VF.rnn_relu: _functional(_rnn_cell(torch.relu), False, "RNN"),
 }
+EXPANDED.update(RECURRENT)  # the recording pass records each step's operations
 
 
 class Recurrence(TorchFunctionMode):
