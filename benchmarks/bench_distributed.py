@@ -534,6 +534,7 @@ def _fork_child(rank: int, nproc: int, port: int, jobs: list[dict], threads: int
 
     import torch.distributed as dist
 
+    from sgn_lab.distributed.launch import destroy_group
     from sgn_lab.distributed.ranks import Ranks
 
     try:
@@ -544,7 +545,7 @@ def _fork_child(rank: int, nproc: int, port: int, jobs: list[dict], threads: int
         try:
             conn.send(("ok", worker(Ranks.of(), jobs, threads)))
         finally:
-            dist.destroy_process_group()
+            destroy_group()
     except BaseException:
         conn.send(("error", traceback.format_exc()))
     finally:

@@ -1,4 +1,9 @@
-"""The `sgn-lab` command: thin commands over the library."""
+"""The `sgn-lab` command: thin commands over the library.
+
+Commands import the library's heavy modules (torch, pandas, ...) in their bodies: the options
+and their help come from light registries (the config's schema, the task and method names), so
+that ``sgn-lab --help`` loads no torch (tests/cli/test_light_help.py).
+"""
 
 from __future__ import annotations
 
@@ -20,9 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sgn_lab.data import DataWarning, task_help
-from sgn_lab.distributed.launch import WorkerError
-from sgn_lab.optim import METHODS
+from sgn_lab.data.catalog import DataWarning, task_help
 from sgn_lab.run.config import FIELDS, SECTIONS, help_text
 from sgn_lab.sweeps.config import SWEEP_HELP
 
@@ -297,18 +300,19 @@ def compare(
     With --tune, each method first runs on a grid of its hyperparameters and is compared at
     its best point on a validation split; with --match-step, at a matched effective step.
     """
+    from sgn_lab.run.config import parse_method_spec
     from sgn_lab.run.loop import run_series
     from sgn_lab.run.rundir import writable_dir
-    from sgn_lab.run.tune import SELECT, parse_grids
+    from sgn_lab.run.tuning import SELECT, check_lr_sources, parse_grids
 
-    specs = [_method_spec(item) for item in methods.split(",") if item.strip()]
+    specs = [parse_method_spec(item) for item in methods.split(",") if item.strip()]
     if not specs:
         raise ValueError("--methods is empty")
     seed_list = _parse_ints("seeds", seeds)
     grids = parse_grids(tune or [], where="--tune")
     if select not in SELECT:
         raise ValueError(f"--select must be one of {', '.join(SELECT)}, got {select!r}")
-    _check_lr_sources(specs, flags, grids, match_step)
+    check_lr_sources(specs, flags, grids, match_step)
     if grids:
         # A validation split is what tuning chooses on: 0.2 unless the user set one.
         base = [_config(config, {**flags, **spec, "seed": seed_list[0]},
@@ -328,40 +332,9 @@ def compare(
     console.print(f"wrote {len(configs)} runs under {escape(str(out))}/")
 
 
-def _check_lr_sources(specs: list[dict[str, Any]], flags: dict[str, Any], grids: Any,
-                      match_step: float | None) -> None:
-    """One source per hyperparameter: a method spec, a flag, --tune or --match-step (lr)."""
-    from sgn_lab.run.tune import method_grids
-
-    if match_step is not None:
-        if not (match_step > 0 and match_step < float("inf")):
-            raise ValueError(f"--match-step must be a positive learning rate, got {match_step}")
-        if flags.get("lr") is not None:
-            raise ValueError("--match-step sets every lr: drop --lr")
-        if any(g.key == "lr" for g in grids):
-            raise ValueError("--match-step and --tune of lr both set the lr: choose one")
-    for grid in grids:
-        if grid.method is None and flags.get(grid.key) is not None:
-            raise ValueError(f"--tune {grid.key} and --{grid.key.replace('_', '-')} both set "
-                             f"{grid.key}: choose one")
-    for spec in specs:
-        if match_step is not None and "lr" in spec:
-            raise ValueError(f"--match-step sets every lr: drop lr from {_spec_text(spec)!r}")
-        if spec["method"] not in METHODS:
-            continue  # named by the config's own check
-        tuned = [k for k in method_grids(grids, spec["method"]) if k in spec]
-        if tuned:
-            raise ValueError(f"--tune sets {tuned[0]} of {spec['method']}: drop it from "
-                             f"{_spec_text(spec)!r}")
-
-
-def _spec_text(spec: dict[str, Any]) -> str:
-    return ":".join([spec["method"], *(f"{k}={v}" for k, v in spec.items() if k != "method")])
-
-
 def _matched(configs: list[Any], match_step: float | None) -> list[Any]:
     """The configs at the matched effective step (unchanged without one)."""
-    from sgn_lab.run.tune import matched_config
+    from sgn_lab.run.tuning import matched_config
 
     if match_step is None:
         return configs
@@ -374,7 +347,7 @@ def _matched(configs: list[Any], match_step: float | None) -> list[Any]:
 def _compare_tuned(base: list[Any], grids: Any, seeds: list[int], out: Path, *, select: str,
                    match_step: float | None, resume: bool) -> None:
     """``compare --tune``: the sweep, the tuning table, grid-edge warnings, the summary."""
-    from sgn_lab.run.tune import TUNED_FILE, TUNING_FILE, tune
+    from sgn_lab.run.tuning import TUNED_FILE, TUNING_FILE, tune
 
     with _progress() as progress:
         result = tune(base, grids, seeds=seeds, root=out, select=select,
@@ -487,22 +460,6 @@ def _seeds_table(paths: Any, seeds: str) -> Table:
             cells.append(text + (f" ± {fmt.format(sd)}" if sd == sd else ""))
         table.add_row(*cells)
     return table
-
-
-def _method_spec(item: str) -> dict[str, Any]:
-    """'pnm:beta0=2:lr=0.05' -> {'method': 'pnm', 'beta0': 2.0, 'lr': 0.05}."""
-    from sgn_lab.checks import parse_value
-
-    method, *pairs = [part.strip() for part in item.strip().split(":")]
-    spec: dict[str, Any] = {"method": method}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--methods: {pair!r} in {item!r} is not key=value")
-        if key not in FIELDS or FIELDS[key][0] != "optimizer" or key == "method":
-            raise ValueError(f"--methods: {key!r} in {item!r} is no hyperparameter of a method")
-        spec[key] = parse_value(value)
-    return spec
 
 
 @app.command()
@@ -683,13 +640,18 @@ def main() -> None:
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError, OSError) as exc:
         err_console.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2)
-    except WorkerError as exc:  # --nproc: a process failed (its own message) or died
+    except (typer.Abort, KeyboardInterrupt):  # before RuntimeError, which click's Abort is
+        result = _INTERRUPTED
+    except RuntimeError as exc:
+        from sgn_lab.distributed.launch import WorkerError  # loaded already by --nproc runs
+
+        if not isinstance(exc, WorkerError):
+            raise
+        # --nproc: a process failed (its own message) or died
         err_console.print(f"[red]error:[/red] {escape(str(exc))}" + (
             "" if exc.input_error else "; every finished measurement is saved: rerun with "
             "--resume"))
         sys.exit(2 if exc.input_error else 1)
-    except (typer.Abort, KeyboardInterrupt):
-        result = _INTERRUPTED
     if result == _INTERRUPTED:  # click turns Ctrl-C into this exit code without a word
         err_console.print("interrupted: finished measurements are saved; rerun with --resume")
     sys.exit(result if isinstance(result, int) else 0)

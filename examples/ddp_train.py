@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import sgn_lab
-from sgn_lab.distributed import GradientNoiseScale, Ranks, gns_hook, init_from_env
+from sgn_lab.distributed import GradientNoiseScale, Ranks, destroy_group, gns_hook, init_from_env
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,8 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"B_simple during training: {gns.noise_scale:.3g} ± {gns.noise_scale_se:.2g}")
         print(f"probe at step {rows[-1]['step']}: B_simple {rows[-1]['noise_scale']:.3g}, "
               f"tr S {rows[-1]['trace']:.4g}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_group()  # after the garbage that still holds the group's work
 
 
 if __name__ == "__main__":

@@ -40,9 +40,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 if TYPE_CHECKING:
+    from torch import nn
+
     from sgn_lab.data.split import Task
 
 
@@ -114,6 +114,8 @@ def call(function: Callable[..., Any], reference: str, *, what: str,
 
 def user_model(reference: str, task: Task, *, options: Mapping[str, Any]) -> nn.Module:
     """The model ``reference`` makes for ``task`` (see the model protocol above)."""
+    from torch import nn  # here, not above: the CLI's help reads is_reference without torch
+
     function = import_callable(reference, what="model")
     offered = {"input_shape": task.input_shape, "num_outputs": task.num_classes or 1,
                "task": task}

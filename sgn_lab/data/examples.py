@@ -67,6 +67,7 @@ import torch
 from torch import Tensor
 
 from sgn_lab.checks import choice, fraction, integer, seed_value
+from sgn_lab.data.catalog import DataWarning
 from sgn_lab.data.language import TOKEN_KINDS, encode_texts, token_tensor
 from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, assemble_task
 from sgn_lab.models.losses import IGNORE_INDEX, LOSS_AVERAGE
@@ -85,10 +86,6 @@ TOKENIZER_PREFIX = "tokenizer:"
 # before transformers is imported (a bare name such as "gpt2" would otherwise reach the hub).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
-
-
-class DataWarning(UserWarning):
-    """The data were changed on loading: examples longer than ``context`` were truncated."""
 
 
 @dataclass(frozen=True)

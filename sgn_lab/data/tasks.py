@@ -30,8 +30,9 @@ the same tensors, a different seed a different draw and split. Inputs are float3
 shape (n, ...); targets are int64 class labels (n,) for classification and float32 values (n,)
 for regression.
 
-The file tasks are registered in :data:`FILE_TASK_HELP` (prefix, form, one line of help),
-from which :func:`task_help` writes the help of a ``--task`` option.
+The task names and the file tasks' registry (:data:`FILE_TASK_HELP`: prefix, form, one line of
+help) live in :mod:`sgn_lab.data.catalog`, from which :func:`task_help` writes the help of a
+``--task`` option without importing torch.
 
 A language task (``markov``, ``text:PATH``) has int64 token ids as inputs and targets, both of
 shape (n, T), and its samples are *windows*: sample i is the input window x_i (T tokens) with
@@ -56,29 +57,13 @@ import torch
 from torch import Tensor
 
 from sgn_lab.checks import boolean, fraction, integer, number, parse_options, seed_value
+from sgn_lab.data.catalog import FILE_TASKS, TASKS
 from sgn_lab.data.examples import load_hfdata, load_jsonl
 from sgn_lab.data.files import load_cifar10, load_npz
 from sgn_lab.data.language import load_text, markov_tokens, token_tensor
 from sgn_lab.data.split import DEFAULT_TEST_FRACTION, Task, assemble_task, float32_tensor
 from sgn_lab.data.user_tasks import user_task
 from sgn_lab.user import is_reference
-
-TASKS = ("digits", "gaussian-mixture", "linreg", "markov", "mnist1d", "teacher-student")
-"""Names of the built-in tasks."""
-
-FILE_TASK_HELP: dict[str, tuple[str, str]] = {
-    "npz": ("npz:PATH", "arrays x, y (optional x_test, y_test) of a .npz file"),
-    "cifar10": ("cifar10:DIR", "the CIFAR-10 python batches in a folder"),
-    "text": ("text:PATH", "next-token windows of a UTF-8 text file"),
-    "jsonl": ("jsonl:PATH", "examples of different lengths, one JSON object a line (a text "
-              "field; a label field for classification), padded"),
-    "hfdata": ("hfdata:DIR", "the same from a datasets folder written by save_to_disk"),
-}
-"""The file tasks, the registry :func:`load_task` dispatches on: prefix -> (form, help)."""
-
-FILE_TASKS = tuple(FILE_TASK_HELP)
-"""Prefixes of task strings that read user data: ``npz:PATH``, ``cifar10:FOLDER``,
-``text:PATH``, ``jsonl:PATH`` and ``hfdata:DIR``."""
 
 # MNIST-1D's own generator holds out 20% (4000 train / 1000 test); keep its familiar sizes.
 _TASK_TEST_FRACTION = {"mnist1d": 0.2}
@@ -99,15 +84,6 @@ def file_task_options(kind: str) -> list[str]:
     return [p for p in inspect.signature(_FILE_LOADERS[kind]).parameters
             if p not in _LOADER_KEYS]
 
-
-def task_help() -> str:
-    """The help of a task option, from :data:`TASKS` and :data:`FILE_TASK_HELP`."""
-    files = "; ".join(
-        f"{form}: {text}" + (f" (options: {', '.join(options)})" if options else "")
-        for kind, (form, text) in FILE_TASK_HELP.items()
-        for options in [file_task_options(kind)])
-    return (f"Task: {', '.join(TASKS)} (options as linreg:dim=50); {files}; or your own "
-            "pkg.module:callable. File tasks take their options from --task-options k=v,k=v.")
 
 Built = tuple[np.ndarray, np.ndarray, int, dict[str, Any]]
 

@@ -6,8 +6,9 @@
 - :func:`split_gram` — the Gram, mean and diag(S) of a probe set split over ranks, the
   off-diagonal blocks from factors or gradients sent between them
   (:mod:`~sgn_lab.distributed.gram_over_ranks`).
-- :func:`launch` and :func:`init_from_env` — ``--nproc N`` through torchrun's engine, or
-  joining torchrun's group (:mod:`~sgn_lab.distributed.launch`).
+- :func:`launch`, :func:`init_from_env` and :func:`destroy_group` — ``--nproc N`` through
+  torchrun's engine, or joining torchrun's group and leaving it
+  (:mod:`~sgn_lab.distributed.launch`).
 - :class:`GradientNoiseScale` and :func:`gns_hook` — B_simple during DDP training from the
   gradient norms around DDP's all-reduce (McCandlish et al. 2018, Appendix A;
   :mod:`~sgn_lab.distributed.gns`).
@@ -15,9 +16,9 @@
 
 from sgn_lab.distributed.gns import GradientNoiseScale, NoiseScaleTracker, gns_hook
 from sgn_lab.distributed.gram_over_ranks import SplitGram, split_gram
-from sgn_lab.distributed.launch import WorkerError, init_from_env, launch
+from sgn_lab.distributed.launch import WorkerError, destroy_group, init_from_env, launch
 from sgn_lab.distributed.ranks import Ranks
 from sgn_lab.models.wrapped import unwrapped
 
 __all__ = ["GradientNoiseScale", "NoiseScaleTracker", "Ranks", "SplitGram", "WorkerError",
-           "gns_hook", "init_from_env", "launch", "split_gram", "unwrapped"]
+           "destroy_group", "gns_hook", "init_from_env", "launch", "split_gram", "unwrapped"]

@@ -1,6 +1,6 @@
 """Figure 6: every method at its tuned learning rate, on MNIST-1D and digits, over seeds.
 
-Per task, the protocol of :func:`sgn_lab.run.tune.tune`: each method runs at every lr of its
+Per task, the protocol of :func:`sgn_lab.run.tuning.tune`: each method runs at every lr of its
 grid (first seed) with a validation split carved from the training set; the lr with the best
 final validation metric is chosen; that setting reruns at every seed. The figure shows, per
 task (one row of panels), the chosen settings' final test accuracy, generalisation gap
@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from sgn_lab.plots import METRIC_LABELS, method_color, plot_style, save_figure
 from sgn_lab.run.config import parse
 from sgn_lab.run.rundir import load_run, write_table
-from sgn_lab.run.tune import parse_grids, tune
+from sgn_lab.run.tuning import parse_grids, tune
 
 PANELS = ("test_accuracy", "generalization_gap", "hessian_top_eigenvalue", "trace",
           "effective_rank")

@@ -16,12 +16,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from sgn_lab import checks
-
-MODELS = ("linear", "mlp", "cnn", "resnet")
-"""Names of the built-in models."""
-
-ACTIVATIONS = ("relu", "tanh")
-"""Hidden-layer activations of the built-in models."""
+from sgn_lab.models.names import ACTIVATIONS, MODELS
 
 _ACTIVATION_MODULES: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 

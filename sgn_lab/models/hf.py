@@ -55,12 +55,11 @@ from torch import Tensor, nn
 
 from sgn_lab import checks
 from sgn_lab.models.modes import restored_modes
+from sgn_lab.models.names import TRANSFORMERS
 
 if TYPE_CHECKING:  # sgn_lab.data imports sgn_lab.models: no import at run time
     from sgn_lab.data import Task
 
-TRANSFORMERS = ("gpt2", "bert", "vit")
-"""Names of the transformers built from Hugging Face configs (:func:`build_transformer`)."""
 
 PATCH_SIZES = (16, 8, 4, 2, 1)
 """ViT patch sizes tried, largest first, when ``patch_size`` is not given."""

@@ -26,10 +26,9 @@ from torch import Tensor
 from sgn_lab import checks
 from sgn_lab.optim._seeded import SeededOptimizer
 from sgn_lab.optim._sgd import heavy_ball_step
+from sgn_lab.optim.registry import COVARIANCE_VARIANTS
 
 __all__ = ["GaussianNoiseSGD", "CovarianceNoiseSGD", "COVARIANCE_VARIANTS"]
-
-COVARIANCE_VARIANTS = ("full", "diagonal")
 
 PerSampleGrads = Mapping[str, Tensor] | Sequence[Tensor | None]
 

@@ -21,18 +21,11 @@ import torch
 from torch.optim import Optimizer
 
 from sgn_lab import checks
+from sgn_lab.optim.registry import pnm_noise_factor
 
 __all__ = ["PNM", "AdaPNM", "pnm_noise_factor"]
 
 
-def pnm_noise_factor(beta0: float) -> float:
-    """The paper's noise factor ``Γ = (1+β0)² + β0²`` (5 at β0 = 1, 1 at β0 = 0).
-
-    Under independent buffers, one PNM combination ``(1+β0)·m_t − β0·m_{t−1}`` has Γ times the
-    variance of one buffer and the same mean; PNM and AdaPNM divide it by ``sqrt(Γ)``.
-    """
-    checks.number("beta0", beta0, 0, inclusive=True)
-    return (1.0 + beta0) ** 2 + beta0**2
 
 
 def _unpack_betas(betas: Any, names: tuple[str, ...]) -> tuple[float, ...]:

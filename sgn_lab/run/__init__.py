@@ -15,52 +15,46 @@ Modules, bottom up (each imports only those above it in this list):
 ``recorder``     RunRecorder: the one writer of a run directory's tables
 ``loop``         run_measurement, run_series: the one training loop (TrainState), resume rules,
                  Diverged
-``tune``         tune: each method at its best grid point on a validation split, then seeds
+``tuning``       tune: each method at its best grid point on a validation split, then seeds
 """
 
-from sgn_lab.run.config import RunConfig, parse
-from sgn_lab.run.instruments import (
-    INSTRUMENTS,
-    SGN,
-    Curvature,
-    Eval,
-    Instrument,
-    Layers,
-    Measurement,
-    MinibatchTails,
-    Tails,
-    Updates,
-)
-from sgn_lab.run.loop import Diverged, DivergedMeasurement, run_measurement, run_series
-from sgn_lab.run.probe import NoiseProbe, ProbeResult, update_noise
-from sgn_lab.run.rundir import Run, RunDirError, load_run, load_runs
-from sgn_lab.run.tune import TuneResult, parse_grids, tune
+from __future__ import annotations
 
-__all__ = [
-    "Curvature",
-    "Diverged",
-    "DivergedMeasurement",
-    "Eval",
-    "INSTRUMENTS",
-    "Instrument",
-    "Layers",
-    "Measurement",
-    "MinibatchTails",
-    "NoiseProbe",
-    "ProbeResult",
-    "Run",
-    "RunConfig",
-    "RunDirError",
-    "SGN",
-    "Tails",
-    "TuneResult",
-    "Updates",
-    "load_run",
-    "load_runs",
-    "parse",
-    "parse_grids",
-    "run_measurement",
-    "run_series",
-    "tune",
-    "update_noise",
-]
+from typing import TYPE_CHECKING
+
+from sgn_lab.lazy import homes, lazy_exports
+
+# Each public name -> the module that defines it, imported on first use (sgn_lab.lazy).
+_HOME = {
+    **homes("sgn_lab.run.config", ("RunConfig", "parse")),
+    **homes("sgn_lab.run.instruments", (
+        "INSTRUMENTS", "SGN", "Curvature", "Eval", "Instrument", "Layers", "Measurement",
+        "MinibatchTails", "Tails", "Updates",
+    )),
+    **homes("sgn_lab.run.loop", (
+        "Diverged", "DivergedMeasurement", "run_measurement", "run_series",
+    )),
+    **homes("sgn_lab.run.probe", ("NoiseProbe", "ProbeResult", "update_noise")),
+    **homes("sgn_lab.run.rundir", ("Run", "RunDirError", "load_run", "load_runs")),
+    **homes("sgn_lab.run.tuning", ("TuneResult", "parse_grids", "tune")),
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _HOME)
+
+if TYPE_CHECKING:  # the same names, for type checkers and editors
+    from sgn_lab.run.config import RunConfig, parse
+    from sgn_lab.run.instruments import (
+        INSTRUMENTS,
+        SGN,
+        Curvature,
+        Eval,
+        Instrument,
+        Layers,
+        Measurement,
+        MinibatchTails,
+        Tails,
+        Updates,
+    )
+    from sgn_lab.run.loop import Diverged, DivergedMeasurement, run_measurement, run_series
+    from sgn_lab.run.probe import NoiseProbe, ProbeResult, update_noise
+    from sgn_lab.run.rundir import Run, RunDirError, load_run, load_runs
+    from sgn_lab.run.tuning import TuneResult, parse_grids, tune

@@ -8,14 +8,17 @@ from here. Nothing here imports the code it names, so the schema sits below what
 
 from __future__ import annotations
 
-from sgn_lab.models import MODELS
-from sgn_lab.models.hf import TRANSFORMERS
+from sgn_lab.models.names import MODELS, TRANSFORMERS
 from sgn_lab.user import is_reference
 
 GRADS_PATHS = ("auto", "vmap", "gram")
 """How a measurement gets its per-sample gradients (:class:`~sgn_lab.run.probe.NoiseProbe`)."""
 
 DEVICES = ("auto", "cpu", "cuda")
+
+STATUS_KEYS = ("complete", "run", "sgn_lab_version", "diverged")
+"""Keys of a run directory's ``config.json`` that describe the run's status rather than its
+configuration (:mod:`sgn_lab.run.rundir`)."""
 
 INSTRUMENT_NAMES = ("eval", "sgn", "tails", "minibatch-tails", "curvature", "updates", "layers")
 """The built-in instruments, in the order their columns appear in a row; their objects are

@@ -20,20 +20,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sgn_lab.data import TASKS
-from sgn_lab.models import MODELS
-from sgn_lab.models.hf import TRANSFORMERS
-from sgn_lab.optim import METHODS, SETTINGS
-from sgn_lab.optim.injection import COVARIANCE_VARIANTS
+from sgn_lab.checks import parse_value
+from sgn_lab.data.catalog import TASKS
+from sgn_lab.models.names import MODELS, TRANSFORMERS
+from sgn_lab.optim.registry import COVARIANCE_VARIANTS, METHODS, SETTINGS
 from sgn_lab.run.choices import (
     DEFAULT_INSTRUMENTS,
     DEVICES,
     GRADS_PATHS,
     INSTRUMENT_NAMES,
     LOGS,
+    STATUS_KEYS,
     model_kind,
 )
-from sgn_lab.run.rundir import STATUS_KEYS
 
 
 class _Section(BaseModel):
@@ -278,6 +277,30 @@ def help_text(flat: str) -> str:
         return str(field.description)
     shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
     return f"{field.description} (default: {shown})"
+
+
+def parse_method_spec(item: str, *, where: str = "--methods") -> dict[str, Any]:
+    """A method with hyperparameters of its own, as ``compare --methods`` writes it:
+    ``'pnm:beta0=2:lr=0.05'`` -> ``{'method': 'pnm', 'beta0': 2.0, 'lr': 0.05}``.
+
+    Keys are those of the optimizer section (lr and the methods' settings); whether the method
+    takes them is the config's own check. ``where`` names the input in error messages.
+    """
+    method, *pairs = [part.strip() for part in item.strip().split(":")]
+    spec: dict[str, Any] = {"method": method}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{where}: {pair!r} in {item!r} is not key=value")
+        if key not in FIELDS or FIELDS[key][0] != "optimizer" or key == "method":
+            raise ValueError(f"{where}: {key!r} in {item!r} is no hyperparameter of a method")
+        spec[key] = parse_value(value)
+    return spec
+
+
+def method_spec_text(spec: dict[str, Any]) -> str:
+    """The text of a method spec, the inverse of :func:`parse_method_spec`."""
+    return ":".join([spec["method"], *(f"{k}={v}" for k, v in spec.items() if k != "method")])
 
 
 def parse(data: dict[str, Any]) -> RunConfig:

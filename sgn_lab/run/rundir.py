@@ -44,6 +44,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from sgn_lab.atomic import TEMPORARY_PATTERN, atomic_write
+from sgn_lab.run.choices import STATUS_KEYS
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
@@ -52,8 +53,6 @@ LAYERS_FILE = "layers.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
 COVERAGE_FILE = "coverage.csv"
 LOCK_FILE = ".lock"
-# Keys of config.json that describe the run's status rather than its configuration.
-STATUS_KEYS = ("complete", "run", "sgn_lab_version", "diverged")
 # Wall-clock time of each measurement: documented, and never part of a comparison of runs.
 TIMING_COLUMNS = ("measure_seconds",)
 

@@ -10,16 +10,30 @@ measured values with 95% intervals next to the closed form of :mod:`sgn_lab.theo
 Layers, bottom up: config, linreg, critical, runs.
 """
 
-from sgn_lab.sweeps.config import (
-    COLUMNS,
-    SWEEPS,
-    Z95,
-    SweepConfig,
-    format_sweep_options,
-    parse_sweep_options,
-    sweep_config,
-)
-from sgn_lab.sweeps.runs import run_config, run_sweep
+from __future__ import annotations
 
-__all__ = ["COLUMNS", "SWEEPS", "Z95", "SweepConfig", "format_sweep_options",
-           "parse_sweep_options", "run_config", "run_sweep", "sweep_config"]
+from typing import TYPE_CHECKING
+
+from sgn_lab.lazy import homes, lazy_exports
+
+# Each public name -> the module that defines it, imported on first use (sgn_lab.lazy).
+_HOME = {
+    **homes("sgn_lab.sweeps.config", (
+        "COLUMNS", "SWEEPS", "Z95", "SweepConfig", "format_sweep_options", "parse_sweep_options",
+        "sweep_config",
+    )),
+    **homes("sgn_lab.sweeps.runs", ("run_config", "run_sweep")),
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _HOME)
+
+if TYPE_CHECKING:  # the same names, for type checkers and editors
+    from sgn_lab.sweeps.config import (
+        COLUMNS,
+        SWEEPS,
+        Z95,
+        SweepConfig,
+        format_sweep_options,
+        parse_sweep_options,
+        sweep_config,
+    )
+    from sgn_lab.sweeps.runs import run_config, run_sweep

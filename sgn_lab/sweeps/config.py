@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from sgn_lab import checks
 
@@ -35,8 +34,6 @@ Z95 = 1.959963984540054
 
 Progress = Callable[[int, int], Any]
 
-DTYPE = torch.float64
-"""The sweeps' floating-point type."""
 
 
 

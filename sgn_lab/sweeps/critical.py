@@ -77,8 +77,14 @@ from sgn_lab.grads import flatten_grads, per_sample_grads
 from sgn_lab.run.rundir import load_checkpoint, save_checkpoint
 from sgn_lab.seeds import SweepPurpose, derive
 from sgn_lab.stats.noise import noise_stats
-from sgn_lab.sweeps.config import DTYPE, SWEEPS, Z95, Progress, SweepConfig
-from sgn_lab.sweeps.linreg import half_squared_error, keyed_generator, linear_model, linreg_problem
+from sgn_lab.sweeps.config import SWEEPS, Z95, Progress, SweepConfig
+from sgn_lab.sweeps.linreg import (
+    DTYPE,
+    half_squared_error,
+    keyed_generator,
+    linear_model,
+    linreg_problem,
+)
 from sgn_lab.version import __version__
 
 SWEEP_KEY = SWEEPS.index("critical-batch")

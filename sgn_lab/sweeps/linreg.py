@@ -20,7 +20,10 @@ from torch import Tensor, nn
 from sgn_lab import theory
 from sgn_lab.data import load_task
 from sgn_lab.seeds import SweepPurpose, derive
-from sgn_lab.sweeps.config import DTYPE, SweepConfig
+from sgn_lab.sweeps.config import SweepConfig
+
+DTYPE = torch.float64
+"""The sweeps' floating-point type."""
 
 
 @dataclass(frozen=True)

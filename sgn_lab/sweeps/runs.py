@@ -104,7 +104,6 @@ from sgn_lab.seeds import SweepPurpose, derive
 from sgn_lab.stats.noise import spectrum_summary
 from sgn_lab.sweeps.config import (
     COLUMNS,
-    DTYPE,
     SWEEPS,
     Z95,
     Progress,
@@ -114,6 +113,7 @@ from sgn_lab.sweeps.config import (
 )
 from sgn_lab.sweeps.critical import sweep_critical
 from sgn_lab.sweeps.linreg import (
+    DTYPE,
     LinregProblem,
     half_squared_error,
     keyed_generator,

@@ -548,3 +548,12 @@ def test_cifar10_corrupt_batch_is_named(tmp_path, content, message):
     (tmp_path / "c" / "data_batch_2").write_bytes(content)
     with pytest.raises(ValueError, match=message):
         load_cifar10(tmp_path / "c")
+
+
+def test_file_task_options_of_the_catalog_are_the_loaders_keywords():
+    from sgn_lab.data.catalog import FILE_TASK_OPTIONS, FILE_TASKS
+    from sgn_lab.data.tasks import file_task_options
+
+    assert set(FILE_TASK_OPTIONS) == set(FILE_TASKS)
+    for kind in FILE_TASKS:
+        assert list(FILE_TASK_OPTIONS[kind]) == file_task_options(kind), kind

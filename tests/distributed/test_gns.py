@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sgn_lab import flatten_grads, noise_stats, per_sample_grads, seeds
-from sgn_lab.distributed import GradientNoiseScale, NoiseScaleTracker, gns_hook
+from sgn_lab.distributed import GradientNoiseScale, NoiseScaleTracker, destroy_group, gns_hook
 from sgn_lab.distributed.gns import HISTORY_COLUMNS, ema_effective_samples, two_batch_estimates
 
 BATCH = 4  # samples per rank per micro-batch
@@ -121,7 +121,7 @@ def rank_main(rank: int, port: int, out_dir: str) -> None:
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()  # rank 2 leaves only once the pair is done
     finally:
-        dist.destroy_process_group()
+        destroy_group()
 
 
 def run_all(rank: int, world: int, group: dist.ProcessGroup | None) -> dict[str, Any]:
@@ -384,7 +384,7 @@ def test_needs_an_initialised_group_of_two_ranks(monkeypatch):
         with pytest.raises(ValueError, match=rejects("world size", "1")):
             GradientNoiseScale(batch_size=4)
     finally:
-        dist.destroy_process_group()
+        destroy_group()
 
 
 def test_nonpositive_smoothed_sq_norm_gives_nan_and_flag():

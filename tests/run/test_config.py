@@ -1,6 +1,7 @@
 """The typed run config: one schema, validated once, every hyperparameter resolved."""
 
 import math
+import re
 
 import pytest
 
@@ -85,3 +86,26 @@ def test_differences_list_the_keys_that_changed():
     assert differences(saved, asked) == ["lr: 0.1 -> 0.05"]
     assert differences(saved, saved) == []
     assert RunConfig().resolved() == parse({}).resolved()
+
+
+def test_parse_method_spec_reads_hyperparameters_and_writes_them_back():
+    from sgn_lab.run.config import method_spec_text, parse_method_spec
+
+    spec = parse_method_spec(" pnm:beta0=2:lr=0.05 ")
+    assert spec == {"method": "pnm", "beta0": 2, "lr": 0.05}
+    assert method_spec_text(spec) == "pnm:beta0=2:lr=0.05"
+    assert parse_method_spec("sgd") == {"method": "sgd"}
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("pnm:beta0", "--methods: 'beta0' in 'pnm:beta0' is not key=value"),
+    ("pnm:=2", "--methods: '=2' in 'pnm:=2' is not key=value"),
+    ("pnm:gamma=2", "--methods: 'gamma' in 'pnm:gamma=2' is no hyperparameter of a method"),
+    ("pnm:method=sgd", "'method' in 'pnm:method=sgd' is no hyperparameter of a method"),
+    ("sgd:batch_size=8", "'batch_size' in 'sgd:batch_size=8' is no hyperparameter"),
+])
+def test_parse_method_spec_refuses_in_one_line(item, message):
+    from sgn_lab.run.config import parse_method_spec
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_method_spec(item)

@@ -1,4 +1,4 @@
-"""Tuned comparisons (sgn_lab.run.tune): grids, the choice on the validation split, resume."""
+"""Tuned comparisons (sgn_lab.run.tuning): grids, the choice on the validation split, resume."""
 
 import json
 import math
@@ -13,7 +13,7 @@ from sgn_lab.optim import matched_lr
 from sgn_lab.run.build import build_run_model, build_task
 from sgn_lab.run.config import parse
 from sgn_lab.run.rundir import load_run
-from sgn_lab.run.tune import (
+from sgn_lab.run.tuning import (
     SUMMARY_FILE,
     TUNED_FILE,
     TUNING_FILE,
@@ -350,3 +350,32 @@ def test_a_killed_sweep_resumes_to_the_same_choice(tmp_path, fresh):
         else:
             pd.testing.assert_frame_equal(got, expected)
     assert [c.setting for c in result.choices] == [c.setting for c in fresh[1].choices]
+
+
+@pytest.mark.parametrize(("specs", "flags", "grids", "match_step", "message"), [
+    ([{"method": "sgd"}], {"lr": 0.1}, ["lr=0.1,1"], None,
+     "--tune lr and --lr both set lr: choose one"),
+    ([{"method": "sgd", "lr": 0.1}], {}, ["lr=0.1,1"], None,
+     "--tune sets lr of sgd: drop it from 'sgd:lr=0.1'"),
+    ([{"method": "sgd", "lr": 0.1}], {}, [], 0.1,
+     "--match-step sets every lr: drop lr from 'sgd:lr=0.1'"),
+    ([{"method": "sgd"}], {"lr": 0.1}, [], 0.1, "--match-step sets every lr: drop --lr"),
+    ([{"method": "sgd"}], {}, ["lr=0.1,1"], 0.1,
+     "--match-step and --tune of lr both set the lr: choose one"),
+    ([{"method": "sgd"}], {}, [], -1.0,
+     "--match-step must be a positive learning rate, got -1.0"),
+])
+def test_check_lr_sources_refuses_a_hyperparameter_set_twice(specs, flags, grids, match_step,
+                                                             message):
+    from sgn_lab.run.tuning import check_lr_sources
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_lr_sources(specs, flags, parse_grids(grids), match_step)
+
+
+def test_check_lr_sources_passes_one_source_each():
+    from sgn_lab.run.tuning import check_lr_sources
+
+    check_lr_sources([{"method": "pnm", "beta0": 2.0}, {"method": "nope", "lr": 0.1}],
+                     {"lr": None}, parse_grids(["lr=0.1,1", "sgd.weight_decay=0,0.1"]), None)
+    check_lr_sources([{"method": "sgd"}], {}, (), 0.05)

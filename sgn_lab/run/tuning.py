@@ -32,7 +32,14 @@ import pandas as pd
 
 from sgn_lab.checks import log_spaced, parse_value
 from sgn_lab.optim import METHODS, matched_lr
-from sgn_lab.run.config import FIELDS, HYPERPARAMETERS, OptimizerSection, RunConfig, parse
+from sgn_lab.run.config import (
+    FIELDS,
+    HYPERPARAMETERS,
+    OptimizerSection,
+    RunConfig,
+    method_spec_text,
+    parse,
+)
 from sgn_lab.run.loop import Notify, Progress, run_series
 from sgn_lab.run.rundir import load_run, writable_dir, write_json, write_table
 
@@ -180,6 +187,34 @@ def method_grids(grids: Sequence[Grid], method: str) -> dict[str, Grid]:
             continue  # the method's own grid came first
         chosen[grid.key] = grid
     return chosen
+
+
+def check_lr_sources(specs: Sequence[dict[str, Any]], flags: dict[str, Any],
+                     grids: Sequence[Grid], match_step: float | None) -> None:
+    """Refuse a hyperparameter set twice in ``compare``: each has one source, a method spec
+    (:func:`~sgn_lab.run.config.parse_method_spec`), a flag (``flags``: None where not given),
+    a grid of ``--tune`` or, for lr, ``--match-step``."""
+    if match_step is not None:
+        if not (match_step > 0 and match_step < float("inf")):
+            raise ValueError(f"--match-step must be a positive learning rate, got {match_step}")
+        if flags.get("lr") is not None:
+            raise ValueError("--match-step sets every lr: drop --lr")
+        if any(g.key == "lr" for g in grids):
+            raise ValueError("--match-step and --tune of lr both set the lr: choose one")
+    for grid in grids:
+        if grid.method is None and flags.get(grid.key) is not None:
+            raise ValueError(f"--tune {grid.key} and --{grid.key.replace('_', '-')} both set "
+                             f"{grid.key}: choose one")
+    for spec in specs:
+        if match_step is not None and "lr" in spec:
+            raise ValueError(f"--match-step sets every lr: drop lr from "
+                             f"{method_spec_text(spec)!r}")
+        if spec["method"] not in METHODS:
+            continue  # named by the config's own check
+        tuned = [k for k in method_grids(grids, spec["method"]) if k in spec]
+        if tuned:
+            raise ValueError(f"--tune sets {tuned[0]} of {spec['method']}: drop it from "
+                             f"{method_spec_text(spec)!r}")
 
 
 def with_values(config: RunConfig, **values: Any) -> RunConfig:
