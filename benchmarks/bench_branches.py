@@ -47,7 +47,7 @@ run_branches, through the loss function it is given (:class:`Recorder`, in the t
   recorded losses around it (so that rounding cannot move a crossing); run_branches is run
   again (untimed) with it, and its steps (lrs × seeds) must equal exactly what the baseline
   gives: each run's first step at or below the target, ∞ where never, and ∞ for the runs
-  run_branches stops once their lr cannot have the fewest mean steps (``_beyond_best``,
+  run_branches stops once their lr cannot have the fewest mean steps (``beyond_best``,
   replayed on the baseline's steps).
 
 Quick (``--quick``): batches 4 and 32, 2 seeds, 6 steps, one repeat; no CSV unless ``--out``.
@@ -88,12 +88,12 @@ from sgn_lab.sweeps.config import sweep_config  # noqa: E402
 # The sweep's own keys and held-out size, so that the problems are _branch_network's.
 from sgn_lab.sweeps.critical import (  # noqa: E402
     DIVERGENCE_FACTOR,
+    EVAL_SAMPLES,  # noqa: E402
+    INIT_KEY,  # noqa: E402
+    SWEEP_KEY,  # noqa: E402
+    beyond_best,  # noqa: E402
     run_branches,
 )
-from sgn_lab.sweeps.critical import EVAL_SAMPLES as _EVAL  # noqa: E402
-from sgn_lab.sweeps.critical import INIT_KEY as _INIT  # noqa: E402
-from sgn_lab.sweeps.critical import SWEEP_KEY as _KEY  # noqa: E402
-from sgn_lab.sweeps.critical import beyond_best as _beyond_best  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results_branches.csv")
@@ -154,12 +154,12 @@ def build_problem(name: str, all_lrs: bool = False) -> Problem:
     """The sweep's ``name`` problem at the full config's sizes, with its initial weights; its
     full lr grid (``all_lrs``) or the part of it up to STABLE_LR."""
     c = sweep_config("critical-batch", problem=name)  # the full config
-    task_seed = derive(c.seed, _KEY, SweepPurpose.PROBLEM) % 2**32
+    task_seed = derive(c.seed, SWEEP_KEY, SweepPurpose.PROBLEM) % 2**32
     if name == "mlp":
         task = load_task("teacher-student", seed=task_seed, n=c.dataset_size, dim=c.dim)
     else:
         task = load_task("markov", seed=task_seed, n=c.dataset_size, context=c.dim)
-    torch.manual_seed(derive(c.seed, _KEY, _INIT))  # the initial weights
+    torch.manual_seed(derive(c.seed, SWEEP_KEY, INIT_KEY))  # the initial weights
     if name == "mlp":
         from sgn_lab.models import build_model
 
@@ -171,7 +171,7 @@ def build_problem(name: str, all_lrs: bool = False) -> Problem:
         model = build_transformer("gpt2", task, width=c.width, depth=c.depth, heads=2)
     model.train(False)  # as in _branch_network: no dropout
     params = {k: p.detach().clone() for k, p in model.named_parameters()}
-    x_eval, y_eval = task.x_test[:_EVAL], task.y_test[:_EVAL]  # _branch_network's held-out set
+    x_eval, y_eval = task.x_test[:EVAL_SAMPLES], task.y_test[:EVAL_SAMPLES]  # as _branch_network
     with torch.no_grad():
         initial = float(task.loss_fn(model(x_eval), y_eval))
     lrs = c.lr_grid if all_lrs else tuple(lr for lr in c.lr_grid if lr <= STABLE_LR[name])
@@ -183,7 +183,7 @@ def build_problem(name: str, all_lrs: bool = False) -> Problem:
 def generators(problem: Problem, batch: int, seeds: int) -> list[torch.Generator]:
     """Fresh minibatch generators, one per seed, the same for both methods (keyed by B where
     _branch_network keys by the index of B in its grid: other draws, the same kind)."""
-    return [torch.Generator().manual_seed(derive(problem.seed, _KEY, batch, r,
+    return [torch.Generator().manual_seed(derive(problem.seed, SWEEP_KEY, batch, r,
                                                  SweepPurpose.DRAWS))
             for r in range(seeds)]
 
@@ -312,7 +312,7 @@ def expected_steps(losses: np.ndarray, target: float, initial: float) -> np.ndar
     """What run_branches must return for ``target``, from the baseline's held-out losses
     (lrs, seeds, steps) recorded with a target never reached: each run's first step at or
     below the target (∞ if none; a run that first :func:`stops` is dead, ∞), with
-    run_branches' early stop replayed step by step (all runs finished, or _beyond_best)."""
+    run_branches' early stop replayed step by step (all runs finished, or beyond_best)."""
     steps = losses.shape[2]
     below, bad = losses <= target, stops(losses, initial)
     reach = np.where(below.any(axis=2), below.argmax(axis=2) + 1, np.inf)
@@ -322,7 +322,7 @@ def expected_steps(losses: np.ndarray, target: float, initial: float) -> np.ndar
     for t in range(1, steps + 1):
         done = np.where(reach <= t, reach, np.inf)
         dead = dies <= t
-        if (np.isfinite(done) | dead).all() or _beyond_best(done, dead, t):
+        if (np.isfinite(done) | dead).all() or beyond_best(done, dead, t):
             break
     return done
 
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{torch.get_num_threads()}; load average now {load_average():.1f}")
     console.print(f"timing: median of {setting.repeats} run(s) per method after a "
                   f"{WARMUP_STEPS}-step warm-up; {setting.steps} steps, target -inf (never "
-                  f"reached); held-out loss after every step on {_EVAL} samples")
+                  f"reached); held-out loss after every step on {EVAL_SAMPLES} samples")
     started = time.perf_counter()
     rows: list[dict] = []
     for name in names:
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{row['sequential_s']:.2f} s, check {row['check']} "
                           f"(target {row['check_target']:.6g}, margin "
                           f"{row['check_margin']:.1e}, {row['check_reached']}/{row['K']} at "
-                          f"target, {row['check_stopped']} stopped by _beyond_best); "
+                          f"target, {row['check_stopped']} stopped by beyond_best); "
                           f"held-out losses within {row['loss_rel_diff']:.1e}; "
                           f"{time.perf_counter() - t0:.1f} s")
     console.print()

@@ -27,6 +27,13 @@ from rich.table import Table
 
 from sgn_lab.data.catalog import DataWarning, task_help
 from sgn_lab.run.config import FIELDS, SECTIONS, help_text
+from sgn_lab.run.tables import (
+    TextTable,
+    measure_table,
+    seeds_table,
+    tuned_summary_table,
+    tuning_table,
+)
 from sgn_lab.sweeps.config import SWEEP_HELP
 
 app = typer.Typer(
@@ -39,23 +46,6 @@ app = typer.Typer(
 console = Console()
 # soft_wrap: an error stays one line however long, so scripts can grep it.
 err_console = Console(stderr=True, soft_wrap=True)
-
-# Summary columns: (metrics column, header, format). rank/iso: effective rank of the SGN and
-# of isotropic noise of equal trace; s: power-law exponent; α: tail index; update tr:
-# tr Cov[Δθ], the per-step update noise of the optimizer.
-SUMMARY_COLUMNS = (
-    ("step", "step", "{:.0f}"),
-    ("test_accuracy", "test acc", "{:.3f}"),
-    ("trace", "tr S", "{:.3g}"),
-    ("noise_scale", "B_simple", "{:.3g}"),
-    ("effective_rank", "rank", "{:.1f}"),
-    ("isotropic_effective_rank", "iso", "{:.0f}"),
-    ("powerlaw_exponent", "s", "{:.2f}"),
-    ("tail_index", "α", "{:.2f}"),
-    ("update_trace", "update tr", "{:.3g}"),
-)
-# Columns shown with their jackknife standard error.
-ERRORS = {"noise_scale": "noise_scale_se"}
 
 Opt = typer.Option
 
@@ -154,23 +144,14 @@ def _notify(progress: Progress) -> Callable[[str], None]:
     return notify
 
 
-def _cell(row: Any, key: str, fmt: str) -> str:
-    value = row[key]
-    if value != value:
-        return "–"
-    text = fmt.format(value)
-    error = row.get(ERRORS.get(key, ""), float("nan"))
-    return text + (f" ± {fmt.format(error)}" if error == error else "")
-
-
-def _summary_table(metrics, title: str) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
-    present = [c for c in SUMMARY_COLUMNS if c[0] in metrics.columns]
-    for _, header, _ in present:
-        table.add_column(header, justify="right", no_wrap=True)
-    for _, row in metrics.iterrows():
-        table.add_row(*(_cell(row, key, fmt) for key, _, fmt in present))
-    return table
+def _render(table: TextTable) -> Table:
+    """A library table (sgn_lab.run.tables) as rich draws it on the terminal."""
+    shown = Table(title=table.title, box=box.SIMPLE_HEAD, padding=(0, 1))
+    for column in table.columns:
+        shown.add_column(column.header, justify=column.align, no_wrap=not column.wrap)
+    for row in table.rows:
+        shown.add_row(*row)
+    return shown
 
 
 ConfigOpt = Annotated[Path | None, Opt(help="TOML config file (flat keys, or [task], [model], "
@@ -235,8 +216,8 @@ def measure(
     if ranks is not None and not ranks.is_root:
         return  # on another machine the run directory may not even exist
     run = load_run(out)
-    console.print(_summary_table(run.metrics, "SGN over training (B_simple ± jackknife "
-                                              "standard error)"))
+    console.print(_render(measure_table(run.metrics, "SGN over training (B_simple ± "
+                                                     "jackknife standard error)")))
     written = ", ".join(f.name for f in sorted(out.iterdir()) if not f.name.startswith("."))
     console.print(f"wrote {escape(str(out))}/ ({written})")
 
@@ -302,7 +283,7 @@ def compare(
     """
     from sgn_lab.run.config import parse_method_spec
     from sgn_lab.run.loop import run_series
-    from sgn_lab.run.rundir import writable_dir
+    from sgn_lab.run.rundir import load_runs, writable_dir
     from sgn_lab.run.tuning import SELECT, check_lr_sources, parse_grids
 
     specs = [parse_method_spec(item) for item in methods.split(",") if item.strip()]
@@ -328,7 +309,8 @@ def compare(
         run_series(configs, out, resume=resume,
                    progress=lambda c: _advance(progress, c.resolved().run_name),
                    notify=_notify(progress))
-    console.print(_seeds_table([out / c.resolved().run_name for c in configs], seeds))
+    metrics, _ = load_runs(*(out / c.resolved().run_name for c in configs))
+    console.print(_render(seeds_table(metrics, seed_list)))
     console.print(f"wrote {len(configs)} runs under {escape(str(out))}/")
 
 
@@ -354,14 +336,14 @@ def _compare_tuned(base: list[Any], grids: Any, seeds: list[int], out: Path, *, 
                       match_step=match_step, resume=resume,
                       progress=lambda c: _advance(progress, c.resolved().run_name),
                       notify=_once(_notify(progress)))
-    console.print(_tuning_table(result))
+    console.print(_render(tuning_table(result)))
     for choice in result.choices:
         for key, edge in choice.at_edge.items():
             err_console.print(
                 f"[yellow]warning:[/yellow] {escape(choice.label)}: the chosen {key}="
                 f"{choice.setting[key]:g} is the {'lowest' if edge == 'low' else 'highest'} "
                 f"point of its grid; extend the grid {'below' if edge == 'low' else 'above'} it")
-    console.print(_tuned_summary_table(result, seeds))
+    console.print(_render(tuned_summary_table(result, seeds)))
     console.print(f"wrote {len(result.tuning)} tuning runs and the chosen settings at "
                   f"{len(seeds)} seeds under {escape(str(out))}/ ({TUNING_FILE}, {TUNED_FILE}, "
                   "summary.csv)")
@@ -378,88 +360,6 @@ def _once(notify: Callable[[str], None]) -> Callable[[str], None]:
             notify(text)
 
     return once
-
-
-def _tuning_table(result: Any) -> Table:
-    """Every grid point of every method: its values, the validation metric, the choice."""
-    tuning, metric = result.tuning, result.metric
-    keys = [k for k in tuning.columns
-            if k != "method" and k in FIELDS and FIELDS[k][0] == "optimizer"]
-    table = Table(title=f"tuning at seed {int(tuning['seed'].iloc[0])}: {metric} at the final "
-                  "measurement", box=box.SIMPLE_HEAD, padding=(0, 1))
-    for column in ("method", *keys, metric, "chosen"):
-        table.add_column(column, justify="left" if column == "method" else "right",
-                         no_wrap=True)
-    for _, row in tuning.iterrows():
-        values = [_grid_cell(row[k]) for k in keys]
-        value = row[metric]
-        shown = ("diverged" if row["diverged"] else f"{value:.4g}" if value == value else "–")
-        table.add_row(str(row["method"]), *values, shown, "✓" if row["selected"] else "")
-    return table
-
-
-# summary.csv columns shown by compare --tune: (column, header, format).
-TUNED_COLUMNS = (
-    ("test_loss", "test loss", "{:.4g}"),
-    ("test_accuracy", "test acc", "{:.3f}"),
-    ("train_accuracy", "train acc", "{:.3f}"),
-    ("generalization_gap", "gap", "{:.3f}"),
-    ("trace", "tr S", "{:.3g}"),
-    ("effective_rank", "rank", "{:.1f}"),
-    ("hessian_top_eigenvalue", "λ_max", "{:.3g}"),
-)
-
-
-def _tuned_summary_table(result: Any, seeds: list[int]) -> Table:
-    """summary.csv as mean ± sd over seeds, one row per method at its chosen setting."""
-    summary = result.summary
-    shown = [c for c in TUNED_COLUMNS if f"{c[0]}_mean" in summary
-             and summary[f"{c[0]}_mean"].notna().any()]
-    left_out = int(summary["diverged"].sum())
-    table = Table(title=f"chosen settings (by {result.metric}): final measurement, mean ± sd "
-                  f"over seeds {','.join(map(str, seeds))}"
-                  + (f" ({left_out} diverged runs left out)" if left_out else ""),
-                  box=box.SIMPLE_HEAD, padding=(0, 1))
-    keys = list(dict.fromkeys(k for c in result.choices for k in c.setting if k != "lr"))
-    for column in ("method", "lr", *keys, *(header for _, header, _ in shown)):
-        table.add_column(column, justify="left" if column == "method" else "right",
-                         no_wrap=True)
-    for _, row in summary.iterrows():
-        cells = [_grid_cell(row[k]) for k in keys]
-        for key, _, fmt in shown:
-            mean, sd = row[f"{key}_mean"], row[f"{key}_sd"]
-            text = fmt.format(mean) if mean == mean else "–"
-            cells.append(text + (f" ± {fmt.format(sd)}" if sd == sd else ""))
-        table.add_row(str(row["method"]), f"{row['lr']:g}", *cells)
-    return table
-
-
-def _grid_cell(value: Any) -> str:
-    if isinstance(value, float):
-        return "–" if value != value else f"{value:g}"
-    return str(value)
-
-
-def _seeds_table(paths: Any, seeds: str) -> Table:
-    """The final measurement of runs, mean ± sd over seeds per label."""
-    from sgn_lab.run.rundir import load_runs
-
-    metrics, _ = load_runs(*paths)
-    final = metrics.sort_values("step").groupby("run").tail(1)
-    shown = [c for c in SUMMARY_COLUMNS if c[0] in final and c[0] != "step"]
-    summary = final.groupby("label", sort=False)[[c for c, _, _ in shown]].agg(["mean", "std"])
-    table = Table(title=f"final measurement, mean ± sd over seeds {seeds}", box=box.SIMPLE_HEAD)
-    table.add_column("run")
-    for _, header, _ in shown:
-        table.add_column(header, justify="right", no_wrap=True)
-    for label, row in summary.iterrows():
-        cells = [str(label)]
-        for key, _, fmt in shown:
-            mean, sd = row[(key, "mean")], row[(key, "std")]
-            text = fmt.format(mean) if mean == mean else "–"
-            cells.append(text + (f" ± {fmt.format(sd)}" if sd == sd else ""))
-        table.add_row(*cells)
-    return table
 
 
 @app.command()
@@ -502,6 +402,7 @@ def scaling(
     from sgn_lab.plots import plot_scaling, save_figure
     from sgn_lab.run.rundir import writable_dir, write_table
     from sgn_lab.sweeps import SWEEPS, parse_sweep_options, run_sweep, sweep_config
+    from sgn_lab.sweeps.tables import lr_edge_advice, scaling_table
 
     if sweep not in SWEEPS:
         raise ValueError(f"unknown sweep {sweep!r}; choose one of {', '.join(SWEEPS)}")
@@ -519,54 +420,11 @@ def scaling(
     write_table(out / f"scaling_{sweep}.csv", table)
     save_figure(figure, out / f"scaling_{sweep}")
     state.unlink(missing_ok=True)
-    shown = Table(title=f"{sweep} sweep: measured ± 95% CI half-width against theory",
-                  box=box.SIMPLE_HEAD, padding=(0, 1))
-    for column in ("quantity", "x", "measured", "theory", "rel. error"):
-        shown.add_column(column, justify="left" if column == "quantity" else "right",
-                         no_wrap=True)
-    for _, row in table.iterrows():
-        half_width = (row["ci_high"] - row["ci_low"]) / 2
-        rel = row["rel_error"]
-        centre, low, high = row["measured"], row["ci_low"], row["ci_high"]
-        measured = f"{centre:.4g}"
-        if low == low:  # NaN: a value without a CI
-            symmetric = abs((high - centre) - (centre - low)) <= 1e-9 * abs(high - low)
-            measured += (f" ± {half_width:.2g}" if symmetric  # else a bootstrap CI
-                         else f" [{low:.3g}, {high:.3g}]")
-        shown.add_row(
-            str(row["quantity"]), f"{row['x']:.4g}" if row["x"] == row["x"] else "–", measured,
-            f"{row['theory']:.4g}" if row["theory"] == row["theory"] else "–",
-            f"{rel:+.1%}" if rel == rel else "–",
-        )
-    console.print(shown)
+    console.print(_render(scaling_table(sweep, table)))
     if sweep == "critical-batch":
-        _warn_lr_at_edge(table, config.lr_grid, given)
+        for line in lr_edge_advice(table, config.lr_grid, given):
+            err_console.print(line, markup=False, highlight=False)
     console.print(f"wrote {escape(str(out))}/scaling_{sweep}.csv, .png and .pdf")
-
-
-def _warn_lr_at_edge(table: Any, lr_grid: tuple[float, ...], given: dict[str, Any]) -> None:
-    """A warning per end of lr_grid that was some batch size's best lr, and the --options of
-    a grid two of its steps wider at each such end."""
-    from sgn_lab.sweeps import format_sweep_options
-    from sgn_lab.sweeps.critical import lr_at_edge
-
-    edges = lr_at_edge(table)
-    for end in ("low", "high"):
-        at = [f"{b:g}" for b, side in edges if side == end]
-        if at:
-            err_console.print(
-                f"warning: at B = {', '.join(at)} the best lr is the {end}est of lr_grid: S "
-                f"there is an upper bound and B_noise_fit biased; extend lr_grid "
-                f"{'below' if end == 'low' else 'above'} it", markup=False, highlight=False)
-    if edges:
-        low, high, count = min(lr_grid), max(lr_grid), len(lr_grid)
-        ratio = (high / low) ** (1 / (count - 1)) if count > 1 else 2.0
-        sides = {side for _, side in edges}
-        low, high = low / ratio**2 if "low" in sides else low, (
-            high * ratio**2 if "high" in sides else high)
-        wider = {**given, "lr_grid": f"{low:.4g}:{high:.4g}:{count + 2 * len(sides)}"}
-        err_console.print(f"rerun with --options {format_sweep_options(wider)} (or a figure "
-                          "config's problem options)", markup=False, highlight=False)
 
 
 @app.command()

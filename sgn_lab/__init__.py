@@ -16,59 +16,33 @@ defines it when it is first used (``sgn_lab.per_sample_grads`` loads torch then)
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from sgn_lab.lazy import homes, lazy_exports
 from sgn_lab.version import __version__ as __version__
 
-# Each public name -> the module that defines it (read by __getattr__ and __all__).
+# Each public name -> the module that defines it.
 _HOME = {
-    **dict.fromkeys(
-        ("GramCoverage", "GramMismatchError", "SampleMixingError", "SampleMixingWarning",
-         "batchnorm_to_groupnorm", "flatten_grads", "gram_and_mean_gradient",
-         "per_sample_grads", "per_sample_gram", "per_sample_gram_coverage"),
-        "sgn_lab.grads"),
-    **dict.fromkeys(
-        ("Instrument", "Measurement", "NoiseProbe", "ProbeResult", "Run", "RunConfig",
-         "load_run", "load_runs", "run_measurement"),
-        "sgn_lab.run"),
-    **dict.fromkeys(
-        ("CurvatureStats", "curvature_stats", "hessian_top_eigenvalue", "hessian_trace",
-         "hessian_vector_product", "trace_hs"),
-        "sgn_lab.stats.curvature"),
-    "layer_noise_scale": "sgn_lab.stats.layers",
-    **dict.fromkeys(("NoiseStats", "isotropic_spectrum", "minibatch_factor", "noise_stats"),
-                    "sgn_lab.stats.noise"),
-    **dict.fromkeys(("Moments", "streaming_moments", "streaming_noise_stats"),
-                    "sgn_lab.stats.streaming"),
-    **dict.fromkeys(("ShapeStats", "minibatch_noise_shape", "shape_stats", "tail_index"),
-                    "sgn_lab.stats.tails"),
+    **homes("sgn_lab.grads", (
+        "GramCoverage", "GramMismatchError", "SampleMixingError", "SampleMixingWarning",
+        "batchnorm_to_groupnorm", "flatten_grads", "gram_and_mean_gradient",
+        "per_sample_grads", "per_sample_gram", "per_sample_gram_coverage")),
+    **homes("sgn_lab.run", (
+        "Instrument", "Measurement", "NoiseProbe", "ProbeResult", "Run", "RunConfig",
+        "load_run", "load_runs", "run_measurement")),
+    **homes("sgn_lab.stats.curvature", (
+        "CurvatureStats", "curvature_stats", "hessian_top_eigenvalue", "hessian_trace",
+        "hessian_vector_product", "trace_hs")),
+    **homes("sgn_lab.stats.layers", ("layer_noise_scale",)),
+    **homes("sgn_lab.stats.noise",
+            ("NoiseStats", "isotropic_spectrum", "minibatch_factor", "noise_stats")),
+    **homes("sgn_lab.stats.streaming", ("Moments", "streaming_moments", "streaming_noise_stats")),
+    **homes("sgn_lab.stats.tails",
+            ("ShapeStats", "minibatch_noise_shape", "shape_stats", "tail_index")),
 }
 
-__all__ = sorted(_HOME)
-
-
-def __getattr__(name: str) -> Any:
-    """A public name, imported from its module on first use; or a subpackage
-    (``sgn_lab.models``), as ``import sgn_lab`` followed by attribute access expects."""
-    if name in _HOME:
-        value = getattr(importlib.import_module(_HOME[name]), name)
-    elif not name.startswith("_"):
-        try:
-            value = importlib.import_module(f"sgn_lab.{name}")
-        except ModuleNotFoundError as missing:
-            if missing.name != f"sgn_lab.{name}":
-                raise
-            raise AttributeError(f"module 'sgn_lab' has no attribute {name!r}") from None
-    else:
-        raise AttributeError(f"module 'sgn_lab' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
-
+# A subpackage (sgn_lab.models) is an attribute too, as `import sgn_lab` users expect.
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _HOME, submodules=True)
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors
     from sgn_lab.grads import (

@@ -19,20 +19,25 @@ def homes(module: str, names: Iterable[str]) -> dict[str, str]:
     return dict.fromkeys(names, module)
 
 
-def lazy_exports(package: str, home: Mapping[str, str]
+def lazy_exports(package: str, home: Mapping[str, str], *, submodules: bool = False
                  ) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
     """``(__getattr__, __dir__, __all__)`` of ``package``, whose public names are the keys of
     ``home`` (name -> the module that defines it).
 
     ``__getattr__`` imports a name's module when the name is first used and keeps the value in
     the package, so it runs once per name. A public name must not be the name of one of the
-    package's modules: importing that module would bind the name to it.
+    package's modules: importing that module would bind the name to it. With ``submodules``,
+    any other public attribute is the package's module of that name (``sgn_lab.models`` after
+    a bare ``import sgn_lab``), imported on first use.
     """
 
     def __getattr__(name: str) -> Any:
-        if name not in home:
+        if name in home:
+            value = getattr(importlib.import_module(home[name]), name)
+        elif submodules and not name.startswith("_"):
+            value = _submodule(package, name)
+        else:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(home[name]), name)
         setattr(sys.modules[package], name, value)
         return value
 
@@ -40,3 +45,12 @@ def lazy_exports(package: str, home: Mapping[str, str]
         return sorted({*vars(sys.modules[package]), *home})
 
     return __getattr__, __dir__, sorted(home)
+
+
+def _submodule(package: str, name: str) -> Any:
+    try:
+        return importlib.import_module(f"{package}.{name}")
+    except ModuleNotFoundError as missing:
+        if missing.name != f"{package}.{name}":
+            raise  # the module exists and one of its own imports is missing
+        raise AttributeError(f"module {package!r} has no attribute {name!r}") from None

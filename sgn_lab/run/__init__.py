@@ -16,6 +16,7 @@ Modules, bottom up (each imports only those above it in this list):
 ``loop``         run_measurement, run_series: the one training loop (TrainState), resume rules,
                  Diverged
 ``tuning``       tune: each method at its best grid point on a validation split, then seeds
+``tables``       the summary tables of measure and compare as plain text (TextTable)
 """
 
 from __future__ import annotations

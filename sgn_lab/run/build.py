@@ -32,8 +32,7 @@ from sgn_lab.models.hf import build_transformer, is_padded, load_pretrained
 from sgn_lab.models.modes import restored_modes
 from sgn_lab.run.choices import HF_PREFIX, model_kind
 from sgn_lab.seeds import Purpose, seed_for
-from sgn_lab.user import first_line as _first_line
-from sgn_lab.user import user_model
+from sgn_lab.user import first_line, user_model
 
 if TYPE_CHECKING:
     from sgn_lab.run.config import RunConfig
@@ -109,7 +108,7 @@ def check_fits(model: nn.Module, task: Task, *, name: str) -> None:
             loss = task.loss_fn(model(task.x_train[:2]), task.y_train[:2])
     except Exception as exc:  # noqa: BLE001 - the user's model or loss: one line
         raise ValueError(f"model {name!r} does not fit task {task.name!r}: "
-                         f"{_first_line(exc)}") from None
+                         f"{first_line(exc)}") from None
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shown = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f"the loss of task {task.name!r} on model {name!r} gives {shown}, "

@@ -66,8 +66,7 @@ from torch import Tensor, nn
 from sgn_lab import checks
 from sgn_lab.distributed.gram_over_ranks import split_gram
 from sgn_lab.grads import GramCoverage, GramResult, gram_result
-from sgn_lab.grads.common import flatten_grads
-from sgn_lab.grads.common import seeded as _seeded
+from sgn_lab.grads.common import flatten_grads, seeded
 from sgn_lab.grads.vmap import per_sample_grads
 from sgn_lab.optim import train_step
 from sgn_lab.seeds import Purpose, derive, seed_for
@@ -143,7 +142,7 @@ class Measurement:
                                     or "grads" in self.__dict__):
             return noise_stats(self.grads, shape=False, **minibatch)
         if self.ranks.distributed:
-            with _seeded(self.seed(Purpose.GRADS), self.device):
+            with seeded(self.seed(Purpose.GRADS), self.device):
                 split = split_gram(self.model, self.loss_fn, self.x, self.y, self.ranks,
                                    grads=self.path, batchnorm=p.batchnorm,
                                    chunk_size=self.chunk_size, verify=p.take_verify())
@@ -160,7 +159,7 @@ class Measurement:
         gradient and, with the layers instrument on, every parameter's own Gram."""
         p = self.probe
         per_parameter = any(i.name == "layers" for i in p.instruments)
-        with _seeded(self.seed(Purpose.GRADS), self.device):
+        with seeded(self.seed(Purpose.GRADS), self.device):
             result = gram_result(self.model, self.loss_fn, self.x, self.y, with_mean=True,
                                  per_parameter=per_parameter, batchnorm=p.batchnorm,
                                  chunk_size=self.chunk_size, verify=p.take_verify())

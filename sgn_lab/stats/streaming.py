@@ -39,9 +39,7 @@ from torch import Tensor, nn
 
 from sgn_lab import checks
 from sgn_lab.grads import per_sample_gram
-from sgn_lab.grads.common import as_tuple as _as_tuple
-from sgn_lab.grads.common import num_samples as _num_samples
-from sgn_lab.grads.common import trainable_dim
+from sgn_lab.grads.common import as_tuple, num_samples, trainable_dim
 from sgn_lab.grads.vmap import per_sample_grads
 from sgn_lab.seeds import Purpose, derive
 from sgn_lab.stats.noise import (
@@ -125,8 +123,8 @@ def streaming_moments(
     checks.integer("chunk_size", chunk_size, 1)
     if seed is not None:
         checks.integer("seed", seed, 0)
-    xs = _as_tuple(inputs)
-    n = _num_samples(xs, targets)
+    xs = as_tuple(inputs)
+    n = num_samples(xs, targets)
     checks.samples("n", n)
     moments = _MomentAccumulator(trainable_dim(model), _model_device(model))
     for index, (lo, hi) in enumerate(_chunk_bounds(n, chunk_size)):
@@ -268,8 +266,8 @@ def streaming_noise_stats(
     checks.integer("sketch_dim", sketch_dim, 2)
     checks.integer("max_gram_bytes", max_gram_bytes, 1)
     checks.integer("seed", seed, 0)
-    xs = _as_tuple(inputs)
-    n = _num_samples(xs, targets)
+    xs = as_tuple(inputs)
+    n = num_samples(xs, targets)
     checks.samples("n", n)
     if batch_size is not None:  # fail before the pass over the data, not after it
         minibatch_factor(batch_size, dataset_size=dataset_size, replacement=replacement)

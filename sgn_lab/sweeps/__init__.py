@@ -6,8 +6,9 @@ measured values with 95% intervals next to the closed form of :mod:`sgn_lab.theo
 ``critical``  the critical-batch sweep: branched SGD runs and the fit S = S_min(1 + B_noise/B)
 ``runs``      the simulations (run_sweep, run_config); figures of their tables are
               sgn_lab.plots.sweeps's
+``tables``    what ``sgn-lab scaling`` prints: the table as plain text, the lr-grid advice
 
-Layers, bottom up: config, linreg, critical, runs.
+Layers, bottom up: config, linreg, critical, runs, tables.
 """
 
 from __future__ import annotations
