@@ -201,6 +201,10 @@ def measure(
 
     run_config = ranks.decided(prepare) if ranks else prepare()
     nproc = run_config.training.nproc
+    if flags.get("nproc") not in (None, nproc):  # plan() compares it only with other flags
+        raise ValueError(f"{out} holds a run of {nproc} process{'es' if nproc > 1 else ''}; "
+                         f"{flags['nproc']} would split its batches and probe set otherwise: "
+                         f"resume it with --nproc {nproc}, or without --nproc")
     console.print(
         f"[bold]sgn-lab measure[/bold] {escape(run_config.run_name)}: {run_config.model.name} "
         f"on {escape(run_config.task.name)}, {run_config.label} lr={run_config.optimizer.lr} "

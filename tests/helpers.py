@@ -82,6 +82,16 @@ def relative_error(got: Tensor, want: Tensor) -> float:
     return float(torch.linalg.norm(got - want) / torch.linalg.norm(want))
 
 
+def interrupt_at(step: int):
+    """A ``progress`` callback that interrupts a run (as Ctrl-C does) when it reaches ``step``."""
+
+    def progress(at: int, total: int) -> None:
+        if at == step:
+            raise KeyboardInterrupt
+
+    return progress
+
+
 def rejects(name: str, shown: str) -> str:
     """The pattern of :mod:`sgn_lab.checks`'s message for argument ``name``, whose value the
     message shows as ``shown`` (its repr)."""

@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from sgn_lab.distributed.ranks import Ranks
 # worker's exception reaches the launcher as text.
 INPUT_ERRORS = ("ValueError", "TypeError", "FileNotFoundError", "FloatingPointError",
                 "OSError", "RunDirError", "GramMismatchError", "PermissionError")
+INTERRUPTED = 130  # a worker's exit code when Ctrl-C reached it (128 + SIGINT)
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective that waits longer ends the run
 
 
@@ -82,6 +84,7 @@ def launch(nproc: int, fn: Callable[..., Any], *args: Any, device_type: str = "c
     returns each rank's result. ``fn`` is called as ``fn(ranks, *args)`` and must be
     importable (a module-level function); ``device_type`` "cuda" needs ``nproc`` GPUs. A
     failed or dead process is a :class:`WorkerError`."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -95,8 +98,14 @@ def launch(nproc: int, fn: Callable[..., Any], *args: Any, device_type: str = "c
     try:
         with _quiet_agent():
             return elastic_launch(config, _worker)(fn, *args)
+    except SignalException:
+        # Ctrl-C or SIGTERM reached the agent, which has stopped the workers: an interrupted
+        # run, as in one process (every finished measurement is on disk).
+        raise KeyboardInterrupt from None
     except ChildFailedError as failed:
         rank, failure = failed.get_first_failure()
+        if failure.exitcode == INTERRUPTED:  # a worker was interrupted before the agent was
+            raise KeyboardInterrupt from None
         raise _worker_error(rank, nproc, failure) from None
 
 
@@ -111,7 +120,10 @@ def _worker(fn: Callable[..., Any], *args: Any) -> Any:
         finally:
             destroy_group()
 
-    return run()
+    try:
+        return run()
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal's group
+        sys.exit(INTERRUPTED)  # quietly: the launcher reports it once
 
 
 def _share_cores() -> None:

@@ -4,7 +4,8 @@ Two routes, one result: ``vmap`` gives the per-sample gradients through ``torch.
 reference route, any module with a functional forward); ``gram`` gives the n×n Gram matrix of
 the per-sample gradients from one recording pass (``record``), with one rule per torch
 operation (the ``rules`` package, one file per family) stating each use of a parameter in
-factored form (``terms``), never forming an n × d matrix. ``cross`` gives inner products
+factored form (``terms``), never forming an n × d matrix; a chain of linear and row-wise
+layers is recorded by one plain batched pass (``chain``). ``cross`` gives inner products
 between two sample sets' gradients (the Gram over processes). What both routes share (input
 checks, BatchNorm policy, seeding, the (n, d) layout) is in ``common``; ``consistency``
 checks that a forward pass does not mix samples; ``batched`` holds the few functorch

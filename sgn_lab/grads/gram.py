@@ -21,6 +21,9 @@ How it is computed (``sgn_lab.grads``):
    (:mod:`~sgn_lab.grads.terms`). Any other use gives the parameter a per-sample copy, whose
    gradient is its per-sample gradient (the ``vmap`` route). One backward pass gives every
    signal.
+   A chain whose structure keeps the samples on axis 0 and apart (:mod:`~sgn_lab.grads.chain`:
+   ``nn.Sequential`` of Linear and row-wise layers) is recorded by one plain batched pass
+   with the same linear rule.
 2. Each parameter's Gram is the sum over its uses (tied or shared parameters get their exact
    cross terms), each by the cheaper exact route of the cost model in
    :mod:`~sgn_lab.grads.terms`: ``ghost`` (from the factors' Grams) or ``per-sample`` (that
@@ -41,6 +44,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from sgn_lab.grads.chain import record_chain
 from sgn_lab.grads.common import Inputs, LossFn, as_tuple, batchnorm_policy, num_samples
 from sgn_lab.grads.consistency import (
     check_independent,
@@ -56,6 +60,7 @@ from sgn_lab.grads.terms import (
     Dense,
     Term,
     Workspace,
+    added,
     cost,
     materialise,
     merge,
@@ -377,7 +382,9 @@ def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify, *, keep=Fal
     n = targets.shape[0]
     start = rng_state(targets.device)
     try:
-        rec = record(model, loss_fn, xs, targets, params)
+        rec = record_chain(model, loss_fn, xs, targets, params)
+        if rec is None:
+            rec = record(model, loss_fn, xs, targets, params)
     except RuntimeError as refusal:  # vmap cannot transform some module: the last resort
         rec = _loop_recording(model, loss_fn, xs, targets, params, refusal)
     if rec.unseen:  # from the same random draws (dropout masks) as the recording pass
@@ -394,7 +401,7 @@ def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify, *, keep=Fal
         if keep:
             kept[name] = groups
         if groups:
-            K_p = sum(parameter_gram(group, workspace) for _, group in groups)
+            K_p = added(parameter_gram(group, workspace) for _, group in groups)
             K += K_p
             if verify:
                 blocks[name] = K_p[:verify, :verify].clone()

@@ -321,7 +321,7 @@ class _Recorder(TorchFunctionMode):
             saved[slot] = value
         tensor, axis = physical(out)
         self.records.append(_Record(
-            _edge(tensor), tensor, tensor._version, axis, plan, {s: refs[s] for s in takes},
+            output_edge(tensor), tensor, tensor._version, axis, plan, {s: refs[s] for s in takes},
             {s: tuple(operands[s].shape) for s in takes}, saved, versions))
 
     def _copy(self, tensor: Tensor, why: str) -> Tensor:
@@ -445,7 +445,7 @@ def _graph(losses: Tensor, recorder: _Recorder, params: dict[str, Tensor]
     return seen, unmarked
 
 
-def _edge(tensor: Tensor) -> GradientEdge:
+def output_edge(tensor: Tensor) -> GradientEdge:
     """The gradient edge of ``tensor``, or of its base when it is a reshaped view of all of it.
 
     An in-place op on a view (an in-place activation after a linear layer of a 3-D input,

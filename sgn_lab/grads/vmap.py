@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -182,7 +182,7 @@ def _computed(model, loss_fn, xs, targets, trainable, compute, chunk_size, seed,
     n = targets.shape[0]
     with seeded(seed, device):
         try:
-            with recurrence(model), traceable_masks():
+            with recurrence(model), traceable_masks(), kept_tensors(model):
                 if chunk_size >= n:  # one chunk: vmap's own output, no copy
                     grads, losses = compute(trainable, *xs, targets)
                     check_finite(losses, grads)
@@ -314,6 +314,24 @@ def _output(trainable: dict[str, Tensor], n: int) -> dict[str, Tensor]:
         out[k] = flat[:, offset:offset + p.numel()].view(n, *p.shape)
         offset += p.numel()
     return out
+
+
+@contextlib.contextmanager
+def kept_tensors(model: nn.Module) -> Iterator[None]:
+    """Every module's own parameter and buffer objects as they were, afterwards.
+
+    ``functional_call`` swaps them in and out by path; a module registered under two paths
+    (``nn.Sequential(a, b, a)``) is swapped twice, and torch 2.13 then restores the swapped-in
+    tensor as the module's "original": plain tensors where Parameters were.
+    """
+    tables = [t for m in model.modules() for t in (m._parameters, m._buffers)
+              if isinstance(t, dict)]  # a ScriptModule's tables are not (and are not swapped)
+    kept = [(table, dict(table)) for table in tables]
+    try:
+        yield
+    finally:
+        for table, values in kept:
+            table.update(values)
 
 
 def recurrence(model: nn.Module) -> contextlib.AbstractContextManager:

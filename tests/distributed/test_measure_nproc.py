@@ -83,7 +83,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     sgn_lab(*FLAGS, out=out["torchrun"], torchrun=2)
 
     killed = started(*FLAGS, "--nproc", "2", out=out["killed"])
-    wait_for_rows(out["killed"], 1, killed)
+    # After the second measurement: the resumed run restarts from a checkpoint past step 0,
+    # so gns.csv's rows from there on are the resumed process's own.
+    wait_for_rows(out["killed"], 2, killed)
     os.killpg(killed.pid, signal.SIGKILL)  # the launcher and its workers, as a scheduler would
     killed.wait(30)
     assert not complete(out["killed"])
@@ -193,6 +195,40 @@ def test_nproc_under_torchrun_must_agree(monkeypatch, capsys, tmp_path):
     assert code == 2
     assert err.strip() == ("error: --nproc 3 under torchrun, which started 2 processes: drop "
                            "--nproc")
+
+
+@pytest.mark.parametrize(("run", "nproc", "saved"), [("one", "2", 1), ("two", "3", 2)])
+def test_a_plain_resume_with_another_nproc_stops(monkeypatch, capsys, runs, run, nproc, saved):
+    before = (runs[run] / "metrics.csv").read_bytes()
+    code, _, err = run_main(monkeypatch, capsys, "measure", "--out", str(runs[run]), "--resume",
+                            "--nproc", nproc)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"resume it with --nproc {saved}, or without --nproc" in err
+    assert (runs[run] / "metrics.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_group_exits_130_with_the_resume_hint(tmp_path, how):
+    """Ctrl-C reaches the launcher and its workers (the terminal's process group); SIGTERM
+    (a scheduler) the launcher alone, whose agent stops the workers. Either way: one line,
+    exit code 130, and a run that resumes to completion."""
+    out = tmp_path / "run"
+    run = started(*FLAGS, "--steps", "120", "--nproc", "2", out=out)
+    wait_for_rows(out, 2, run)
+    if how == "ctrl-c":
+        os.killpg(run.pid, signal.SIGINT)
+    else:
+        run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=60)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert run.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert lines[-1] == "interrupted: finished measurements are saved; rerun with --resume"
+    assert not complete(out)
+    rows = len(pd.read_csv(out / "metrics.csv"))
+    assert rows >= 2
+    sgn_lab("--resume", out=out)
+    assert complete(out) and len(pd.read_csv(out / "metrics.csv")) == 120 // 4 + 1
 
 
 def test_resuming_with_another_nproc_lists_it(monkeypatch, capsys, runs):

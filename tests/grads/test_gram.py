@@ -340,13 +340,15 @@ def test_an_edge_orphaned_by_an_in_place_op_on_a_view_is_recorded_again(monkeypa
     # rebuilds the view's history. The pass records the base's edge; were it the view's, the
     # gradient would no longer reach it: that is detected, and the layer recorded again
     # through its per-sample copy.
+    import sgn_lab.grads.gram as gram
     import sgn_lab.grads.record as record
 
+    monkeypatch.setattr(gram, "record_chain", lambda *args: None)  # the vmap pass
     with seeded(28):
         model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
         x = torch.randn(6, 4, dtype=D)
     assert check(model, x, labels(6)).routes["0.weight"] in ("ghost", "per-sample")
-    monkeypatch.setattr(record, "_edge", record.get_gradient_edge)
+    monkeypatch.setattr(record, "output_edge", record.get_gradient_edge)
     coverage = check(model, x, labels(6))
     assert coverage.routes["0.weight"] == "vmap"
     assert "modified in place through a view" in coverage.to_frame().set_index("name").loc[

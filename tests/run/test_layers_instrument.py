@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import loop_grads, seeded
+from helpers import interrupt_at, loop_grads, seeded
 from torch import nn
 from torch.nn import functional as F
 
@@ -101,14 +101,6 @@ def lm_config(**overrides):
     return parse({**base, **overrides})
 
 
-def _interrupt_at(stop_step):
-    def progress(step, total):
-        if step == stop_step:
-            raise KeyboardInterrupt
-
-    return progress
-
-
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
     pytest.importorskip("transformers", reason="the hf extra is not installed")
@@ -138,7 +130,7 @@ def test_run_writes_layers_csv_one_row_per_step_and_name(lm_run):
 
 def test_a_killed_and_resumed_run_keeps_the_same_layer_rows(lm_run, tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        run_measurement(lm_config(), tmp_path / "cut", progress=_interrupt_at(15))
+        run_measurement(lm_config(), tmp_path / "cut", progress=interrupt_at(15))
     partial = load_run(tmp_path / "cut")
     assert not partial.complete and partial.layers["step"].max() == 10
     resumed = load_run(run_measurement(None, tmp_path / "cut", resume=True))

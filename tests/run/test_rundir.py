@@ -8,7 +8,7 @@ import stat
 import pandas as pd
 import pytest
 from filelock import FileLock
-from helpers import run_main
+from helpers import interrupt_at, run_main
 
 from sgn_lab.run.config import parse
 from sgn_lab.run.loop import run_measurement, run_series
@@ -97,18 +97,10 @@ def test_every_command_stops_before_its_work_when_out_is_a_file(tmp_path, monkey
 def test_a_corrupt_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        run_measurement(parse(SMALL), out, progress=_interrupt_at(4))
+        run_measurement(parse(SMALL), out, progress=interrupt_at(4))
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     one_line_exit_2(*run_main(monkeypatch, capsys, "measure", "--out", str(out), "--resume"),
                     "corrupt checkpoint", str(out / "checkpoint.pt"))
-
-
-def _interrupt_at(stop):
-    def progress(step, total):
-        if step == stop:
-            raise KeyboardInterrupt
-
-    return progress
 
 
 def test_resume_with_other_settings_lists_them_and_plain_resume_shows_the_saved_run(

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import run_main
+from helpers import interrupt_at, run_main
 from torch import nn
 from typer.testing import CliRunner
 
@@ -74,14 +74,6 @@ def test_measure_end_to_end_writes_documented_files_and_columns(tmp_path):
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 20
 
 
-def _interrupt_at(stop_step):
-    def progress(step, total):
-        if step == stop_step:
-            raise KeyboardInterrupt
-
-    return progress
-
-
 @pytest.mark.parametrize("stop_step", [11, 25], ids=["at-measurement", "mid-interval"])
 @pytest.mark.parametrize("method", ["pnm", "gaussian"])
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, stop_step, method):
@@ -91,7 +83,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, stop_step,
 
     with pytest.raises(KeyboardInterrupt):
         run_measurement(small_config(method=method, update_repeats=3, **extra),
-                        tmp_path / "cut", progress=_interrupt_at(stop_step))
+                        tmp_path / "cut", progress=interrupt_at(stop_step))
     partial = load_run(tmp_path / "cut")
     assert not partial.complete and partial.metrics["step"].max() == (stop_step - 1) // 10 * 10
     resumed = load_run(run_measurement(None, tmp_path / "cut", resume=True))
@@ -325,7 +317,7 @@ def test_measure_grads_flag_and_resume_in_gram_mode(tmp_path):
     assert set(full.metrics["grads"]) == {"gram"}
     with pytest.raises(KeyboardInterrupt):
         run_measurement(small_config(grads="gram", steps=20), tmp_path / "cut",
-                        progress=_interrupt_at(15))
+                        progress=interrupt_at(15))
     resumed = load_run(run_measurement(None, tmp_path / "cut", resume=True))
     drop = list(TIMING_COLUMNS)
     pd.testing.assert_frame_equal(full.metrics.drop(columns=drop),

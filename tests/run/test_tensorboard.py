@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import run_main
+from helpers import interrupt_at, run_main
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sgn_lab.run.config import parse
@@ -25,14 +25,6 @@ def _events(out):
     events = EventAccumulator(str(out / TENSORBOARD_DIR),
                               size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     return events.Reload()
-
-
-def _interrupt_at(stop_step):
-    def progress(step, total):
-        if step == stop_step:
-            raise KeyboardInterrupt
-
-    return progress
 
 
 def test_scalars_and_spectra_equal_the_tables(tmp_path):
@@ -63,7 +55,7 @@ def test_scalars_and_spectra_equal_the_tables(tmp_path):
 def test_resume_leaves_one_event_per_step(tmp_path):
     full = run_measurement(_config(), tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
-        run_measurement(_config(), tmp_path / "cut", progress=_interrupt_at(13))
+        run_measurement(_config(), tmp_path / "cut", progress=interrupt_at(13))
     resumed = run_measurement(None, tmp_path / "cut", resume=True)
     a, b = _events(full), _events(resumed)
     for column in SCALARS:

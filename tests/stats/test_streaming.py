@@ -121,7 +121,7 @@ def test_chunks_bound_the_samples_per_pass(monkeypatch):
     assert max(sizes) == 7 and len(sizes) == 4 + 4 * 3 // 2
 
     sizes.clear()
-    pairs = record_calls(monkeypatch, "record", gram)
+    pairs = record_calls(monkeypatch, "record_chain", gram)  # once per pass
     streaming_noise_stats(model, F.cross_entropy, x, y, chunk_size=7, gram="exact")
     assert sizes == [7, 7, 7, 2]  # the moments pass; the Gram path needs no per-sample grads
     assert pairs == [14, 14, 9, 14, 9, 9]  # one recording pass per pair of chunks (a, b), a < b
@@ -173,7 +173,7 @@ def assert_same_stats(r, ref, rtol=1e-9):
 @pytest.mark.parametrize("kind", ["mlp", "scaled"])
 def test_exact_equals_unchunked(kind, chunk_size, monkeypatch):
     model = mlp() if kind == "mlp" else Scaled().double()
-    pairs = record_calls(monkeypatch, "record", gram)
+    pairs = record_calls(monkeypatch, "record_chain", gram)  # once per pass
     x, y = classification_data()
     ref = reference(model, x, y, batch_size=4, dataset_size=100)
     r = streaming_noise_stats(
