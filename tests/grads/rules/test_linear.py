@@ -32,6 +32,18 @@ def test_linear_over_positions_takes_the_cheaper_route(length, width, out, route
     assert coverage.routes["0.weight"] == route
 
 
+def test_the_per_sample_route_in_blocks_of_rows(monkeypatch):
+    """Blocks of 1, 2 and 3 of the weight's 5 rows (the last one short) sum to the same K."""
+    from sgn_lab.grads import terms
+
+    with seeded(2):
+        model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Flatten(), nn.Linear(200, 2)).double()
+        x = torch.randn(6, 40, 2, dtype=D)
+    for rows in (1, 2, 3):
+        monkeypatch.setattr(terms, "_BLOCK_BYTES", 6 * 2 * 8 * rows)  # n · q · 8 bytes a row
+        assert check(model, x, labels(6, 2)).routes["0.weight"] == "per-sample"
+
+
 class Products(nn.Module):
     """Parameters entering through matmul, mm, addmm (HF Conv1D), a parameter on the left."""
 
