@@ -32,9 +32,21 @@ gradient is the mean over those K·b samples and all figures are exact; without,
 tr S come out K² times too large, while B_simple is unaffected.
 
 Mixed precision with ``torch.amp.GradScaler``: the buckets hold the gradients times the
-scale s, so both |G|² and tr S come out s² times too large (B_simple is unaffected, and a
-scale that changes between steps moves the smoothed |G|² and tr S together); divide those two
-columns by s² where their size matters.
+scale s. Pass the scaler (``GradientNoiseScale(b, scaler=scaler)``): the scale is read when a
+synchronised backward pass begins, before ``scaler.update()`` can change it, and every
+squared norm is divided by s², so all columns are those of the unscaled gradients. A step
+whose gradients overflowed (the scaler skips it) gives non-finite estimates, recorded but not
+averaged.
+
+Unequal batches per rank (a last batch that does not split evenly, a sampler without padding):
+DDP still averages the ranks' mean gradients with equal weights, g_big = (1/N) Σ_r g_r, so
+with b_r samples on rank r and h = (1/N) Σ_r 1/b_r,
+
+    E mean_r |g_r|² = |G|² + h·tr S,    E |g_big|² = |G|² + (h/N)·tr S,
+
+which are the two-batch equations with B_small = 1/h (the harmonic mean of the b_r) and
+B_big = N/h. Each rank passes its own b_r to :meth:`GradientNoiseScale.step`; with equal
+b_r this is B_small = b, B_big = N·b as above, exactly.
 
 Usage (every rank)::
 
@@ -80,7 +92,7 @@ none); ``local_sq_norm`` is the mean over ranks of |g_r|², ``global_sq_norm`` =
 
 
 def two_batch_estimates(
-    small_sq_norm: float, big_sq_norm: float, small_batch: int, big_batch: int
+    small_sq_norm: float, big_sq_norm: float, small_batch: float, big_batch: float
 ) -> tuple[float, float]:
     """Unbiased (|G|², tr S) from the squared norms |g_small|², |g_big|² of mean gradients over
     ``small_batch`` < ``big_batch`` samples (McCandlish et al. 2018, Appendix A)."""
@@ -135,7 +147,7 @@ class NoiseScaleTracker:
         self._recent: deque[tuple[float, float]] = deque(maxlen=self.window)
 
     def update(
-        self, local_sq_norm: float, global_sq_norm: float, small_batch: int, big_batch: int
+        self, local_sq_norm: float, global_sq_norm: float, small_batch: float, big_batch: float
     ) -> dict[str, Any]:
         """Add one step: mean local |g_small|², global |g_big|² and their batch sizes. Returns
         the step's history row (also appended to :attr:`history`)."""
@@ -207,13 +219,16 @@ class GradientNoiseScale:
     ----------
     batch_size
         b, the samples each rank contributes to one optimizer step (with ``no_sync``
-        accumulation over K micro-batches: K·b; see the module docstring). Every rank must use
-        the same b: DDP averages the ranks' gradients with equal weights.
+        accumulation over K micro-batches: K·b; see the module docstring). Ranks may use
+        different b (each its own; module docstring).
     smoothing, window
         EMA coefficient β in [0, 1) and the number of recent steps behind the error bar
         (:class:`NoiseScaleTracker`).
     process_group
         The group DDP reduces over (None: the default group); it needs at least two ranks.
+    scaler
+        The ``torch.amp.GradScaler`` that scales the loss, if any: its scale s at each
+        synchronised backward pass divides the squared norms by s² (module docstring).
 
     Step ends: the hook only records each bucket's local and global squared norms, keyed by the
     bucket's index; :meth:`step`, called on every rank once per optimizer step (after
@@ -234,8 +249,14 @@ class GradientNoiseScale:
         smoothing: float = 0.95,
         window: int = 100,
         process_group: dist.ProcessGroup | None = None,
+        scaler: Any = None,
     ) -> None:
         self.batch_size = checks.integer("batch_size", batch_size, 1)
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got "
+                            f"{type(scaler).__name__}")
+        self.scaler = scaler
+        self._scale = 1.0  # the scaler's scale during this step's synchronised backward
         self.tracker = NoiseScaleTracker(smoothing=smoothing, window=window)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -277,6 +298,8 @@ class GradientNoiseScale:
             self._global.clear()
         if not self._local:
             self._passes += 1
+            if self.scaler is not None and self.scaler.is_enabled():
+                self._scale = float(self.scaler.get_scale())  # before update() changes it
         self._device = buffer.device
         self._local[index] = _sq_norms(buffer, lengths)
 
@@ -290,9 +313,10 @@ class GradientNoiseScale:
     def step(self, batch_size: int | None = None) -> dict[str, Any] | None:
         """Close the step on every rank: one all-reduce of 3 floats, then the estimates.
 
-        ``batch_size`` overrides the constructor's b for this step (a short last batch, the
-        same on every rank). Returns the new history row, identical on all ranks, or None when
-        no rank ran a synchronised backward since the last call (nothing is recorded).
+        ``batch_size`` overrides the constructor's b for this step: this rank's samples (a
+        short last batch; ranks may differ, see the module docstring). Returns the new history
+        row, identical on all ranks, or None when no rank ran a synchronised backward since the
+        last call (nothing is recorded).
         """
         b = self.batch_size if batch_size is None else checks.integer("batch_size", batch_size, 1)
         if self._passes > 1:
@@ -302,18 +326,19 @@ class GradientNoiseScale:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        payload = torch.zeros(3, dtype=torch.float64, device=self._collective_device())
+        payload = torch.zeros(6, dtype=torch.float64, device=self._collective_device())
         if self._local:
-            payload[0] = _total(self._local.values())
-            payload[1] = _total(self._global.values())
-            payload[2] = 1.0
+            unscale = 1.0 / (self._scale * self._scale)
+            payload[0] = _total(self._local.values()) * unscale
+            payload[1] = _total(self._global.values()) * unscale
+            payload[2:] = torch.tensor([1.0, b, b * b, 1.0 / b], dtype=torch.float64)
         self._local.clear()
         self._global.clear()
         self._passes = 0
         # Summing the global norms too (identical on every rank) makes every rank's history
         # bitwise the same, so decisions taken from it agree across ranks.
         dist.all_reduce(payload, group=self.process_group)
-        local_sum, global_sum, synced = payload.tolist()
+        local_sum, global_sum, synced, batches, squares, inverses = payload.tolist()
         if synced == 0:
             return None
         if synced != self.world_size:
@@ -322,7 +347,10 @@ class GradientNoiseScale:
                 "since the last step()"
             )
         n = self.world_size
-        return self.tracker.update(local_sum / n, global_sum / n, b, n * b)
+        # Equal batches (N·Σb² = (Σb)², exact in float64 for integers): B_small = b exactly;
+        # else the harmonic mean of the ranks' batches.
+        small = batches / n if n * squares == batches * batches else n / inverses
+        return self.tracker.update(local_sum / n, global_sum / n, small, n * small)
 
     def _collective_device(self) -> torch.device:
         """Where the step's all-reduce runs: the buckets' device (NCCL needs CUDA tensors)."""

@@ -50,7 +50,13 @@ class Scenario:
     micro: int = 1  # micro-batches per step; all but the last under no_sync
     lr: float = 0.5  # SGD between steps: the second step sees other weights (and rebuilt buckets)
     unused: bool = False  # a layer that takes no part in the forward pass
+    scaler: bool = False  # a GradScaler whose scale doubles after every step
+    uneven: bool = False  # rank r has BATCH + r samples per micro-batch
     ddp: dict[str, Any] = field(default_factory=dict)
+
+    def batches(self, world: int) -> list[int]:
+        """Each rank's samples per step."""
+        return [self.micro * (BATCH + (r if self.uneven else 0)) for r in range(world)]
 
 
 SCENARIOS = {
@@ -58,6 +64,8 @@ SCENARIOS = {
     "bucket_view": Scenario(ddp={"gradient_as_bucket_view": True, "bucket_cap_mb": 1e-4}),
     "unused": Scenario(steps=1, unused=True, ddp={"find_unused_parameters": True}),
     "accumulate": Scenario(micro=2),
+    "scaler": Scenario(scaler=True),
+    "uneven": Scenario(uneven=True),
 }
 
 
@@ -92,11 +100,11 @@ def make_data(n: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tenso
     return x.to(dtype), y
 
 
-def shard(step: int, rank: int, world: int, micro: int) -> slice:
-    """Rank's samples of a step: consecutive global batches of world·micro·BATCH samples."""
-    per_rank = micro * BATCH
-    start = step * world * per_rank + rank * per_rank
-    return slice(start, start + per_rank)
+def shard(step: int, rank: int, world: int, micro: int, spec: Scenario | None = None) -> slice:
+    """Rank's samples of a step: consecutive global batches, rank after rank."""
+    sizes = (spec or Scenario(micro=micro)).batches(world)
+    start = step * sum(sizes) + sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
 
 
 def loss_fn(out: Tensor, y: Tensor) -> Tensor:
@@ -142,22 +150,33 @@ def run_scenario(rank: int, world: int, group: dist.ProcessGroup | None, spec: S
         buckets.append(bucket.index())
         return gns_hook(state, bucket)
 
-    gns = GradientNoiseScale(batch_size=spec.micro * BATCH, smoothing=0.9, process_group=group)
+    scaler = (torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+              if spec.scaler else None)
+    gns = GradientNoiseScale(batch_size=spec.batches(world)[rank], smoothing=0.9,
+                             process_group=group, scaler=scaler)
     ddp.register_comm_hook(gns, counting_hook)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=spec.lr)
-    grads = []
+    grads, scales = [], []
     for step in range(spec.steps):
         optimizer.zero_grad()
-        part = shard(step, rank, world, spec.micro)
+        part = shard(step, rank, world, spec.micro, spec)
         xs, ys = x[part].chunk(spec.micro), y[part].chunk(spec.micro)
         for k in range(spec.micro):
             last = k == spec.micro - 1
             with contextlib.nullcontext() if last else ddp.no_sync():
-                (loss_fn(ddp(xs[k]), ys[k]) / spec.micro).backward()
+                loss = loss_fn(ddp(xs[k]), ys[k]) / spec.micro
+                (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scales.append(scaler.get_scale())
+            scaler.unscale_(optimizer)
         grads.append(flat_grad(ddp.module))
-        optimizer.step()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()  # doubles the scale: the next step's norms see another one
+        else:
+            optimizer.step()
         gns.step()
-    return {"rows": gns.history, "grads": grads, "buckets": max(buckets) + 1}
+    return {"rows": gns.history, "grads": grads, "buckets": max(buckets) + 1, "scales": scales}
 
 
 def flat_grad(model: nn.Module) -> Tensor:
@@ -265,7 +284,7 @@ def reference_steps(world: int, spec: Scenario) -> list[dict[str, Any]]:
     out = []
     for step in range(spec.steps):
         local = [mean_grad(model, x[p], y[p])
-                 for p in (shard(step, r, world, spec.micro) for r in range(world))]
+                 for p in (shard(step, r, world, spec.micro, spec) for r in range(world))]
         g = torch.stack(local).mean(dim=0)
         out.append({"local": float(torch.stack([v @ v for v in local]).mean()),
                     "global": float(g @ g), "grad": g})
@@ -283,7 +302,9 @@ def reference_steps(world: int, spec: Scenario) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_one_step_matches_single_process(ddp_results, name):
     world, results = ddp_results
-    spec, b = SCENARIOS[name], SCENARIOS[name].micro * BATCH
+    spec = SCENARIOS[name]
+    # B_small: the harmonic mean of the ranks' batches (b when they are equal).
+    b = 1 / float(np.mean([1 / size for size in spec.batches(world)]))
     rows = results[0][name]["rows"]
     assert [r["step"] for r in rows] == list(range(spec.steps))
     for row, ref, grad in zip(rows, reference_steps(world, spec), results[0][name]["grads"],
@@ -300,6 +321,8 @@ def test_one_step_matches_single_process(ddp_results, name):
         assert row["trace_estimate"] == pytest.approx(trace, rel=1e-4)
     if name == "bucket_view":
         assert results[0][name]["buckets"] > 1  # the per-step totals sum several buckets
+    if name == "scaler":  # the norms above are unscaled, though each step had another scale
+        assert results[0][name]["scales"] == [2.0**8, 2.0**9]
 
 
 def test_every_rank_logs_the_same_history(ddp_results):
@@ -370,6 +393,11 @@ def test_ratio_of_mean_estimates_gives_the_noise_scale(ddp_results):
 def test_hyperparameters_are_checked(kwargs, name, shown):
     with pytest.raises(ValueError, match=rejects(name, shown)):
         GradientNoiseScale(**kwargs)
+
+
+def test_a_scaler_must_be_a_grad_scaler():
+    with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler, got float"):
+        GradientNoiseScale(batch_size=4, scaler=2.0**16)
 
 
 def test_needs_an_initialised_group_of_two_ranks(monkeypatch):
