@@ -48,6 +48,13 @@ which are the two-batch equations with B_small = 1/h (the harmonic mean of the b
 B_big = N/h. Each rank passes its own b_r to :meth:`GradientNoiseScale.step`; with equal
 b_r this is B_small = b, B_big = N·b as above, exactly.
 
+Uneven inputs with ``DDP.join()``: put the noise scale after the model,
+``with Join([ddp_model, gns]):``. A rank out of data then shadows each step of the others
+(DDP's join hook runs the comm hook on zero buckets, which is dropped); a step of n < N ranks
+uses those n: the buckets then hold (n/N) times their mean gradient (the hook divides by N, as
+DDP's own does), which is undone, and N becomes n in the formulas. With one rank left there is
+one batch size and no estimate: no row.
+
 Usage (every rank)::
 
     gns = GradientNoiseScale(batch_size=b)
@@ -71,6 +78,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from sgn_lab import checks
 
@@ -212,7 +220,7 @@ class NoiseScaleTracker:
         self._recent = deque((tuple(pair) for pair in state["recent"]), maxlen=self.window)
 
 
-class GradientNoiseScale:
+class GradientNoiseScale(Joinable):
     """State of :func:`gns_hook`: gradient norms around DDP's all-reduce, one row per step.
 
     Parameters
@@ -251,6 +259,7 @@ class GradientNoiseScale:
         process_group: dist.ProcessGroup | None = None,
         scaler: Any = None,
     ) -> None:
+        super().__init__()
         self.batch_size = checks.integer("batch_size", batch_size, 1)
         if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got "
@@ -311,14 +320,19 @@ class GradientNoiseScale:
         self._global[index] = _sq_norms(buffer, lengths)
 
     def step(self, batch_size: int | None = None) -> dict[str, Any] | None:
-        """Close the step on every rank: one all-reduce of 3 floats, then the estimates.
+        """Close the step on every rank: one all-reduce of 7 floats, then the estimates.
 
         ``batch_size`` overrides the constructor's b for this step: this rank's samples (a
         short last batch; ranks may differ, see the module docstring). Returns the new history
         row, identical on all ranks, or None when no rank ran a synchronised backward since the
-        last call (nothing is recorded).
+        last call, or (under ``Join``) fewer than two ranks did (nothing is recorded).
         """
         b = self.batch_size if batch_size is None else checks.integer("batch_size", batch_size, 1)
+        if self._join_config.enable and self._join_config.is_first_joinable:
+            raise ValueError("GradientNoiseScale must come after the DDP model in Join: "
+                             "Join([ddp_model, gns]), so that its step follows the backward "
+                             "pass on the ranks that have joined too")
+        Join.notify_join_context(self)
         if self._passes > 1:
             warnings.warn(
                 f"{self._passes} synchronised backward passes since the last step(); the noise "
@@ -326,31 +340,53 @@ class GradientNoiseScale:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        payload = torch.zeros(6, dtype=torch.float64, device=self._collective_device())
+        payload = torch.zeros(7, dtype=torch.float64, device=self._collective_device())
         if self._local:
             unscale = 1.0 / (self._scale * self._scale)
             payload[0] = _total(self._local.values()) * unscale
             payload[1] = _total(self._global.values()) * unscale
-            payload[2:] = torch.tensor([1.0, b, b * b, 1.0 / b], dtype=torch.float64)
+            payload[2:6] = torch.tensor([1.0, b, b * b, 1.0 / b], dtype=torch.float64)
+        return self._close(payload)
+
+    def _close(self, payload: Tensor) -> dict[str, Any] | None:
+        """The step's all-reduce and its row, on a rank that stepped or (``payload[6]`` = 1)
+        one that has joined and shadows the step."""
         self._local.clear()
         self._global.clear()
         self._passes = 0
         # Summing the global norms too (identical on every rank) makes every rank's history
         # bitwise the same, so decisions taken from it agree across ranks.
         dist.all_reduce(payload, group=self.process_group)
-        local_sum, global_sum, synced, batches, squares, inverses = payload.tolist()
+        local_sum, global_sum, synced, batches, squares, inverses, joined = payload.tolist()
         if synced == 0:
             return None
-        if synced != self.world_size:
+        if synced + joined != self.world_size:
             raise RuntimeError(
                 f"only {synced:.0f} of {self.world_size} ranks ran a synchronised backward "
                 "since the last step()"
             )
-        n = self.world_size
-        # Equal batches (N·Σb² = (Σb)², exact in float64 for integers): B_small = b exactly;
+        if synced < 2:  # the other ranks have joined: one batch size, no estimate
+            return None
+        n = synced
+        # The hook divides by all N ranks, and a joined rank adds zeros: the bucket holds
+        # (n/N)·(the mean of the n ranks' gradients).
+        rescale = (self.world_size / n) ** 2
+        # Equal batches (n·Σb² = (Σb)², exact in float64 for integers): B_small = b exactly;
         # else the harmonic mean of the ranks' batches.
         small = batches / n if n * squares == batches * batches else n / inverses
-        return self.tracker.update(local_sum / n, global_sum / n, small, n * small)
+        return self.tracker.update(local_sum / n, global_sum * rescale / n, small, n * small)
+
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        """Under ``Join([ddp_model, gns])``: a rank out of data shadows :meth:`step`."""
+        return _ShadowStep(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self._collective_device()
+
+    @property
+    def join_process_group(self) -> Any:
+        return self.process_group if self.process_group is not None else dist.group.WORLD
 
     def _collective_device(self) -> torch.device:
         """Where the step's all-reduce runs: the buckets' device (NCCL needs CUDA tensors)."""
@@ -359,6 +395,20 @@ class GradientNoiseScale:
         if dist.get_backend(self.process_group) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+
+class _ShadowStep(JoinHook):
+    """A joined rank's part of each step of the others: DDP's join hook has run the comm hook
+    on zero buckets (their records are dropped); this rank adds nothing but its joined flag,
+    and gets the same row."""
+
+    def __init__(self, gns: GradientNoiseScale) -> None:
+        self.gns = gns
+
+    def main_hook(self) -> None:
+        payload = torch.zeros(7, dtype=torch.float64, device=self.gns._collective_device())
+        payload[6] = 1.0
+        self.gns._close(payload)
 
 
 def gns_hook(state: GradientNoiseScale, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import rejects
 from torch import Tensor, nn
+from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sgn_lab import flatten_grads, noise_stats, per_sample_grads, seeds
@@ -36,6 +37,7 @@ from sgn_lab.distributed.gns import HISTORY_COLUMNS, ema_effective_samples, two_
 BATCH = 4  # samples per rank per micro-batch
 MODEL_SEED, DATA_SEED, DRAW_SEED = 11, 12, 13
 POOL = 24  # the finite data set of the unbiasedness run
+JOIN_STEPS = 3  # steps of the Join run; rank 1 has data for one fewer
 DRAWS = 300  # minibatches in the unbiasedness run
 WORLD = 3  # processes spawned; ranks 0 and 1 also form a 2-rank group
 JOIN_TIMEOUT_S = 150.0
@@ -136,6 +138,7 @@ def run_all(rank: int, world: int, group: dist.ProcessGroup | None) -> dict[str,
     """Every scenario, the special step endings and the unbiasedness draws on ``group``."""
     result = {name: run_scenario(rank, world, group, spec) for name, spec in SCENARIOS.items()}
     result["endings"] = step_endings(rank, world, group)
+    result["join"] = joined_run(rank, world, group)
     result["draws"] = unbiased_draws(rank, world, group)
     return result
 
@@ -209,6 +212,31 @@ def step_endings(rank: int, world: int, group: dist.ProcessGroup | None) -> dict
         row = gns.step()
     return {"nothing": nothing, "row": row, "refused": refused,
             "warnings": [str(w.message) for w in caught]}
+
+
+def joined_run(rank: int, world: int, group: dist.ProcessGroup | None) -> dict[str, Any]:
+    """JOIN_STEPS steps under Join([ddp, gns]); rank 1 runs out of data one step early."""
+    x, y = make_data(64)
+    ddp = DDP(make_model(), process_group=group)
+    gns = GradientNoiseScale(batch_size=BATCH, process_group=group)
+    ddp.register_comm_hook(gns, gns_hook)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    grads = []
+    with Join([ddp, gns]):
+        for step in range(JOIN_STEPS - (rank == 1)):
+            optimizer.zero_grad()
+            part = shard(step, rank, world, 1)
+            loss_fn(ddp(x[part]), y[part]).backward()
+            grads.append(flat_grad(ddp.module))
+            optimizer.step()
+            gns.step()
+    refused = ""
+    try:
+        with Join([gns, ddp]):  # the wrong order is refused before any collective
+            gns.step()
+    except ValueError as error:
+        refused = str(error)
+    return {"rows": gns.history, "grads": grads, "refused": refused}
 
 
 def unbiased_draws(rank: int, world: int, group: dist.ProcessGroup | None
@@ -343,6 +371,40 @@ def test_step_endings_without_and_with_extra_synced_passes(ddp_results):
     assert endings["row"]["global_sq_norm"] == pytest.approx(ref["global"], rel=2e-6)
     assert any("2 synchronised backward passes" in w for w in endings["warnings"])
     assert endings["refused"] == "batch_size must be an integer >= 1, got 0"
+
+
+def test_a_rank_that_joins_early_shadows_the_step(ddp_results):
+    """Under Join the last step has the other N − 1 ranks: their mean norms and the norm of
+    their mean gradient (the buckets hold it times (N−1)/N, as DDP's .grad does); with N = 2
+    one rank is left, and no row is recorded. Every rank, the joined one too, logs it."""
+    world, results = ddp_results
+    x, y = make_data(64)
+    model = make_model()
+    want = []
+    for step in range(JOIN_STEPS):
+        ranks = [r for r in range(world) if step < JOIN_STEPS - 1 or r != 1]
+        local = [mean_grad(model, x[p], y[p]) for p in (shard(step, r, world, 1) for r in ranks)]
+        g = torch.stack(local).mean(dim=0)
+        want.append({"local": float(torch.stack([v @ v for v in local]).mean()),
+                     "global": float(g @ g), "ranks": len(ranks)})
+        with torch.no_grad():  # the ranks' SGD step on DDP's .grad = Σ_active g_r / N
+            offset = 0
+            for p in model.parameters():
+                step_grad = g[offset:offset + p.numel()] * len(ranks) / world
+                p -= 0.5 * step_grad.view_as(p).to(p.dtype)
+                offset += p.numel()
+    expected = [w for w in want if w["ranks"] >= 2]
+    rows = results[0]["join"]["rows"]
+    assert len(rows) == len(expected) == (JOIN_STEPS if world == 3 else JOIN_STEPS - 1)
+    for row, w in zip(rows, expected, strict=True):
+        assert row["local_sq_norm"] == pytest.approx(w["local"], rel=2e-6)
+        assert row["global_sq_norm"] == pytest.approx(w["global"], rel=2e-6)
+        big = w["ranks"] * BATCH
+        trace = (w["local"] - w["global"]) / (1 / BATCH - 1 / big)
+        assert row["trace_estimate"] == pytest.approx(trace, rel=1e-4)
+    for other in results[1:]:
+        assert pd.DataFrame(other["join"]["rows"]).equals(pd.DataFrame(rows))
+    assert all("must come after the DDP model" in r["join"]["refused"] for r in results)
 
 
 def exact_population() -> tuple[float, float, float]:
