@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sgn_lab.data.catalog import DataWarning, task_help
+from sgn_lab.figures import MEASURED
 from sgn_lab.run.config import FIELDS, SECTIONS, help_text
 from sgn_lab.run.tables import (
     TextTable,
@@ -264,7 +265,7 @@ MatchStepOpt = Annotated[float | None, Opt(
 
 
 @app.command()
-@run_options(skip=("method", "seed", "name", "nproc"))
+@run_options(skip=("method", "seed", "name"))
 def compare(
     methods: Annotated[str, Opt(help="Comma-separated methods, each with hyperparameters of its "
                                 "own after colons: sgd,momentum,pnm:beta0=2,pnm:beta0=0.5:lr=0.05."
@@ -284,12 +285,17 @@ def compare(
 
     With --tune, each method first runs on a grid of its hyperparameters and is compared at
     its best point on a validation split; with --match-step, at a matched effective step.
+    With --nproc N each run is data-parallel over N processes, as in measure.
     """
+    from sgn_lab.distributed.launch import world_size_from_env
     from sgn_lab.run.config import parse_method_spec
     from sgn_lab.run.loop import run_series
     from sgn_lab.run.rundir import load_runs, writable_dir
     from sgn_lab.run.tuning import SELECT, check_lr_sources, parse_grids
 
+    if world_size_from_env() > 1:
+        raise ValueError("compare starts the processes of each run itself: run it with "
+                         "--nproc N, not under torchrun")
     specs = [parse_method_spec(item) for item in methods.split(",") if item.strip()]
     if not specs:
         raise ValueError("--methods is empty")
@@ -441,10 +447,18 @@ def figures(
     experiments: Annotated[Path | None, Opt(help="Folder of figure configs of one's own "
                                             "(default: the configs shipped with "
                                             "sgn-lab).")] = None,
+    nproc: Annotated[int, Opt(help="Processes of each measurement run (data-parallel, as in "
+                              f"measure), in the figures {', '.join(MEASURED)}; the sweeps "
+                              "of the others run in one process.")] = 1,
 ) -> None:
     """Regenerate the paper figures from their configs (from any working directory)."""
+    from sgn_lab.distributed.launch import world_size_from_env
     from sgn_lab.figures import CONFIGS, FIGURES, make_figure, read_figure_config
     from sgn_lab.run.rundir import writable_dir
+
+    if world_size_from_env() > 1:
+        raise ValueError("figures starts the processes of each run itself: run it with "
+                         "--nproc N, not under torchrun")
 
     names = [n.strip() for n in only.split(",") if n.strip()] if only else list(FIGURES)
     unknown = [n for n in names if n not in FIGURES]
@@ -452,12 +466,13 @@ def figures(
         raise ValueError(f"unknown figure {unknown[0]!r}; choose from {', '.join(FIGURES)}")
     folder = experiments or CONFIGS
     for name in names:  # every config readable before the first figure starts
-        read_figure_config(folder, name, quick=quick)
+        read_figure_config(folder, name, quick=quick, nproc=nproc)
     writable_dir(out)
     with _progress() as progress:
         for name in names:
             advance = _advance(progress, f"figure {name}")
-            csv = make_figure(name, out, experiments=folder, quick=quick, progress=advance)
+            csv = make_figure(name, out, experiments=folder, quick=quick, progress=advance,
+                              nproc=nproc)
             console.print(f"figure {name}: {escape(str(csv.with_suffix('.pdf')))}")
 
 

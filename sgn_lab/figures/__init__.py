@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sgn_lab import checks
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -33,14 +35,20 @@ FIGURES: dict[str, str] = {
     "critical-batch": "critical_batch",
 }
 
+MEASURED = ("spectrum", "large-batch", "symmetric", "tails", "layers")
+"""The figures made from measurement runs, which ``nproc`` makes data-parallel."""
+
 MODES = ("quick", "full")
 # The figures' configs ship with the package, so that `sgn-lab figures` finds them from any
 # working directory; --experiments DIR points at a folder of one's own instead.
 CONFIGS = Path(__file__).parent / "configs"
 
 
-def read_figure_config(experiments: str | Path, name: str, *, quick: bool) -> dict[str, Any]:
-    """The figure's config: ``experiments/<name>.toml`` with its quick/full table merged in."""
+def read_figure_config(experiments: str | Path, name: str, *, quick: bool, nproc: int = 1
+                       ) -> dict[str, Any]:
+    """The figure's config: ``experiments/<name>.toml`` with its quick/full table merged in,
+    and ``nproc``: the processes of its measurement runs (figures of :data:`MEASURED`; the
+    sweeps and closed forms of the others run in this process)."""
     if name not in FIGURES:
         raise ValueError(f"unknown figure {name!r}; choose one of {', '.join(FIGURES)}")
     path = Path(experiments) / f"{name}.toml"
@@ -52,7 +60,8 @@ def read_figure_config(experiments: str | Path, name: str, *, quick: bool) -> di
         raise ValueError(f"cannot parse {path}: {exc}") from exc
     mode = "quick" if quick else "full"
     tables = {k: data.pop(k, {}) for k in MODES}
-    return {**data, **tables[mode], "name": name, "mode": mode}
+    nproc = checks.integer("nproc", nproc, 1)
+    return {**data, **tables[mode], "name": name, "mode": mode, "nproc": nproc}
 
 
 def make_figure(
@@ -62,8 +71,14 @@ def make_figure(
     experiments: str | Path = CONFIGS,
     quick: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    nproc: int = 1,
 ) -> Path:
-    """Make one figure (its CSV, PNG and PDF) in ``out``; returns the CSV path."""
-    config = read_figure_config(experiments, name, quick=quick)
+    """Make one figure (its CSV, PNG and PDF) in ``out``; returns the CSV path.
+
+    ``nproc``: the figure's measurement runs (of :data:`MEASURED`) are data-parallel over
+    this many processes, as ``sgn-lab measure --nproc`` runs them; sweeps and closed forms
+    run in this process.
+    """
+    config = read_figure_config(experiments, name, quick=quick, nproc=nproc)
     recipe = importlib.import_module(f"sgn_lab.figures.{FIGURES[name]}")
     return recipe.make(config, Path(out), progress=progress)

@@ -28,7 +28,8 @@ def make(
     """Config keys: ``base`` (RunConfig fields shared by all), ``grid`` (label -> fields of
     each setting: small batch, large batch, covariance full/diagonal, isotropic)."""
     settings = expand(config)
-    metrics, spectra, final = figure_runs(out, config["name"], settings, progress=progress)
+    metrics, spectra, final = figure_runs(out, config["name"], settings, progress=progress,
+                                          nproc=config["nproc"])
     lr = {label: fields["lr"] for label, fields in settings.items()}
     update = spectra[spectra["kind"] == "update"]
     last = update[update["step"] == update.groupby("setting")["step"].transform("max")]

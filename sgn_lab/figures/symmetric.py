@@ -30,7 +30,8 @@ def make(
         for batch in config["batch_sizes"]
         for seed in config.get("seeds", [0])
     }
-    _, _, final = figure_runs(out, config["name"], settings, progress=progress)
+    _, _, final = figure_runs(out, config["name"], settings, progress=progress,
+                              nproc=config["nproc"])
     columns = ["setting", "method", "seed", "batch_size", "step", "hessian_top_eigenvalue",
                "test_accuracy", "train_accuracy", "test_loss", "train_loss"]
     csv = write_table(out / f"{config['name']}.csv", final[columns])

@@ -167,6 +167,11 @@ def run_series(
     ``progress(config)`` gives a run's step callback; ``done(runs done, runs)`` follows the
     series. ``on_divergence`` as in :func:`run_measurement`: with ``"record"`` a diverged run
     is marked so (complete) and the series goes on to the next.
+
+    A config with ``training.nproc`` N > 1 runs in N processes on this machine, started for
+    it (:func:`sgn_lab.distributed.launch`) and gone when it ends, as ``sgn-lab measure
+    --nproc N`` runs it; its step callback is then called once, when it is done, and
+    ``notify`` is not.
     """
     checks.choice("on_divergence", on_divergence, ON_DIVERGENCE)
     root = Path(root)
@@ -179,12 +184,32 @@ def run_series(
         plan(config, root / config.resolved().run_name, resume=resume)
     paths = []
     for index, config in enumerate(configs):
-        paths.append(run_measurement(config, root / config.resolved().run_name, resume=resume,
-                                     progress=progress(config) if progress else None,
-                                     notify=notify, on_divergence=on_divergence))
+        path = root / config.resolved().run_name
+        steps = progress(config) if progress else None
+        if config.training.nproc > 1:
+            _launched(config, path, on_divergence)
+            if steps is not None:
+                steps(config.training.steps, config.training.steps)
+            paths.append(path)
+        else:
+            paths.append(run_measurement(config, path, resume=resume, progress=steps,
+                                         notify=notify, on_divergence=on_divergence))
         if done is not None:
             done(index + 1, len(configs))
     return paths
+
+
+def _launched(config: RunConfig, path: Path, on_divergence: str) -> None:
+    """One run of a series in its ``training.nproc`` processes (already planned)."""
+    from sgn_lab.distributed.launch import launch
+
+    launch(config.training.nproc, series_rank, config, path, on_divergence,
+           device_type=resolve_device(config.training.device).type)
+
+
+def series_rank(ranks: Ranks, config: RunConfig, path: Path, on_divergence: str) -> None:
+    """One process's part of a run of :func:`run_series` (module-level, for the launcher)."""
+    run_measurement(config, path, resume=True, ranks=ranks, on_divergence=on_divergence)
 
 
 def resolve_device(device: str, ranks: Ranks | None = None) -> torch.device:

@@ -231,6 +231,51 @@ def test_an_interrupted_group_exits_130_with_the_resume_hint(tmp_path, how):
     assert complete(out) and len(pd.read_csv(out / "metrics.csv")) == 120 // 4 + 1
 
 
+def test_compare_runs_each_method_in_n_processes(runs, tmp_path):
+    """compare --nproc 2 runs every method as measure --nproc 2 does: the same files."""
+    saved = json.loads((runs["two"] / "config.json").read_text())
+    method = saved["optimizer"]["method"]
+    other = "momentum" if method == "sgd" else "sgd"
+    flags = [f for i, f in enumerate(FLAGS) if "--seed" not in FLAGS[max(i - 1, 0):i + 1]]
+    done = subprocess.run([*CLI, "compare", "--methods", f"{method},{other}", "--seeds", "3",
+                           *flags,
+                           "--nproc", "2", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    configs = {p: json.loads((p / "config.json").read_text()) for p in tmp_path.iterdir()
+               if (p / "config.json").is_file()}
+    assert sorted(c["optimizer"]["method"] for c in configs.values()) == sorted([method, other])
+    assert all(c["complete"] and c["training"]["nproc"] == 2 for c in configs.values())
+    same = next(p for p, c in configs.items() if c["optimizer"]["method"] == method)
+    for want, got in zip(tables(runs["two"]), tables(same), strict=True):
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+
+
+def test_figures_run_their_measurements_in_n_processes(tmp_path):
+    """The quick spectrum figure over 2 processes: its runs have nproc 2, and its table is the
+    one-process table to float32 rounding (eigenvalues within 1e-6 of the largest)."""
+    tables_by_n = {}
+    for n in (1, 2):
+        done = subprocess.run([*CLI, "figures", "--quick", "--only", "spectrum", "--nproc",
+                               str(n), "--out", str(tmp_path / str(n))], capture_output=True,
+                              text=True, timeout=RUN_TIMEOUT_S)
+        assert done.returncode == 0, done.stderr[-3000:]
+        config = json.loads((tmp_path / str(n) / "runs" / "spectrum" / "config.json")
+                            .read_text())
+        assert config["training"]["nproc"] == n and config["complete"]
+        tables_by_n[n] = pd.read_csv(tmp_path / str(n) / "spectrum.csv")
+    one, two = tables_by_n[1], tables_by_n[2]
+    assert one.shape == two.shape and (one["k"] == two["k"]).all()
+    top = one["eigenvalue"].abs().max()
+    assert (one["eigenvalue"] - two["eigenvalue"]).abs().max() <= 1e-6 * top
+
+
+def test_compare_under_torchrun_asks_for_nproc(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_main(monkeypatch, capsys, "compare", "--out", str(tmp_path))
+    assert code == 2 and "run it with --nproc N, not under torchrun" in err
+
+
 def test_resuming_with_another_nproc_lists_it(monkeypatch, capsys, runs):
     code, _, err = run_main(monkeypatch, capsys, "measure", "--out", str(runs["two"]),
                             "--resume", *FLAGS, "--nproc", "3")
