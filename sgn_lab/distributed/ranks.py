@@ -142,6 +142,24 @@ class Ranks:
             raise ValueError(outcome[1])
         return outcome[1]
 
+    def once(self, compute: Callable[[], Any]) -> Any:
+        """``compute()`` on rank 0 alone and its result, or the exception it raised (its own
+        type), on every rank: work whose result is the same everywhere (the spectrum of the
+        assembled Gram) is done once instead of N times. The result must be picklable and
+        small (it is broadcast)."""
+        if not self.distributed:
+            return compute()
+        outcome: tuple[str, Any] = ("ok", None)
+        if self.is_root:
+            try:
+                outcome = ("ok", compute())
+            except Exception as exc:  # every rank raises it, none waits in a collective
+                outcome = ("error", exc)
+        outcome = self.broadcast_object(outcome)
+        if outcome[0] == "error":
+            raise outcome[1]
+        return outcome[1]
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.group)

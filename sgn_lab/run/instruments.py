@@ -72,7 +72,7 @@ from sgn_lab.optim import train_step
 from sgn_lab.seeds import Purpose, derive, seed_for
 from sgn_lab.stats.curvature import curvature_stats
 from sgn_lab.stats.layers import LAYERNORM, layer_noise_scale
-from sgn_lab.stats.noise import NoiseStats, noise_stats
+from sgn_lab.stats.noise import NoiseStats, noise_stats, per_coordinate
 from sgn_lab.stats.tails import minibatch_noise_shape, shape_stats
 
 if TYPE_CHECKING:
@@ -147,8 +147,16 @@ class Measurement:
                                    grads=self.path, batchnorm=p.batchnorm,
                                    chunk_size=self.chunk_size, verify=p.take_verify())
             self.coverage = split.coverage
-            return noise_stats(gram=split.gram, dim=split.mean.numel(), mean=split.mean,
-                               diag_variance=split.diag_variance, **minibatch)
+
+            def spectrum() -> NoiseStats:  # the n × n eigendecompositions, on rank 0 alone
+                stats = noise_stats(gram=split.gram, dim=split.mean.numel(), mean=split.mean,
+                                    diag_variance=split.diag_variance, **minibatch)
+                # d numbers each, which every rank holds already (all-reduced): not sent.
+                return dataclasses.replace(stats, mean=None, diag_variance=None)
+
+            return dataclasses.replace(self.ranks.once(spectrum),
+                                       mean=per_coordinate(split.mean),
+                                       diag_variance=per_coordinate(split.diag_variance))
         mean = self.gram.mean
         assert mean is not None
         return noise_stats(gram=self.gram.gram, dim=mean.numel(), mean=mean, **minibatch)

@@ -296,14 +296,20 @@ def _gram_moments(
     centred = (centred + centred.T) / 2  # exact symmetry for eigvalsh
     trace = float(torch.diagonal(centred).sum()) / (n - 1)
     eigenvalues = nonzero_descending(torch.linalg.eigvalsh(centred) / (n - 1), max(n, dim))
-    empty = torch.empty(0, dtype=torch.float64)
     for name, value in (("mean", mean), ("diag_variance", diag_variance)):
         if value is not None and value.numel() != dim:
             raise ValueError(f"{name} has {value.numel()} entries, expected dim={dim}")
-    mean = empty if mean is None else mean.to(torch.float64).cpu()
-    diag_variance = empty if diag_variance is None else diag_variance.to(torch.float64).cpu()
+    mean, diag_variance = per_coordinate(mean), per_coordinate(diag_variance)
     mean_sq_norm = float(mean @ mean) if mean.numel() else float(K.sum()) / n**2
     return n, dim, mean, diag_variance, trace, mean_sq_norm, eigenvalues
+
+
+def per_coordinate(value: Tensor | None) -> Tensor:
+    """A per-coordinate figure (mean, diag(S)) as :class:`NoiseStats` holds it: float64 on
+    the CPU, or empty when not given."""
+    if value is None:
+        return torch.empty(0, dtype=torch.float64)
+    return value.to(torch.float64).cpu()
 
 
 _ISOTROPIC_FIELDS = (

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sgn_lab import NoiseProbe, per_sample_gram
+from sgn_lab.checks import NonFiniteError
 from sgn_lab.distributed import Ranks, launch, split_gram
 from sgn_lab.distributed import gram_over_ranks as gram_module
 
@@ -107,6 +108,10 @@ def measure(ranks: Ranks, grads: str) -> tuple[dict, pd.DataFrame]:
 # ---------------------------------------------------------------- the launched ranks
 
 
+def non_finite() -> None:
+    raise NonFiniteError("non-finite value in row 3 of the Gram matrix")
+
+
 def on_ranks(ranks: Ranks) -> dict[int, dict[str, Any]]:
     pair = dist.new_group([0, 1])  # every rank takes part in creating it
     out = {WORLD: everything(ranks)}
@@ -126,6 +131,13 @@ def everything(ranks: Ranks) -> dict[str, Any]:
             found[name, grads] = (split, sent)
     for grads in ("gram", "vmap"):
         found["probe", grads] = measure(ranks, grads)
+    calls: list[int] = []
+    found["once"] = ranks.once(lambda: calls.append(ranks.rank) or ("made on", ranks.rank))
+    found["once calls"] = calls
+    try:
+        ranks.once(non_finite)
+    except NonFiniteError as error:  # its own type on every rank
+        found["once error"] = str(error)
     held, gram_module.HELD_BYTES = gram_module.HELD_BYTES, 0  # each block as it arrives
     try:
         model, x, y, loss = problems()["tokens"]
@@ -224,3 +236,13 @@ def test_more_processes_than_samples_is_refused_on_every_rank(runs, world):
         assert found["too few"] == (f"the probe set of {world - 1} samples cannot be split "
                                     f"over {world} processes: use at most as many processes as "
                                     "probe samples")
+
+
+def test_work_done_once_reaches_every_rank(runs):
+    """Ranks.once (the spectrum of the assembled Gram): computed on rank 0 alone; its result,
+    or its exception with its own type, on every rank."""
+    for world, by_rank in runs.items():
+        for rank, found in by_rank.items():
+            assert found["once"] == ("made on", 0)
+            assert found["once calls"] == ([0] if rank == 0 else []), (world, rank)
+            assert found["once error"] == "non-finite value in row 3 of the Gram matrix"
