@@ -55,6 +55,15 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def autograd_on() -> Iterator[None]:
+    """Autograd on, whatever the caller's mode: the Gram path differentiates (as
+    ``torch.func.grad`` does on the vmap path), and under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` — an evaluation loop — it would otherwise find no gradient."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
 def check_finite(losses: Tensor, grads: dict[str, Tensor], *, offset: int = 0) -> None:
     """Raise a :class:`~sgn_lab.checks.NonFiniteError` (a ValueError) naming the first sample
     (and parameter) with a NaN or inf."""

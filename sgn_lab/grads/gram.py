@@ -45,7 +45,14 @@ import torch
 from torch import Tensor, nn
 
 from sgn_lab.grads.chain import record_chain
-from sgn_lab.grads.common import Inputs, LossFn, as_tuple, batchnorm_policy, num_samples
+from sgn_lab.grads.common import (
+    Inputs,
+    LossFn,
+    as_tuple,
+    autograd_on,
+    batchnorm_policy,
+    num_samples,
+)
 from sgn_lab.grads.consistency import (
     check_independent,
     check_samples_option,
@@ -280,7 +287,7 @@ def gram_result(
     key = (*structure("gram", model, loss_fn, xs, targets), samples)
     if verify is None:
         verify = 0 if checked(model, key) else min(AUTO_VERIFY, n)
-    with batchnorm_policy(model, batchnorm):
+    with autograd_on(), batchnorm_policy(model, batchnorm):
         result, blocks, randomness = _chunked(model, loss_fn, xs, targets, params, with_mean,
                                               chunk_size or n, verify, per_parameter)
         if verify:
@@ -442,7 +449,7 @@ def gram_factors(
     set's.
     """
     model, xs, targets, params, n = _prepared(model, inputs, targets)
-    with batchnorm_policy(model, batchnorm):
+    with autograd_on(), batchnorm_policy(model, batchnorm):
         result, blocks, randomness, groups = _one_pass(model, loss_fn, xs, targets, params,
                                                        slice(0, n), verify, keep=True)
         if verify:

@@ -353,3 +353,32 @@ def test_an_edge_orphaned_by_an_in_place_op_on_a_view_is_recorded_again(monkeypa
     assert coverage.routes["0.weight"] == "vmap"
     assert "modified in place through a view" in coverage.to_frame().set_index("name").loc[
         "0.weight", "reason"]
+
+
+class _Wrapped(nn.Module):
+    """A chain inside a module of its own: recorded under vmap, not by the plain pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad",
+                                                                              "inference_mode"])
+@pytest.mark.parametrize("kind", ["chain", "vmap-pass"])
+def test_an_evaluation_context_does_not_change_the_gram(mode, kind):
+    """Called inside an evaluation loop, the Gram path still differentiates (as vmap's
+    torch.func.grad does); before, the vmap pass found no signal and returned K = 0."""
+    with seeded(41):
+        model = (_Wrapped() if kind == "vmap-pass" else _Wrapped().inner).double()
+        x = torch.randn(6, 4, dtype=D)
+    y = labels(6)
+    want = loop_matrix(model, F.cross_entropy, x, y)
+    with mode():
+        K, mean = gram_and_mean_gradient(model, F.cross_entropy, x, y)
+        assert not torch.is_grad_enabled()
+    assert relative_error(K, want @ want.T) <= 1e-10
+    assert relative_error(mean, want.mean(dim=0)) <= 1e-10
