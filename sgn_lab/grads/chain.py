@@ -83,8 +83,9 @@ def _has_hooks(m: nn.Module) -> bool:
 
 def _row_wise(m: nn.Module) -> bool:
     kind = type(m)
-    if kind is nn.Linear:
-        return True
+    if kind is nn.Linear:  # its weight and bias its own registered parameters, not tensors
+        return all(m._parameters.get(slot) is getattr(m, slot) for slot in ("weight", "bias")
+                   if getattr(m, slot) is not None)  # derived from others elsewhere
     if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(False)):
         return False
     if kind in ROW_WISE:  # in place too: each edge is taken before the next layer runs

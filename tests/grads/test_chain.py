@@ -162,6 +162,15 @@ def _with_own_forward():
     return model
 
 
+def _derived_weight():
+    """A weight that is a tensor made from another layer's parameter: that parameter has a
+    second use, which only the vmap pass's graph walk sees."""
+    model = mlp(widths=(6, 6, 3))
+    del model[0].weight
+    model[0].weight = model[2].weight.T @ model[2].weight  # a tensor made from another layer's
+    return model
+
+
 def _buffer_module():
     model = mlp()
     model.insert(1, nn.BatchNorm1d(8).double())
@@ -170,13 +179,15 @@ def _buffer_module():
 
 @pytest.mark.parametrize("make", [
     _with_forward_hook, _with_pre_hook, _tied, _with_own_forward, _buffer_module,
+    _derived_weight,
     lambda: MySequential(*mlp()),
     lambda: nn.Sequential(MyLinear(6, 3)).double(),
     lambda: mlp(nn.Dropout(0.5)),  # draws masks: vmap draws them per sample
     lambda: mlp(nn.Softmax(dim=0)),  # not row-wise by type
     lambda: nn.Sequential(nn.Flatten(0), nn.Linear(42, 3)).double(),
     lambda: nn.Sequential(nn.Linear(6, 3), nn.MultiheadAttention(3, 1)).double(),
-], ids=["forward-hook", "pre-hook", "tied", "own-forward", "batchnorm", "sequential-subclass",
+], ids=["forward-hook", "pre-hook", "tied", "own-forward", "batchnorm", "derived-weight",
+        "sequential-subclass",
         "linear-subclass", "dropout", "softmax", "flatten-samples", "not-a-leaf"])
 def test_what_is_not_a_provable_chain_takes_the_vmap_pass(make):
     assert chain_layers(make()) is None
