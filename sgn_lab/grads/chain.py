@@ -30,9 +30,8 @@ from torch.func import vmap
 from torch.nn import functional as F
 from torch.nn.modules import module as module_hooks
 
-from sgn_lab.checks import NonFiniteError
 from sgn_lab.grads.batched import is_batched_at_any_level
-from sgn_lab.grads.common import LossFn
+from sgn_lab.grads.common import LossFn, check_finite, one_sample_loss
 from sgn_lab.grads.record import Recording, output_edge
 from sgn_lab.grads.rng import rng_changed, rng_state, set_rng_state
 from sgn_lab.grads.rules import RULES, Op
@@ -140,20 +139,12 @@ def _sample_losses(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
     """Each sample's loss, ``loss_fn`` on that sample alone, as the vmap pass defines it."""
 
     def one(output: Tensor, target: Tensor) -> Tensor:
-        loss = loss_fn(output.unsqueeze(0), target.unsqueeze(0))
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(f"loss_fn must return a scalar (a mean-reduced loss); for one "
-                             f"sample it returned shape {shape}")
-        return loss
+        return one_sample_loss(loss_fn(output.unsqueeze(0), target.unsqueeze(0)))
 
     losses = _row_losses(loss_fn, outputs, targets)
     if losses is None:
         losses = vmap(one, randomness="different")(outputs, targets)
-    bad = ~torch.isfinite(losses.detach())
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
-        raise NonFiniteError(f"non-finite loss {losses[i].item()} for sample {i}")
+    check_finite(losses.detach(), {})
     return losses
 
 

@@ -64,6 +64,15 @@ def autograd_on() -> Iterator[None]:
         yield
 
 
+def one_sample_loss(loss: object) -> Tensor:
+    """``loss_fn``'s value for one sample, checked to be a scalar (a mean-reduced loss)."""
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar (a mean-reduced loss); for one sample "
+                         f"it returned shape {shape}")
+    return loss
+
+
 def check_finite(losses: Tensor, grads: dict[str, Tensor], *, offset: int = 0) -> None:
     """Raise a :class:`~sgn_lab.checks.NonFiniteError` (a ValueError) naming the first sample
     (and parameter) with a NaN or inf."""

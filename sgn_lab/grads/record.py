@@ -55,7 +55,6 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
-from sgn_lab.checks import NonFiniteError
 from sgn_lab.grads.batched import (
     broadcast_to_samples,
     current_level,
@@ -64,7 +63,7 @@ from sgn_lab.grads.batched import (
     physical,
     sample_first,
 )
-from sgn_lab.grads.common import LossFn
+from sgn_lab.grads.common import LossFn, check_finite, one_sample_loss
 from sgn_lab.grads.hf_masks import traceable_masks
 from sgn_lab.grads.rng import rng_changed, rng_state, set_rng_state
 from sgn_lab.grads.rules import BATCHED, EXPANDED, RULES, Op, Plan, Rule
@@ -376,18 +375,11 @@ def _forward(model, loss_fn, xs, targets, params, n, force_copy):
         with recorder:
             outputs = model(*(x.unsqueeze(0) for x in inputs))
             loss = loss_fn(outputs, target.unsqueeze(0))
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(f"loss_fn must return a scalar (a mean-reduced loss); for one "
-                             f"sample it returned shape {shape}")
-        return loss
+        return one_sample_loss(loss)
 
     with traceable_masks():
         losses = vmap(sample_loss, randomness="different")(*xs, targets)
-    bad = ~torch.isfinite(losses.detach())
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
-        raise NonFiniteError(f"non-finite loss {losses[i].item()} for sample {i}")
+    check_finite(losses.detach(), {})
     return recorder, losses
 
 

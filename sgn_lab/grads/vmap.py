@@ -33,6 +33,7 @@ from sgn_lab.grads.common import (
     batchnorm_policy,
     check_finite,
     num_samples,
+    one_sample_loss,
     refuse_max_norm,
     seeded,
 )
@@ -154,14 +155,7 @@ def per_sample_grads(
         outputs = functional_call(
             model, (params, fixed), tuple(x.unsqueeze(0) for x in sample_inputs)
         )
-        loss = loss_fn(outputs, target.unsqueeze(0))
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss_fn must return a scalar (a mean-reduced loss); for one sample it "
-                f"returned shape {shape}"
-            )
-        return loss
+        return one_sample_loss(loss_fn(outputs, target.unsqueeze(0)))
 
     in_dims = (None,) + (0,) * (len(xs) + 1)
     compute = vmap(grad_and_value(sample_loss), in_dims=in_dims, randomness="different")
