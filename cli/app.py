@@ -163,6 +163,16 @@ ResumeOpt = Annotated[bool, Opt(help="Continue the interrupted run in --out (a c
                                 "settings that differ from it, it stops and lists them.")]
 
 
+def _processes(config) -> str:
+    """The header's account of the processes: how many, and what FSDP gathers."""
+    training = config.training
+    if training.nproc == 1:
+        return ""
+    if training.parallel == "fsdp":
+        return (f", {training.nproc} processes, FSDP (the parameters are gathered whole on "
+                "each process for each measurement)")
+    return f", {training.nproc} processes"
+
 @app.command()
 @run_options()
 def measure(
@@ -173,9 +183,9 @@ def measure(
 ) -> None:
     """Train a model on a task with one method and measure its SGN as training goes.
 
-    With --nproc N, or under torchrun, the training is data-parallel (DDP) and the probe set
-    is split over the processes; every number is the one-process number (README: "Several
-    processes and GPUs").
+    With --nproc N, or under torchrun, the training is data-parallel (DDP, or FSDP2 with
+    --parallel fsdp) and the probe set is split over the processes; every number is the
+    one-process number (README: "Several processes and GPUs").
     """
     from sgn_lab.distributed.launch import init_from_env, launch, world_size_from_env
     from sgn_lab.run.loop import plan, resolve_device
@@ -211,7 +221,7 @@ def measure(
         f"on {escape(run_config.task.name)}, {run_config.label} lr={run_config.optimizer.lr} "
         f"B={run_config.training.batch_size}, n={run_config.probe.probe_samples} per "
         f"measurement, instruments {','.join(run_config.probe.instruments)}"
-        f"{f', {nproc} processes' if nproc > 1 else ''} -> {escape(str(out))}"
+        f"{_processes(run_config)} -> {escape(str(out))}"
     )
     if ranks is not None or nproc == 1:
         measure_rank(ranks, run_config, out)
@@ -285,7 +295,8 @@ def compare(
 
     With --tune, each method first runs on a grid of its hyperparameters and is compared at
     its best point on a validation split; with --match-step, at a matched effective step.
-    With --nproc N each run is data-parallel over N processes, as in measure.
+    With --nproc N each run is data-parallel over N processes (--parallel ddp or fsdp), as
+    in measure.
     """
     from sgn_lab.distributed.launch import world_size_from_env
     from sgn_lab.run.config import parse_method_spec
@@ -450,6 +461,7 @@ def figures(
     nproc: Annotated[int, Opt(help="Processes of each measurement run (data-parallel, as in "
                               f"measure), in the figures {', '.join(MEASURED)}; the sweeps "
                               "of the others run in one process.")] = 1,
+    parallel: Annotated[str, Opt(help="With --nproc N: ddp or fsdp, as in measure.")] = "ddp",
 ) -> None:
     """Regenerate the paper figures from their configs (from any working directory)."""
     from sgn_lab.distributed.launch import world_size_from_env
@@ -466,13 +478,13 @@ def figures(
         raise ValueError(f"unknown figure {unknown[0]!r}; choose from {', '.join(FIGURES)}")
     folder = experiments or CONFIGS
     for name in names:  # every config readable before the first figure starts
-        read_figure_config(folder, name, quick=quick, nproc=nproc)
+        read_figure_config(folder, name, quick=quick, nproc=nproc, parallel=parallel)
     writable_dir(out)
     with _progress() as progress:
         for name in names:
             advance = _advance(progress, f"figure {name}")
             csv = make_figure(name, out, experiments=folder, quick=quick, progress=advance,
-                              nproc=nproc)
+                              nproc=nproc, parallel=parallel)
             console.print(f"figure {name}: {escape(str(csv.with_suffix('.pdf')))}")
 
 

@@ -250,6 +250,9 @@ class GradientNoiseScale(Joinable):
     since a backward on top of an already reduced ``.grad`` is no minibatch gradient).
     """
 
+    # Whether the global norms were recorded while the gradients carried the scaler's scale.
+    _global_scaled = True
+
     def __init__(
         self,
         batch_size: int,
@@ -344,7 +347,8 @@ class GradientNoiseScale(Joinable):
         if self._local:
             unscale = 1.0 / (self._scale * self._scale)
             payload[0] = _total(self._local.values()) * unscale
-            payload[1] = _total(self._global.values()) * unscale
+            payload[1] = _total(self._global.values()) * (unscale if self._global_scaled
+                                                           else 1.0)
             payload[2:6] = torch.tensor([1.0, b, b * b, 1.0 / b], dtype=torch.float64)
         return self._close(payload)
 
@@ -374,7 +378,13 @@ class GradientNoiseScale(Joinable):
         # Equal batches (n·Σb² = (Σb)², exact in float64 for integers): B_small = b exactly;
         # else the harmonic mean of the ranks' batches.
         small = batches / n if n * squares == batches * batches else n / inverses
-        return self.tracker.update(local_sum / n, global_sum * rescale / n, small, n * small)
+        return self.tracker.update(local_sum / n, self._global_norm(global_sum, n) * rescale,
+                                   small, n * small)
+
+    def _global_norm(self, summed: float, ranks: float) -> float:
+        """|ḡ|² from the all-reduced sum of the ranks' global norms: each rank recorded the
+        whole averaged gradient's."""
+        return summed / ranks
 
     def join_hook(self, **kwargs: Any) -> JoinHook:
         """Under ``Join([ddp_model, gns])``: a rank out of data shadows :meth:`step`."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sgn_lab import checks
+from sgn_lab.run.choices import PARALLEL
 
 try:
     import tomllib
@@ -44,11 +45,12 @@ MODES = ("quick", "full")
 CONFIGS = Path(__file__).parent / "configs"
 
 
-def read_figure_config(experiments: str | Path, name: str, *, quick: bool, nproc: int = 1
-                       ) -> dict[str, Any]:
+def read_figure_config(experiments: str | Path, name: str, *, quick: bool, nproc: int = 1,
+                       parallel: str = "ddp") -> dict[str, Any]:
     """The figure's config: ``experiments/<name>.toml`` with its quick/full table merged in,
-    and ``nproc``: the processes of its measurement runs (figures of :data:`MEASURED`; the
-    sweeps and closed forms of the others run in this process)."""
+    and ``nproc`` and ``parallel``: the processes of its measurement runs and how they share
+    the model (figures of :data:`MEASURED`; the sweeps and closed forms of the others run in
+    this process)."""
     if name not in FIGURES:
         raise ValueError(f"unknown figure {name!r}; choose one of {', '.join(FIGURES)}")
     path = Path(experiments) / f"{name}.toml"
@@ -61,7 +63,9 @@ def read_figure_config(experiments: str | Path, name: str, *, quick: bool, nproc
     mode = "quick" if quick else "full"
     tables = {k: data.pop(k, {}) for k in MODES}
     nproc = checks.integer("nproc", nproc, 1)
-    return {**data, **tables[mode], "name": name, "mode": mode, "nproc": nproc}
+    checks.choice("parallel", parallel, PARALLEL)
+    return {**data, **tables[mode], "name": name, "mode": mode, "nproc": nproc,
+            "parallel": parallel}
 
 
 def make_figure(
@@ -72,13 +76,15 @@ def make_figure(
     quick: bool = False,
     progress: Callable[[int, int], None] | None = None,
     nproc: int = 1,
+    parallel: str = "ddp",
 ) -> Path:
     """Make one figure (its CSV, PNG and PDF) in ``out``; returns the CSV path.
 
     ``nproc``: the figure's measurement runs (of :data:`MEASURED`) are data-parallel over
-    this many processes, as ``sgn-lab measure --nproc`` runs them; sweeps and closed forms
-    run in this process.
+    this many processes, as ``sgn-lab measure --nproc`` runs them (``parallel``: "ddp" or
+    "fsdp", as ``--parallel``); sweeps and closed forms run in this process.
     """
-    config = read_figure_config(experiments, name, quick=quick, nproc=nproc)
+    config = read_figure_config(experiments, name, quick=quick, nproc=nproc,
+                                parallel=parallel)
     recipe = importlib.import_module(f"sgn_lab.figures.{FIGURES[name]}")
     return recipe.make(config, Path(out), progress=progress)

@@ -29,7 +29,8 @@ def make(
     each setting: small batch, large batch, covariance full/diagonal, isotropic)."""
     settings = expand(config)
     metrics, spectra, final = figure_runs(out, config["name"], settings, progress=progress,
-                                          nproc=config["nproc"])
+                                          nproc=config["nproc"],
+                     parallel=config["parallel"])
     lr = {label: fields["lr"] for label, fields in settings.items()}
     update = spectra[spectra["kind"] == "update"]
     last = update[update["step"] == update.groupby("setting")["step"].transform("max")]

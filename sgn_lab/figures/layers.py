@@ -34,7 +34,8 @@ def make(
     Config keys: ``run`` (RunConfig fields of the measurement run; its instruments must include
     ``layers``) and ``group`` (the group compared with the total, default ``layernorm``).
     """
-    run = figure_run(out, config["name"], config["run"], progress=progress, nproc=config["nproc"])
+    run = figure_run(out, config["name"], config["run"], progress=progress, nproc=config["nproc"],
+                     parallel=config["parallel"])
     if run.layers.empty:
         raise ValueError(f"the run of figure {config['name']!r} wrote no layers.csv: add "
                          "'layers' to its instruments")

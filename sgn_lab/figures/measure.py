@@ -16,26 +16,34 @@ from sgn_lab.sweeps import run_config, sweep_config
 from sgn_lab.version import __version__
 
 
-def figure_configs(name: str, settings: dict[str, dict[str, Any]], *, nproc: int = 1
-                   ) -> dict[str, RunConfig]:
+def figure_configs(name: str, settings: dict[str, dict[str, Any]], *, nproc: int = 1,
+                   parallel: str = "ddp") -> dict[str, RunConfig]:
     """Label -> the config of run ``<name>-<label>`` from its flat fields (on the CPU), each
-    data-parallel over ``nproc`` processes."""
-    return {label: parse({"device": "cpu", **fields, "nproc": nproc, "name": f"{name}-{label}"})
+    data-parallel over ``nproc`` processes (``parallel``: "ddp" or "fsdp")."""
+    return {label: parse({"device": "cpu", **fields, **_processes(nproc, parallel),
+                          "name": f"{name}-{label}"})
             for label, fields in settings.items()}
 
 
+def _processes(nproc: int, parallel: str) -> dict[str, Any]:
+    """The config fields of the processes: none for one (a run's config names its own)."""
+    return {"nproc": nproc, **({"parallel": parallel} if nproc > 1 else {})}
+
+
 def figure_run(out: Path, name: str, settings: dict[str, Any], *,
-               progress: Callable[[int, int], None] | None = None, nproc: int = 1) -> Run:
+               progress: Callable[[int, int], None] | None = None, nproc: int = 1,
+               parallel: str = "ddp") -> Run:
     """The run ``out/runs/<name>`` with ``settings`` (flat config fields) over ``nproc``
-    processes, loaded."""
-    config = parse({"device": "cpu", **settings, "nproc": nproc, "name": name})
+    processes (``parallel``: "ddp" or "fsdp"), loaded."""
+    config = parse({"device": "cpu", **settings, **_processes(nproc, parallel), "name": name})
     path, = run_series([config], out / "runs",
                        progress=(lambda c: progress) if progress else None)
     return load_run(path)
 
 
 def figure_runs(out: Path, name: str, settings: dict[str, dict[str, Any]], *,
-                progress: Callable[[int, int], None] | None = None, nproc: int = 1):
+                progress: Callable[[int, int], None] | None = None, nproc: int = 1,
+                parallel: str = "ddp"):
     """Every run of ``settings`` (label -> flat config fields): metrics and spectra, labelled.
 
     Runs live in ``out/runs/<name>-<label>``: a complete run with the same config is reused, an
@@ -43,7 +51,7 @@ def figure_runs(out: Path, name: str, settings: dict[str, dict[str, Any]], *,
     (metrics, spectra, final) where ``final`` holds the last measurement of each run; each table
     has a ``setting`` column with the label.
     """
-    configs = figure_configs(name, settings, nproc=nproc)
+    configs = figure_configs(name, settings, nproc=nproc, parallel=parallel)
     paths = run_series(list(configs.values()), out / "runs",
                        done=progress if progress else None)
     runs = [load_run(p) for p in paths]

@@ -28,7 +28,8 @@ def make(
 
     Config keys: ``run`` (RunConfig fields of the measurement run) and ``stages``.
     """
-    run = figure_run(out, config["name"], config["run"], progress=progress, nproc=config["nproc"])
+    run = figure_run(out, config["name"], config["run"], progress=progress, nproc=config["nproc"],
+                     parallel=config["parallel"])
     steps = sorted(run.spectra["step"].unique())
     chosen = sorted({steps[min(len(steps) - 1, round(f * (len(steps) - 1)))]
                      for f in config.get("stages", (0.0, 0.5, 1.0))})

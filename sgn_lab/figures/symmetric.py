@@ -31,7 +31,8 @@ def make(
         for seed in config.get("seeds", [0])
     }
     _, _, final = figure_runs(out, config["name"], settings, progress=progress,
-                              nproc=config["nproc"])
+                              nproc=config["nproc"],
+                     parallel=config["parallel"])
     columns = ["setting", "method", "seed", "batch_size", "step", "hessian_top_eigenvalue",
                "test_accuracy", "train_accuracy", "test_loss", "train_loss"]
     csv = write_table(out / f"{config['name']}.csv", final[columns])

@@ -49,7 +49,8 @@ def make(
     Config keys: ``run`` (RunConfig fields of the one measurement run; its instruments must
     include ``minibatch-tails``, its ``shape_batch_sizes`` are the figure's B).
     """
-    run = figure_run(out, config["name"], config["run"], progress=progress, nproc=config["nproc"])
+    run = figure_run(out, config["name"], config["run"], progress=progress, nproc=config["nproc"],
+                     parallel=config["parallel"])
     table = tidy(run.metrics)
     csv = write_table(out / f"{config['name']}.csv", table)
     model, task = run.config["model"], run.config["task"]

@@ -77,7 +77,7 @@ from sgn_lab.grads.terms import (
     total,
 )
 from sgn_lab.grads.vmap import last_resort, per_sample_grads
-from sgn_lab.models.wrapped import unwrapped
+from sgn_lab.models.wrapped import measured
 
 ROUTES = ("ghost", "per-sample", "vmap", "loop", "none")
 ROUTE_HELP = {
@@ -283,6 +283,14 @@ def gram_result(
                                   or value < low):
             raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
     check_samples_option(samples)
+    with measured(model) as module:
+        return _gram_result(module, loss_fn, inputs, targets, with_mean, per_parameter,
+                            batchnorm, chunk_size, verify, samples)
+
+
+def _gram_result(model, loss_fn, inputs, targets, with_mean, per_parameter, batchnorm,
+                 chunk_size, verify, samples):
+    """:func:`gram_result` on the module to measure, its options checked."""
     model, xs, targets, params, n = _prepared(model, inputs, targets)
     key = (*structure("gram", model, loss_fn, xs, targets), samples)
     if verify is None:
@@ -300,7 +308,6 @@ def gram_result(
 def _prepared(model, inputs, targets):
     """(the module to measure, inputs as a tuple and targets on its device, its trainable
     parameters by name, the number of samples)."""
-    model = unwrapped(model)
     xs = as_tuple(inputs)
     n = num_samples(xs, targets)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -448,6 +455,12 @@ def gram_factors(
     which :func:`sgn_lab.grads.cross.cross_gram` gives the inner products with another sample
     set's.
     """
+    with measured(model) as module:
+        return _factors(module, loss_fn, inputs, targets, batchnorm, verify)
+
+
+def _factors(model, loss_fn, inputs, targets, batchnorm, verify):
+    """:func:`gram_factors` on the module to measure."""
     model, xs, targets, params, n = _prepared(model, inputs, targets)
     with autograd_on(), batchnorm_policy(model, batchnorm):
         result, blocks, randomness, groups = _one_pass(model, loss_fn, xs, targets, params,

@@ -47,7 +47,7 @@ from sgn_lab.grads.consistency import (
 )
 from sgn_lab.grads.hf_masks import traceable_masks
 from sgn_lab.grads.rules.recurrent import Recurrence
-from sgn_lab.models.wrapped import unwrapped
+from sgn_lab.models.wrapped import measured
 
 # chunk_size=None: all samples at once while G fits in _WHOLE_BYTES; beyond, chunks whose
 # gradients fit in _CHUNK_BYTES (small allocations reuse their pages, while every fresh n × d
@@ -123,7 +123,6 @@ def per_sample_grads(
         tensors are views into one (n, d) matrix, which :func:`flatten_grads` returns without
         a copy.
     """
-    model = unwrapped(model)
     xs = as_tuple(inputs)
     n = num_samples(xs, targets)
     check_samples_option(samples)
@@ -134,7 +133,13 @@ def per_sample_grads(
             isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
             or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    with measured(model) as module:
+        return _grads(module, loss_fn, xs, targets, n, chunk_size, batchnorm, seed, verify,
+                      samples)
 
+
+def _grads(model, loss_fn, xs, targets, n, chunk_size, batchnorm, seed, verify, samples):
+    """:func:`per_sample_grads` on the module to measure, its options checked."""
     trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("the model has no parameter with requires_grad=True")

@@ -2,35 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from torch import nn
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
     """The module a DDP wrapper holds (DDP's hooks would break the vmap and Gram passes), or
-    the model itself; a model with sharded parameters is a ValueError.
+    the model itself, an FSDP2 model included (its parameters' names and shapes are the
+    unsharded ones).
 
-    FSDP (either API) and tensor parallelism hold each parameter in pieces on different ranks,
-    so a per-sample gradient is never whole on one rank: not supported yet.
+    Refused with a ValueError: FSDP1 (``FullyShardedDataParallel``) and tensor parallelism,
+    which hold a parameter in pieces that no gathering makes whole on one rank.
     """
     from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
 
+    from sgn_lab.distributed.fsdp import TENSOR_PARALLEL, fsdp_units
+
     if isinstance(model, DistributedDataParallel):
         model = model.module
-    fsdp = _fsdp_classes()
-    if any(isinstance(m, fsdp) for m in model.modules()):
-        raise ValueError("FSDP-sharded models are not supported yet: measure the SGN of the "
-                         "unsharded model (DDP or one process), e.g. on a checkpoint")
-    sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
-    if sharded:
-        raise ValueError(f"parameters sharded as DTensors (tensor parallelism or FSDP2), e.g. "
-                         f"{sharded[0]!r}, are not supported yet: measure the SGN of the "
-                         "unsharded model (DDP or one process)")
+    if not fsdp_units(model):
+        sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
+        if sharded:
+            raise ValueError(TENSOR_PARALLEL.format(name=sharded[0]))
     return model
 
 
-def _fsdp_classes() -> tuple[type, ...]:
-    from torch.distributed import fsdp
+@contextlib.contextmanager
+def measured(model: nn.Module) -> Iterator[nn.Module]:
+    """The module whose per-sample gradients are computed, for the duration of the block:
+    :func:`unwrapped`, and an FSDP2 model's parameters gathered
+    (:func:`sgn_lab.distributed.fsdp.gathered`, collective: every rank must enter)."""
+    from sgn_lab.distributed.fsdp import gathered
 
-    return tuple(c for c in (getattr(fsdp, "FullyShardedDataParallel", None),
-                             getattr(fsdp, "FSDPModule", None)) if c is not None)
+    with gathered(unwrapped(model)) as module:
+        yield module

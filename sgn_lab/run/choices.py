@@ -16,6 +16,10 @@ GRADS_PATHS = ("auto", "vmap", "gram")
 
 DEVICES = ("auto", "cpu", "cuda")
 
+PARALLEL = ("ddp", "fsdp")
+"""How a run over several processes shares the model: DDP (whole on every process) or FSDP2
+(sharded; :mod:`sgn_lab.distributed.fsdp`)."""
+
 STATUS_KEYS = ("complete", "run", "sgn_lab_version", "diverged")
 """Keys of a run directory's ``config.json`` that describe the run's status rather than its
 configuration (:mod:`sgn_lab.run.rundir`)."""

@@ -30,6 +30,7 @@ from sgn_lab.run.choices import (
     GRADS_PATHS,
     INSTRUMENT_NAMES,
     LOGS,
+    PARALLEL,
     STATUS_KEYS,
     model_kind,
 )
@@ -122,9 +123,17 @@ class TrainingSection(_Section):
     seed: int = Field(0, ge=0, description="Seed of data split, model, order and draws.")
     device: Literal[DEVICES] = Field("auto", description="auto, cpu or cuda.")
     nproc: int = Field(1, ge=1, description="Processes on this machine: data-parallel training "
-                       "(DDP, the minibatch split evenly) with the probe set split over them; "
+                       "(the minibatch split evenly) with the probe set split over them; "
                        "gloo on CPUs, NCCL on GPUs (one per process). Under torchrun: its "
                        "world size.")
+    parallel: Literal[PARALLEL] = Field(
+        "ddp", description="With nproc > 1: ddp (every process holds the whole model) or fsdp "
+        "(fully_shard per block: each process holds 1/N of the parameters, gradients and "
+        "optimizer state; the parameters are gathered for each measurement).")
+    fsdp_blocks: tuple[str, ...] = Field(
+        (), description="With parallel fsdp: the class names of the blocks sharded one by "
+        "one, comma-separated (default: a Hugging Face model's transformer blocks, else the "
+        "layers of the model's largest Sequential or ModuleList).")
 
 
 class ProbeSection(_Section):
@@ -188,6 +197,7 @@ class RunConfig(_Section):
     def _splits(self) -> RunConfig:
         """What a run over several processes needs (see :mod:`sgn_lab.distributed`)."""
         nproc, batch = self.training.nproc, self.training.batch_size
+        self._sharding()
         if nproc == 1:
             return self
         if batch % nproc:
@@ -207,6 +217,27 @@ class RunConfig(_Section):
                              "split already bounds each process's memory): drop chunk_size or "
                              "use grads='vmap'")
         return self
+
+    def _sharding(self) -> None:
+        """What ``parallel="fsdp"`` needs: several processes, and methods and instruments
+        that work on shards."""
+        training, method = self.training, self.optimizer.method
+        if training.parallel != "fsdp":
+            if training.fsdp_blocks:
+                raise ValueError("fsdp_blocks applies to parallel 'fsdp' only")
+            return
+        if training.nproc == 1:
+            raise ValueError("parallel 'fsdp' shards the model over processes: give nproc >= 2")
+        if (METHODS[method].step_input != "gradient"
+                or "seed" in METHODS[method].hyperparameters()):
+            raise ValueError(f"method {method!r} draws noise over whole parameters or steps on "
+                             "extra gradients, which parallel 'fsdp' does not support: use "
+                             "parallel 'ddp'")
+        if "updates" in self.probe.instruments:
+            kept = ",".join(i for i in self.probe.instruments if i != "updates")
+            raise ValueError("the updates instrument steps copies of the optimizer, whose "
+                             "state parallel 'fsdp' shards: leave it out (e.g. --instruments "
+                             f"{kept or 'sgn'})")
 
     def resolved(self) -> RunConfig:
         """Every hyperparameter the method takes, its default where not given."""

@@ -102,11 +102,11 @@ class Measurement:
     ``batch_size``. An instrument's own options are its own attributes.
     """
 
-    def __init__(self, probe: NoiseProbe, step: int, epoch: float) -> None:
+    def __init__(self, probe: NoiseProbe, step: int, epoch: float, model: nn.Module) -> None:
         self.probe, self.step, self.epoch = probe, step, epoch
-        self.model, self.loss_fn = probe.model, probe.loss_fn
+        self.model, self.loss_fn = model, probe.loss_fn  # model: the module to measure
         self.path, self.chunk_size, self.ranks = probe.grads, probe.chunk_size, probe.ranks
-        self.device = next(probe.model.parameters()).device
+        self.device = next(model.parameters()).device
         idx = probe.probe_indices(step)
         self.x = probe.x_train[idx].to(self.device)
         self.y = probe.y_train[idx].to(self.device)

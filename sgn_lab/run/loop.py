@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from sgn_lab import checks
 from sgn_lab.checks import NonFiniteError
 from sgn_lab.data import Task
+from sgn_lab.distributed.fsdp import ShardedNoiseScale, is_sharded, shard_blocks
 from sgn_lab.distributed.gns import GradientNoiseScale, gns_hook
 from sgn_lab.distributed.ranks import Ranks
 from sgn_lab.optim import METHODS, build_optimizer, optimizer_kwargs, train_step
@@ -260,9 +261,12 @@ class TrainState:
         return idx
 
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint; collective for a sharded model, whose whole state only rank 0
+        receives (the other ranks' dicts hold empty model and optimizer states)."""
+        model_state, optimizer_state = _model_state(self.model, self.optimizer)
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "data_generator": self.data_gen.get_state(),
             "order": self.order,
             "position": self.position,
@@ -276,8 +280,15 @@ class TrainState:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if is_sharded(self.model):  # each rank keeps its shards of the whole state
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.data_gen.set_state(state["data_generator"])
         self.order, self.position, self.step = state["order"], state["position"], state["step"]
         torch.set_rng_state(state["torch_rng"])
@@ -285,6 +296,18 @@ class TrainState:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         if self.gns is not None and "gns" in state:
             self.gns.tracker.load_state_dict(state["gns"])
+
+
+def _model_state(model: nn.Module, optimizer: torch.optim.Optimizer
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's and optimizer's state dicts; a sharded model's gathered whole, to rank 0's
+    CPU memory (collective)."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer,
+                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 @dataclass(frozen=True)
@@ -408,6 +431,8 @@ def _measure(run: _Training, state: TrainState, recorder: RunRecorder | None,
         # Isotropic noise of the SGN's magnitude: σ² = c·tr(S)/d, re-matched at every
         # measurement (σ lives in the optimizer state: a resume keeps it).
         state.optimizer.set_sigma_from_trace(opt.sigma_trace_factor * result.noise.trace)
+    checkpoint = (state.state_dict() if recorder is not None or is_sharded(state.model)
+                  else None)  # collective for a sharded model
     if recorder is None:
         return
     if state.gns is not None:
@@ -416,7 +441,7 @@ def _measure(run: _Training, state: TrainState, recorder: RunRecorder | None,
     coverage = run.probe.coverage
     recorder.record(result, coverage=None if coverage is None else coverage.to_frame(),
                     coverage_summary=None if coverage is None else coverage.summary())
-    save_checkpoint(out / CHECKPOINT_FILE, state.state_dict())
+    save_checkpoint(out / CHECKPOINT_FILE, checkpoint)
 
 
 def _step(run: _Training, state: TrainState) -> None:
@@ -438,17 +463,23 @@ def _step(run: _Training, state: TrainState) -> None:
 
 def _data_parallel(model: torch.nn.Module, config: RunConfig, ranks: Ranks
                    ) -> tuple[torch.nn.Module, GradientNoiseScale | None]:
-    """The module the optimizer steps through (DDP over the ranks, or the model itself), and
-    the noise scale recorded by DDP's communication hook for methods that step on one plain
+    """The module the optimizer steps through (DDP over the ranks, or the model itself, which
+    FSDP shards in place), and the noise scale recorded around the gradients' reduction (DDP's
+    communication hook, or FSDP's gathered gradients) for methods that step on one plain
     backward pass (a closure's extra passes would mix gradients at other weights)."""
     if not ranks.distributed:
         return model, None
+    gradient_step = METHODS[config.optimizer.method].step_input == "gradient"
+    if config.training.parallel == "fsdp":
+        shard_blocks(model, blocks=config.training.fsdp_blocks, group=ranks.group)
+        return model, (ShardedNoiseScale(model, config.training.batch_size // ranks.size,
+                                         process_group=ranks.group) if gradient_step else None)
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
     ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                   process_group=ranks.group)
-    if METHODS[config.optimizer.method].step_input != "gradient":
+    if not gradient_step:
         return ddp, None
     gns = GradientNoiseScale(config.training.batch_size // ranks.size,
                              process_group=ranks.group)

@@ -13,11 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from sgn_lab import checks
+from sgn_lab.distributed.fsdp import is_sharded
 from sgn_lab.distributed.ranks import Ranks
 from sgn_lab.grads import GramCoverage
 from sgn_lab.models.losses import IGNORE_INDEX
 from sgn_lab.models.modes import restored_modes
-from sgn_lab.models.wrapped import unwrapped
+from sgn_lab.models.wrapped import measured, unwrapped
 from sgn_lab.run.choices import GRADS_PATHS
 from sgn_lab.run.instruments import (
     INSTRUMENTS,
@@ -126,7 +127,9 @@ class NoiseProbe:
         over them (:func:`sgn_lab.distributed.gram_over_ranks.split_gram`) and so are the evaluation
         passes, and every rank returns the same result; each rank must call
         :meth:`measure` at the same steps. Pass the unwrapped model or the DDP one (its
-        ``module`` is measured). None: this process alone.
+        ``module`` is measured), or an FSDP2 model (``fully_shard``): its parameters are
+        gathered on every rank for each measurement (:mod:`sgn_lab.distributed.fsdp`).
+        None: this process alone.
     """
 
     def __init__(
@@ -180,6 +183,9 @@ class NoiseProbe:
         names = [i.name for i in self.instruments]
         if "updates" in names and (optimizer is None or batch_size is None):
             raise ValueError(_UPDATES_NEED)
+        if "updates" in names and is_sharded(model):
+            raise ValueError("the updates instrument steps copies of the optimizer, whose "
+                             "state FSDP shards: leave it out of an FSDP model's instruments")
         needs_grads = any(i.needs_grads for i in self.instruments)
         if grads == "gram" and needs_grads:
             raise ValueError("curvature needs per-sample gradients: use grads='vmap' or 'auto'")
@@ -216,10 +222,11 @@ class NoiseProbe:
     def measure(self, step: int, *, epoch: float = math.nan) -> ProbeResult:
         """Measure now, whatever the step: every instrument in turn."""
         started = time.perf_counter()
-        measurement = Measurement(self, step, epoch)
         row: dict[str, float] = {"step": step, "epoch": epoch, "grads": self.grads}
-        for instrument in self.instruments:
-            row.update(instrument(measurement))
+        with measured(self.model) as model:  # FSDP: gathered for the whole measurement
+            measurement = Measurement(self, step, epoch, model)
+            for instrument in self.instruments:
+                row.update(instrument(measurement))
         if measurement.coverage is not None:
             self.coverage = measurement.coverage
         row["measure_seconds"] = time.perf_counter() - started
@@ -256,26 +263,32 @@ class NoiseProbe:
         token sequences (targets (n, T), logits (n, T, V)), where padding's targets
         (``IGNORE_INDEX``) are not predictions: a padded set's accuracy is over its real
         tokens."""
-        device = next(self.model.parameters()).device
-        block = self.ranks.shard(len(x))  # all of x in one process
-        with restored_modes(self.model):
-            self.model.eval()
-            total_loss, correct, predicted = 0.0, 0, 0
-            for start in range(block.start, block.stop, self.eval_batch):
-                stop = min(start + self.eval_batch, block.stop)
-                xb, yb = x[start:stop].to(device), y[start:stop].to(device)
-                out = self.model(xb)
-                total_loss += float(self.loss_fn(out, yb)) * len(xb)
-                if not yb.is_floating_point():
-                    real = yb != IGNORE_INDEX
-                    correct += int(((out.argmax(dim=-1) == yb) & real).sum())
-                    predicted += int(real.sum())
+        with measured(self.model) as model:
+            total_loss, correct, predicted = self._evaluated(model, x, y)
         if self.ranks.distributed:
             sums = self.ranks.sum(torch.tensor([total_loss, correct, predicted],
                                                dtype=torch.float64))
             total_loss, correct, predicted = sums[0].item(), int(sums[1]), int(sums[2])
         accuracy = correct / predicted if predicted else math.nan
         return total_loss / len(x), accuracy
+
+    def _evaluated(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, int, int]:
+        """This rank's summed loss, correct and predicted targets of its block of x."""
+        device = next(model.parameters()).device
+        block = self.ranks.shard(len(x))  # all of x in one process
+        with restored_modes(model):
+            model.eval()
+            total_loss, correct, predicted = 0.0, 0, 0
+            for start in range(block.start, block.stop, self.eval_batch):
+                stop = min(start + self.eval_batch, block.stop)
+                xb, yb = x[start:stop].to(device), y[start:stop].to(device)
+                out = model(xb)
+                total_loss += float(self.loss_fn(out, yb)) * len(xb)
+                if not yb.is_floating_point():
+                    real = yb != IGNORE_INDEX
+                    correct += int(((out.argmax(dim=-1) == yb) & real).sum())
+                    predicted += int(real.sum())
+        return total_loss, correct, predicted
 
     def _draw_probe(self, step: int) -> Tensor:
         gen = torch.Generator().manual_seed(seed_for(self.seed, step, Purpose.PROBE))

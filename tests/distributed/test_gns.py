@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sgn_lab import flatten_grads, noise_stats, per_sample_grads, seeds
 from sgn_lab.distributed import GradientNoiseScale, NoiseScaleTracker, destroy_group, gns_hook
+from sgn_lab.distributed.fsdp import ShardedNoiseScale, shard_blocks
 from sgn_lab.distributed.gns import HISTORY_COLUMNS, ema_effective_samples, two_batch_estimates
 
 BATCH = 4  # samples per rank per micro-batch
@@ -61,6 +62,7 @@ class Scenario:
         return [self.micro * (BATCH + (r if self.uneven else 0)) for r in range(world)]
 
 
+FSDP = ("plain", "scaler", "uneven")  # the scenarios run on an FSDP2-sharded model too
 SCENARIOS = {
     "plain": Scenario(),
     "bucket_view": Scenario(ddp={"gradient_as_bucket_view": True, "bucket_cap_mb": 1e-4}),
@@ -140,6 +142,7 @@ def run_all(rank: int, world: int, group: dist.ProcessGroup | None) -> dict[str,
     result["endings"] = step_endings(rank, world, group)
     result["join"] = joined_run(rank, world, group)
     result["draws"] = unbiased_draws(rank, world, group)
+    result["fsdp"] = {name: run_sharded(rank, world, group, SCENARIOS[name]) for name in FSDP}
     return result
 
 
@@ -180,6 +183,39 @@ def run_scenario(rank: int, world: int, group: dist.ProcessGroup | None, spec: S
             optimizer.step()
         gns.step()
     return {"rows": gns.history, "grads": grads, "buckets": max(buckets) + 1, "scales": scales}
+
+
+def run_sharded(rank: int, world: int, group: dist.ProcessGroup | None, spec: Scenario
+                ) -> dict[str, Any]:
+    """A scenario on the model sharded by FSDP2 (each Linear and the root), with the noise
+    scale of its reduce-scatter; a measurement on the gathered model between the steps, whose
+    backward passes must not count."""
+    x, y = make_data(64)
+    model = make_model()
+    shard_blocks(model, group=group)
+    scaler = (torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+              if spec.scaler else None)
+    gns = ShardedNoiseScale(model, spec.batches(world)[rank], smoothing=0.9,
+                            process_group=group, scaler=scaler)
+    optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr)
+    grads, probes = [], []
+    for step in range(spec.steps):
+        optimizer.zero_grad()
+        part = shard(step, rank, world, 1, spec)
+        loss = loss_fn(model(x[part]), y[part])
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
+        grads.append(torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()])
+                     .double())
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        gns.step()
+        probes.append(per_sample_grads(model, loss_fn, x[:3], y[:3], verify=3))
+    return {"rows": gns.history, "grads": grads, "probes": probes}
 
 
 def flat_grad(model: nn.Module) -> Tensor:
@@ -351,6 +387,39 @@ def test_one_step_matches_single_process(ddp_results, name):
         assert results[0][name]["buckets"] > 1  # the per-step totals sum several buckets
     if name == "scaler":  # the norms above are unscaled, though each step had another scale
         assert results[0][name]["scales"] == [2.0**8, 2.0**9]
+
+
+@pytest.mark.parametrize("name", FSDP)
+def test_sharded_noise_scale_matches_single_process(ddp_results, name):
+    """FSDP2: the local norms read from the gathered gradients, the global one from the
+    shards, as DDP's; the measurements between the steps (per-sample gradients of the
+    gathered model, whose check runs backward passes) leave the rows alone."""
+    world, results = ddp_results
+    spec = SCENARIOS[name]
+    b = 1 / float(np.mean([1 / size for size in spec.batches(world)]))
+    run = results[0]["fsdp"][name]
+    assert [r["step"] for r in run["rows"]] == list(range(spec.steps))
+    model = make_model()
+    x, y = make_data(64)
+    for row, ref, grad, probe in zip(run["rows"], reference_steps(world, spec), run["grads"],
+                                     run["probes"], strict=True):
+        assert row["local_sq_norm"] == pytest.approx(ref["local"], rel=2e-6)
+        assert row["global_sq_norm"] == pytest.approx(ref["global"], rel=2e-6)
+        torch.testing.assert_close(grad, ref["grad"], rtol=1e-5, atol=1e-7)
+        big = world * b
+        trace = (ref["local"] - ref["global"]) / (1 / b - 1 / big)
+        assert row["trace_estimate"] == pytest.approx(trace, rel=1e-4)
+        with torch.no_grad():  # the reference model after this step
+            offset = 0
+            for p in model.parameters():
+                p -= spec.lr * ref["grad"][offset:offset + p.numel()].view_as(p).to(p.dtype)
+                offset += p.numel()
+        want = per_sample_grads(model, loss_fn, x[:3], y[:3])
+        assert list(probe) == list(want)
+        for key in want:
+            torch.testing.assert_close(probe[key], want[key], rtol=1e-5, atol=1e-6)
+    for other in results[1:]:
+        assert pd.DataFrame(other["fsdp"][name]["rows"]).equals(pd.DataFrame(run["rows"]))
 
 
 def test_every_rank_logs_the_same_history(ddp_results):
