@@ -75,18 +75,22 @@ def split_gram(
     batchnorm: str = "error",
     chunk_size: int | None = None,
     verify: int = 0,
+    block_grads: dict[str, Tensor] | None = None,
 ) -> SplitGram:
     """The Gram and mean gradient of the n samples (x, y), each rank working on its block.
 
     ``x`` and ``y`` are the whole probe batch, the same on every rank; ``grads`` is ``"gram"``
     (the Gram path; ``chunk_size`` is not supported there: the split already bounds a rank's
     memory) or ``"vmap"`` (per-sample gradients, chunked by ``chunk_size``). ``verify`` checks
-    each rank's diagonal block as :func:`sgn_lab.per_sample_gram` does.
+    each rank's diagonal block as :func:`sgn_lab.per_sample_gram` does. ``block_grads``
+    (vmap only): this rank's block's per-sample gradients, where the caller has them already.
     """
     n = len(y)
     if n < ranks.size:
         raise ValueError(f"the probe set of {n} samples cannot be split over {ranks.size} "
                          "processes: use at most as many processes as probe samples")
+    if block_grads is not None and grads != "vmap":
+        raise ValueError("block_grads are per-sample gradients: they go with grads='vmap'")
     block = ranks.shard(n)
     x_r, y_r = x[block], y[block]
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
@@ -96,13 +100,15 @@ def split_gram(
             raise ValueError("chunk_size with a probe set split over processes is not "
                              "supported on the Gram path: add processes to bound memory, or "
                              "use grads='vmap'")
-        local, factors = gram_factors(model, loss_fn, x_r, y_r, batchnorm=batchnorm,
-                                      verify=verify)
+        local, groups = gram_factors(model, loss_fn, x_r, y_r, batchnorm=batchnorm,
+                                     verify=verify)
         coverage, own_block, total = local.coverage, local.gram, local.mean
-        payload, choice = compact(factors, shapes, len(y_r))
+        del local  # total is then the only d-long vector
+        payload, choice = compact(groups, shapes, len(y_r))
+        del groups
     elif grads == "vmap":
-        g = per_sample_grads(model, loss_fn, x_r, y_r, chunk_size=chunk_size,
-                             batchnorm=batchnorm)
+        g = block_grads if block_grads is not None else per_sample_grads(
+            model, loss_fn, x_r, y_r, chunk_size=chunk_size, batchnorm=batchnorm)
         payload = {name: [(None, [Dense(t.reshape(len(y_r), -1), "vmap", "vmap")])]
                    for name, t in g.items()}
         choice = dict.fromkeys(payload, "gradients")
@@ -139,7 +145,7 @@ def split_gram(
         _cross_blocks(K, tasks, received, bounds, shapes)
     del received
     K = ranks.sum(K)
-    mean = ranks.sum(total) / n
+    mean = ranks.sum_(total).div_(n)  # in place: one d-long vector
     if grads == "vmap":
         diag = _merged_variance(G, mean, n, ranks)
     return SplitGram(K, mean, diag, coverage, choice)

@@ -2,7 +2,8 @@
 
 :class:`Ranks` is the one place that knows how the probe set is split over processes and how
 partial results travel: sums by all-reduce, row blocks by broadcasting each rank's block in
-turn (ranks may hold unequal numbers of rows, which ``all_gather`` does not allow). It counts
+turn (ranks may hold unequal numbers of rows, which ``all_gather`` does not allow) or by
+sending them to rank 0 alone (:meth:`Ranks.gather_rows_to_root`). It counts
 the bytes each call moves so that benchmarks report measured communication volumes.
 
 Split of n samples over N ranks (:meth:`Ranks.shard`): contiguous blocks in probe order, the
@@ -84,6 +85,17 @@ class Ranks:
         self.traffic["sum"] += _bytes(out)
         return out.to(tensor.device)
 
+    def sum_(self, tensor: Tensor) -> Tensor:
+        """In place: ``tensor`` becomes its sum over ranks, and is returned (no second copy
+        where the group's backend takes the tensor's device)."""
+        if not self.distributed:
+            return tensor
+        if self.device(tensor) != tensor.device:
+            return tensor.copy_(self.sum(tensor))
+        dist.all_reduce(tensor, group=self.group)
+        self.traffic["sum"] += _bytes(tensor)
+        return tensor
+
     def broadcast_object(self, obj: object, src: int = 0) -> object:
         """A small picklable object from rank ``src`` on every rank."""
         if not self.distributed:
@@ -124,6 +136,28 @@ class Ranks:
         blocks = [self.broadcast_tensors([local] if r == self.rank else None, r, kind=kind)[0]
                   for r in range(self.size)]
         return torch.cat([b.to(local.device) for b in blocks])
+
+    def gather_rows_to_root(self, local: Tensor, *, kind: str = "rows") -> Tensor | None:
+        """Every rank's block of rows (dim 0), concatenated in rank order, on rank 0; None on
+        the others, which send theirs (point to point) and hold nothing more."""
+        if not self.distributed:
+            return local
+        device = self.device(local)
+        rows = torch.tensor([len(local)], dtype=torch.int64, device=device)
+        counts = [torch.zeros_like(rows) for _ in range(self.size)]
+        dist.all_gather(counts, rows, group=self.group)
+        if not self.is_root:
+            dist.send(local.detach().contiguous().to(device), dst=self._global(0),
+                      group=self.group)
+            return None
+        blocks = [local.detach().to(device)]
+        for r in range(1, self.size):
+            buffer = torch.empty((int(counts[r]), *local.shape[1:]), dtype=local.dtype,
+                                 device=device)
+            dist.recv(buffer, src=self._global(r), group=self.group)
+            self.traffic[kind] += _bytes(buffer)
+            blocks.append(buffer)
+        return torch.cat(blocks).to(local.device)
 
     def decided(self, decide: Callable[[], Any]) -> Any:
         """``decide()`` run on rank 0 alone, its result (or its ValueError, raised) on every

@@ -58,25 +58,16 @@ def gradient_bytes(groups: Groups, n: int, numel: int) -> int:
 
 def compact(factors: Factors, shapes: dict[str, tuple[int, ...]], n: int
             ) -> tuple[Factors, dict[str, str]]:
-    """Each parameter as factors or as dense per-sample gradients (n, numel).
-
-    Factors where they are fewer bytes and the Gram path's cost model takes their ghost route
-    (:func:`sgn_lab.grads.terms.route`; the cross products of factors over T positions cost
-    n_A·n_B·T²·(p+q), of gradients n_A·n_B·p·q), gradients otherwise, but never per-sample
-    gradients above ``MATERIALISE_BYTES`` (the Gram path's own bound). A parameter whose terms
-    are all per-sample gradients already (biases, norms, the vmap route) travels as they are.
-    Returns the payload and each parameter's choice (``factors`` or ``gradients``).
+    """Each parameter as factors or as dense per-sample gradients (n, numel), as
+    :func:`sent_as_gradients` decides; a parameter whose terms are all per-sample gradients
+    already (biases, norms, the vmap route, and those :func:`sgn_lab.grads.gram.gram_factors`
+    formed once for sending) travels as they are. Returns the payload and each parameter's
+    choice (``factors`` or ``gradients``).
     """
     payload, choice = {}, {}
     for name, groups in factors.items():
-        numel = int(torch.Size(shapes[name]).numel())
-        as_factors = sum(term_bytes(t) for _, group in groups for t in group)
         terms = [t for _, group in groups for t in group]
-        dense_bytes = gradient_bytes(groups, n, numel)
-        cheaper_dense = any(isinstance(t, Outer) and route(t) == "per-sample" for t in terms)
-        if (groups and dense_bytes <= MATERIALISE_BYTES and not all(isinstance(t, Dense)
-                                                                   for t in terms)
-                and (cheaper_dense or dense_bytes < as_factors)):
+        if sent_as_gradients(groups, shapes[name], n):
             payload[name] = [(None, [Dense(whole_gradients(groups, shapes[name]), "gathered")])]
             choice[name] = "gradients"
         else:
@@ -84,6 +75,24 @@ def compact(factors: Factors, shapes: dict[str, tuple[int, ...]], n: int
             choice[name] = "gradients" if terms and all(isinstance(t, Dense) for t in terms) \
                 else "factors"
     return payload, choice
+
+
+def sent_as_gradients(groups: Groups, shape: tuple[int, ...], n: int) -> bool:
+    """Whether a parameter's factors should become its per-sample gradients to be sent.
+
+    Gradients where they are fewer bytes, or where the Gram path's cost model multiplies
+    gradients rather than factors (:func:`sgn_lab.grads.terms.route`; the cross products of
+    factors over T positions cost n_A·n_B·T²·(p+q), of gradients n_A·n_B·p·q), but never
+    per-sample gradients above ``MATERIALISE_BYTES`` (the Gram path's own bound), and never
+    for terms that are per-sample gradients already.
+    """
+    terms = [t for _, group in groups for t in group]
+    if not terms or all(isinstance(t, Dense) for t in terms):
+        return False
+    dense_bytes = gradient_bytes(groups, n, int(torch.Size(shape).numel()))
+    as_factors = sum(term_bytes(t) for t in terms)
+    cheaper_dense = any(isinstance(t, Outer) and route(t) == "per-sample" for t in terms)
+    return dense_bytes <= MATERIALISE_BYTES and (cheaper_dense or dense_bytes < as_factors)
 
 
 def whole_gradients(groups: Groups, shape: tuple[int, ...]) -> Tensor:

@@ -60,6 +60,7 @@ from sgn_lab.grads.consistency import (
     remember,
     structure,
 )
+from sgn_lab.grads.cross import sent_as_gradients, whole_gradients
 from sgn_lab.grads.record import Recording, record
 from sgn_lab.grads.rng import rng_changed, rng_state, set_rng_state
 from sgn_lab.grads.rules.aliases import Region
@@ -325,9 +326,9 @@ def _chunked(model, loss_fn, xs, targets, params, with_mean, chunk, verify,
         result, blocks, randomness = _one_pass(model, loss_fn, xs, targets, params,
                                                slice(0, n) if with_mean else None, verify,
                                                per_parameter=per_parameter)
-        mean = result.mean / n if result.mean is not None else None
-        return (GramResult(result.gram, mean, result.coverage, result.parameter_grams),
-                blocks, randomness)
+        if result.mean is not None:
+            result.mean.div_(n)  # in place: the pass's own sum, d float64 numbers
+        return result, blocks, randomness
     bounds = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
     K = torch.zeros((n, n), dtype=torch.float64, device=targets.device)
     Ks = ({name: torch.zeros_like(K) for name in params} if per_parameter else None)
@@ -406,12 +407,19 @@ def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify, *, keep=Fal
             set_rng_state(start, targets.device)
             _vmap_unseen(model, loss_fn, xs, targets, rec)
     K = torch.zeros((n, n), dtype=torch.float64, device=targets.device)
-    sums, routes, blocks, workspace, kept = [], [], {}, Workspace(), {}
+    routes, blocks, workspace, kept = [], {}, Workspace(), {}
+    # Σ_i g_i in float64, written in place parameter by parameter: d numbers held once.
+    summed = None if sum_rows is None else torch.zeros(
+        sum(p.numel() for p in params.values()), dtype=torch.float64, device=targets.device)
+    offset = 0
     grams: dict[str, Tensor] | None = {} if per_parameter else None
     for name, p in params.items():
         workspace.next_parameter()
         groups = _by_region(rec.terms.pop(name, []), tuple(p.shape))
         routes.append(_route(name, groups, rec))
+        if keep and sent_as_gradients(groups, tuple(p.shape), n):
+            # Formed once, here: its Gram and sum come from them, and they are what is sent.
+            groups = [(None, [Dense(whole_gradients(groups, tuple(p.shape)), "gathered")])]
         if keep:
             kept[name] = groups
         if groups:
@@ -423,14 +431,13 @@ def _one_pass(model, loss_fn, xs, targets, params, sum_rows, verify, *, keep=Fal
                 grams[name] = (K_p + K_p.T) / 2  # symmetric as K is
         elif grams is not None:
             grams[name] = torch.zeros_like(K)
-        if sum_rows is not None:
-            part = torch.zeros(p.shape, dtype=torch.float64, device=targets.device)
+        if summed is not None:
+            part = summed[offset:offset + p.numel()].view(p.shape)
             for region, group in groups:
                 box = part[_index(region)]
                 for t in group:
                     box += total(samples(t, sum_rows)).view(box.shape)
-            sums.append(part.reshape(-1))
-    summed = torch.cat(sums) if sum_rows is not None else None
+        offset += p.numel()
     K = (K + K.T) / 2  # blocked matrix products leave it symmetric only to rounding
     result = GramResult(K, summed, GramCoverage(tuple(routes), n), grams)
     if keep:
@@ -453,7 +460,9 @@ def gram_factors(
     the mean) and each trainable parameter's term groups: (region, merged terms), the
     parameter's per-sample gradients in factored form (:mod:`sgn_lab.grads.terms`), from
     which :func:`sgn_lab.grads.cross.cross_gram` gives the inner products with another sample
-    set's.
+    set's. A parameter better sent as its per-sample gradients
+    (:func:`~sgn_lab.grads.cross.sent_as_gradients`) has them formed once, in this pass, as
+    one ``Dense`` term: its Gram and sum come from them, and nothing forms them again.
     """
     with measured(model) as module:
         return _factors(module, loss_fn, inputs, targets, batchnorm, verify)

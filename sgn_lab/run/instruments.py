@@ -123,14 +123,22 @@ class Measurement:
                                 verify=self.probe.grads_verify)
 
     @cached_property
-    def grads(self) -> dict[str, Tensor]:
-        """Per-sample gradients of the probe batch (vmap)."""
-        if not self.ranks.distributed:
-            return self._per_sample(self.x, self.y)
-        # Each rank its block of the probe set; every rank then holds all of them (n × d).
+    def local_grads(self) -> dict[str, Tensor]:
+        """Per-sample gradients (vmap) of this rank's block of the probe batch (all of it in
+        one process)."""
         block = self.ranks.shard(len(self.y))
-        local = self._per_sample(self.x[block], self.y[block])
-        return {name: self.ranks.gather_rows(g, kind="gradients") for name, g in local.items()}
+        return self._per_sample(self.x[block], self.y[block])
+
+    @cached_property
+    def grads(self) -> dict[str, Tensor] | None:
+        """Per-sample gradients (vmap) of the whole probe batch. Over several processes they
+        are gathered on rank 0 alone (None on the others, which send their blocks): what
+        needs them runs there (:meth:`Ranks.once`) and its result reaches every rank."""
+        if not self.ranks.distributed:
+            return self.local_grads
+        gathered = {name: self.ranks.gather_rows_to_root(g, kind="gradients")
+                    for name, g in self.local_grads.items()}
+        return gathered if self.ranks.is_root else None
 
     @cached_property
     def noise(self) -> NoiseStats:
@@ -138,14 +146,15 @@ class Measurement:
         p = self.probe
         minibatch = {"batch_size": p.batch_size, "dataset_size": len(p.x_train),
                      "seed": self.seed(Purpose.STATS)}
-        if self.path == "vmap" and (not self.ranks.distributed or p.gathers_grads
-                                    or "grads" in self.__dict__):
+        if self.path == "vmap" and not self.ranks.distributed:
             return noise_stats(self.grads, shape=False, **minibatch)
         if self.ranks.distributed:
+            block_grads = self.local_grads if self.path == "vmap" else None
             with seeded(self.seed(Purpose.GRADS), self.device):
                 split = split_gram(self.model, self.loss_fn, self.x, self.y, self.ranks,
                                    grads=self.path, batchnorm=p.batchnorm,
-                                   chunk_size=self.chunk_size, verify=p.take_verify())
+                                   chunk_size=self.chunk_size, verify=p.take_verify(),
+                                   block_grads=block_grads)
             self.coverage = split.coverage
 
             def spectrum() -> NoiseStats:  # the n × n eigendecompositions, on rank 0 alone
@@ -177,12 +186,16 @@ class Measurement:
     @cached_property
     def shape_grads(self) -> Tensor | None:
         """(n', d) float64 per-sample gradients for the shape of the noise: all n with vmap,
-        the first ``shape_samples`` probe samples' on the Gram path; None below 8 samples."""
+        the first ``shape_samples`` probe samples' on the Gram path; None below 8 samples.
+        Over several processes: on rank 0 alone (None on the others; see :attr:`grads`)."""
         if self.path == "vmap":
-            G = flatten_grads(self.grads)
+            grads = self.grads  # collective over several processes
+            if grads is None:
+                return None
+            G = flatten_grads(grads)
             return G.to(torch.float64) if len(G) >= 8 else None
         count = min(len(self.x), self.probe.shape_samples)
-        if count < 8:
+        if count < 8 or not self.ranks.is_root:
             return None
         return flatten_grads(self._per_sample(self.x[:count], self.y[:count])).to(torch.float64)
 
@@ -241,14 +254,19 @@ class Tails:
     needs_grads = False
 
     def __call__(self, m: Measurement) -> dict[str, Any]:
-        G = m.shape_grads
-        if G is None or (m.path == "vmap" and not m.noise.trace > 0):
-            return dict.fromkeys(TAIL_COLUMNS, math.nan)
-        centred = G - G.mean(dim=0)  # centred as noise_stats centres them
-        if not bool(centred.abs().max() > 0):
-            return dict.fromkeys(TAIL_COLUMNS, math.nan)
+        noiseless = m.path == "vmap" and not m.noise.trace > 0
+        G = m.shape_grads  # the collectives first: the rest runs on rank 0 alone
         seed = m.seed(Purpose.STATS if m.path == "vmap" else Purpose.GRADS)
-        return shape_stats(centred, seed=seed).to_dict()
+
+        def row() -> dict[str, Any]:
+            if G is None or noiseless:
+                return dict.fromkeys(TAIL_COLUMNS, math.nan)
+            centred = G - G.mean(dim=0)  # centred as noise_stats centres them
+            if not bool(centred.abs().max() > 0):
+                return dict.fromkeys(TAIL_COLUMNS, math.nan)
+            return shape_stats(centred, seed=seed).to_dict()
+
+        return m.ranks.once(row)
 
 
 @dataclass(frozen=True)
@@ -269,17 +287,22 @@ class MinibatchTails:
         checks.integer("draws", self.draws, 8)
 
     def __call__(self, m: Measurement) -> dict[str, Any]:
-        G = m.shape_grads
-        sizes = [b for b in self.batch_sizes if G is not None and b < len(G)]
-        row = {f"{column}_b{b}": math.nan for b in self.batch_sizes
-               for column in TAIL_COLUMNS}
-        if not sizes or not bool((G != G[:1]).any()):  # all rows equal: no noise
+        G = m.shape_grads  # collective over several processes; the rest on rank 0 alone
+        seed = m.seed(Purpose.STATS)
+
+        def computed() -> dict[str, Any]:
+            sizes = [b for b in self.batch_sizes if G is not None and b < len(G)]
+            row = {f"{column}_b{b}": math.nan for b in self.batch_sizes
+                   for column in TAIL_COLUMNS}
+            if not sizes or not bool((G != G[:1]).any()):  # all rows equal: no noise
+                return row
+            table = minibatch_noise_shape(G, sizes, draws=self.draws, seed=seed)
+            for record in table.to_dict("records"):
+                for column in TAIL_COLUMNS:
+                    row[f"{column}_b{record['batch_size']}"] = record[column]
             return row
-        table = minibatch_noise_shape(G, sizes, draws=self.draws, seed=m.seed(Purpose.STATS))
-        for record in table.to_dict("records"):
-            for column in TAIL_COLUMNS:
-                row[f"{column}_b{record['batch_size']}"] = record[column]
-        return row
+
+        return m.ranks.once(computed)
 
 
 @dataclass(frozen=True)
@@ -297,10 +320,11 @@ class Curvature:
         checks.integer("max_iter", self.max_iter, 1)
 
     def __call__(self, m: Measurement) -> dict[str, Any]:
-        return curvature_stats(m.model, m.loss_fn, m.x, m.y, flatten_grads(m.grads),
-                               n_probes=self.n_probes, max_iter=self.max_iter,
-                               seed=m.seed(Purpose.CURVATURE), chunk_size=m.chunk_size
-                               ).to_dict()
+        grads = m.grads  # collective over several processes; the rest on rank 0 alone
+        return m.ranks.once(lambda: curvature_stats(
+            m.model, m.loss_fn, m.x, m.y, flatten_grads(grads), n_probes=self.n_probes,
+            max_iter=self.max_iter, seed=m.seed(Purpose.CURVATURE), chunk_size=m.chunk_size
+        ).to_dict())
 
 
 @dataclass(frozen=True)
@@ -343,8 +367,11 @@ class Layers:
 
     def __call__(self, m: Measurement) -> dict[str, Any]:
         if m.path == "vmap" or m.ranks.distributed:
-            # Over several processes: the per-sample gradients gathered from the ranks.
-            table = layer_noise_scale(m.grads, model=m.model, groups=self.groups)
+            # Over several processes: the per-sample gradients gathered on rank 0, the table
+            # computed there and sent to every rank.
+            grads = m.grads
+            table = m.ranks.once(lambda: layer_noise_scale(grads, model=m.model,
+                                                           groups=self.groups))
         else:  # the pass the sgn instrument shares
             assert m.gram.parameter_grams is not None
             table = layer_noise_scale(grams=m.gram.parameter_grams, model=m.model,

@@ -197,9 +197,6 @@ class NoiseProbe:
             grads = "vmap" if needs_grads else "gram"
         self.grads, self.shape_samples = grads, shape_samples
         self.ranks = ranks or Ranks()
-        # With vmap, these instruments want every rank to hold G: the Gram then comes from it.
-        self.gathers_grads = grads == "vmap" and (
-            needs_grads or bool({"tails", "minibatch-tails", "layers"} & set(names)))
         self.coverage: GramCoverage | None = None
         self.model, self.loss_fn = model, loss_fn
         self.x_train, self.y_train = x_train, y_train

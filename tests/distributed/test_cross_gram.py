@@ -102,7 +102,13 @@ def test_compact_sends_the_smaller_form():
     xs = torch.randn(4, 50, 2, dtype=torch.float64)  # T = 50 positions
     _, f = gram_factors(narrow, loss, xs, xs)
     shapes = {name: tuple(p.shape) for name, p in narrow.named_parameters()}
-    assert compact(f, shapes, 4)[1]["0.weight"] == "gradients"
+    payload, choice = compact(f, shapes, 4)
+    assert choice["0.weight"] == "gradients"
+    # formed once, by the Gram pass itself: compact sends that very tensor
+    (_, (term,)), = f["0.weight"]
+    assert payload["0.weight"][0][1][0].grads is term.grads
+    want = loop_grads(narrow, loss, xs, xs)["0.weight"].reshape(4, -1)
+    assert relative_error(term.grads, want) <= 1e-12
 
 
 @pytest.mark.parametrize(("n", "size", "sizes"), [(11, 2, [6, 5]), (11, 3, [4, 4, 3]),

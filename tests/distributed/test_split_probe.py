@@ -82,7 +82,7 @@ def problems() -> dict[str, tuple[Any, ...]]:
 
 
 PROBE = {"samples": N, "batch_size": 4, "update_repeats": 3, "seed": 5,
-         "instruments": ["eval", "sgn", "tails", "curvature", "updates"]}
+         "instruments": ["eval", "sgn", "tails", "curvature", "updates", "layers"]}
 
 
 def probe_task():
@@ -130,7 +130,9 @@ def everything(ranks: Ranks) -> dict[str, Any]:
             sent = {k: v - before.get(k, 0) for k, v in ranks.traffic.items()}
             found[name, grads] = (split, sent)
     for grads in ("gram", "vmap"):
+        before = ranks.traffic["gradients"]
         found["probe", grads] = measure(ranks, grads)
+        found["probe gradients", grads] = ranks.traffic["gradients"] - before
     calls: list[int] = []
     found["once"] = ranks.once(lambda: calls.append(ranks.rank) or ("made on", ranks.rank))
     found["once calls"] = calls
@@ -228,6 +230,18 @@ def test_a_split_measurement_equals_one_process(runs, world, grads):
                                       want_spectra[["step", "kind", "k"]])
         top = want_spectra.groupby("kind").eigenvalue.transform("max")
         assert ((spectra.eigenvalue - want_spectra.eigenvalue).abs() <= 1e-9 * top).all()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("grads", ["gram", "vmap"])
+def test_per_sample_gradients_go_to_rank_0_alone(runs, world, grads):
+    """tails, curvature and layers need the n × d gradients: rank 0 receives the other ranks'
+    blocks (float64, d = 51), the others receive none and hold only their own."""
+    d = 4 * 6 + 6 + 6 * 3 + 3
+    first = Ranks(0, world).bounds(N)[0]
+    for rank, found in runs[world].items():
+        want = (N - (first[1] - first[0])) * d * 8 if rank == 0 else 0
+        assert found["probe gradients", grads] == want, rank
 
 
 @pytest.mark.parametrize("world", [2, 3])
