@@ -401,9 +401,19 @@ class Prepared:
     cleanup: Callable[[], None] = field(default=lambda: None)
 
 
+GRAM_COLUMNS = 1 << 16  # columns of G per float32 product in gram_of
+
+
 def gram_of(G: Tensor) -> Tensor:
-    # float32 product, then float64: what a user would do, and half the cost of a float64 one.
-    return (G @ G.T).double()
+    """G Gᵀ in float32 products over blocks of columns, summed in float64: the cost of one
+    float32 product (half a float64 one's), with its rounding bounded by the block's length
+    rather than by d and by how the BLAS splits a long product (MKL on an AMD EPYC left
+    BERT's 1.9M-long sums 2.9e-4 off where blocks of 65536 give 1e-6)."""
+    out = torch.zeros(G.shape[0], G.shape[0], dtype=torch.float64, device=G.device)
+    for c in range(0, G.shape[1], GRAM_COLUMNS):
+        block = G[:, c : c + GRAM_COLUMNS]
+        out += (block @ block.T).double()
+    return out
 
 
 def prepare(method: str, model: nn.Module, x: Inputs, y: Tensor) -> Prepared:

@@ -2,7 +2,10 @@
 
 - :class:`Ranks` — a process's place in a group and the split of the probe set
   (:mod:`~sgn_lab.distributed.ranks`); :func:`unwrapped` (from :mod:`sgn_lab.models.wrapped`):
-  the module inside DDP, FSDP and tensor parallelism refused.
+  the module inside DDP, an FSDP2 model measured on its gathered parameters, FSDP1 and
+  tensor parallelism refused.
+- :func:`shard_blocks` and :class:`ShardedNoiseScale` — training sharded with FSDP2 and its
+  noise scale (:mod:`~sgn_lab.distributed.fsdp`).
 - :func:`split_gram` — the Gram, mean and diag(S) of a probe set split over ranks, the
   off-diagonal blocks from factors or gradients sent between them
   (:mod:`~sgn_lab.distributed.gram_over_ranks`).
@@ -14,11 +17,13 @@
   :mod:`~sgn_lab.distributed.gns`).
 """
 
+from sgn_lab.distributed.fsdp import ShardedNoiseScale, shard_blocks
 from sgn_lab.distributed.gns import GradientNoiseScale, NoiseScaleTracker, gns_hook
 from sgn_lab.distributed.gram_over_ranks import SplitGram, split_gram
 from sgn_lab.distributed.launch import WorkerError, destroy_group, init_from_env, launch
 from sgn_lab.distributed.ranks import Ranks
 from sgn_lab.models.wrapped import unwrapped
 
-__all__ = ["GradientNoiseScale", "NoiseScaleTracker", "Ranks", "SplitGram", "WorkerError",
-           "destroy_group", "gns_hook", "init_from_env", "launch", "split_gram", "unwrapped"]
+__all__ = ["GradientNoiseScale", "NoiseScaleTracker", "Ranks", "ShardedNoiseScale", "SplitGram",
+           "WorkerError", "destroy_group", "gns_hook", "init_from_env", "launch",
+           "shard_blocks", "split_gram", "unwrapped"]

@@ -32,9 +32,10 @@ from torch import Tensor, nn
 from sgn_lab import checks
 from sgn_lab.checks import NonFiniteError
 from sgn_lab.data import Task
-from sgn_lab.distributed.fsdp import ShardedNoiseScale, is_sharded, shard_blocks
+from sgn_lab.distributed.fsdp import ShardedNoiseScale, shard_blocks
 from sgn_lab.distributed.gns import GradientNoiseScale, gns_hook
 from sgn_lab.distributed.ranks import Ranks
+from sgn_lab.models.wrapped import is_sharded
 from sgn_lab.optim import METHODS, build_optimizer, optimizer_kwargs, train_step
 from sgn_lab.run.build import build_run_model, build_task
 from sgn_lab.run.config import RunConfig, differences, parse

@@ -13,12 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from sgn_lab import checks
-from sgn_lab.distributed.fsdp import is_sharded
 from sgn_lab.distributed.ranks import Ranks
 from sgn_lab.grads import GramCoverage
 from sgn_lab.models.losses import IGNORE_INDEX
 from sgn_lab.models.modes import restored_modes
-from sgn_lab.models.wrapped import measured, unwrapped
+from sgn_lab.models.wrapped import is_sharded, measured, unwrapped
 from sgn_lab.run.choices import GRADS_PATHS
 from sgn_lab.run.instruments import (
     INSTRUMENTS,

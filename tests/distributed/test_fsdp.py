@@ -11,8 +11,10 @@ bit for bit.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,8 @@ import pytest
 import torch
 from helpers import run_main
 from nproc_helpers import (
+    CLI,
+    RUN_TIMEOUT_S,
     assert_same_numbers,
     complete,
     sgn_lab,
@@ -113,11 +117,23 @@ def test_what_fsdp_cannot_do_is_one_line_and_exit_2(monkeypatch, capsys, tmp_pat
     assert " ".join(err.split()) == f"error: {message}"
 
 
+def test_compare_runs_each_method_sharded(runs, tmp_path):
+    """compare --nproc 2 --parallel fsdp: each method's run is measure's, file for file."""
+    flags = [f for i, f in enumerate(MLP) if "--seed" not in MLP[max(i - 1, 0):i + 1]]
+    done = subprocess.run([*CLI, "compare", "--methods", "pnm,sgd", "--seeds", "3", *flags,
+                           "--nproc", "2", *FSDP, "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    configs = {p: json.loads((p / "config.json").read_text()) for p in tmp_path.iterdir()
+               if (p / "config.json").is_file()}
+    assert sorted(c["optimizer"]["method"] for c in configs.values()) == ["pnm", "sgd"]
+    assert all(c["complete"] and c["training"]["parallel"] == "fsdp" for c in configs.values())
+    same = next(p for p, c in configs.items() if c["optimizer"]["method"] == "pnm")
+    for want, got in zip(tables(runs["two"]), tables(same), strict=True):
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+
+
 def test_an_unknown_block_class_is_one_line(tmp_path):
-    import subprocess
-
-    from nproc_helpers import CLI, RUN_TIMEOUT_S
-
     done = subprocess.run([*CLI, "measure", "--out", str(tmp_path / "r"), *MLP, "--nproc", "2",
                            *FSDP, "--fsdp-blocks", "Block"], capture_output=True, text=True,
                           timeout=RUN_TIMEOUT_S)

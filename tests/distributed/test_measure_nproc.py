@@ -192,22 +192,25 @@ def test_compare_runs_each_method_in_n_processes(runs, tmp_path):
 
 
 def test_figures_run_their_measurements_in_n_processes(tmp_path):
-    """The quick spectrum figure over 2 processes: its runs have nproc 2, and its table is the
-    one-process table to float32 rounding (eigenvalues within 1e-6 of the largest)."""
+    """The quick spectrum figure over 2 processes, with DDP and with FSDP: its runs have nproc
+    2, and its table is the one-process table to float32 rounding (eigenvalues within 1e-6 of
+    the largest)."""
     tables_by_n = {}
-    for n in (1, 2):
+    for n, parallel in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
+        out = tmp_path / f"{n}-{parallel}"
         done = subprocess.run([*CLI, "figures", "--quick", "--only", "spectrum", "--nproc",
-                               str(n), "--out", str(tmp_path / str(n))], capture_output=True,
-                              text=True, timeout=RUN_TIMEOUT_S)
+                               str(n), "--parallel", parallel, "--out", str(out)],
+                              capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
         assert done.returncode == 0, done.stderr[-3000:]
-        config = json.loads((tmp_path / str(n) / "runs" / "spectrum" / "config.json")
-                            .read_text())
+        config = json.loads((out / "runs" / "spectrum" / "config.json").read_text())
         assert config["training"]["nproc"] == n and config["complete"]
-        tables_by_n[n] = pd.read_csv(tmp_path / str(n) / "spectrum.csv")
-    one, two = tables_by_n[1], tables_by_n[2]
-    assert one.shape == two.shape and (one["k"] == two["k"]).all()
+        assert config["training"]["parallel"] == parallel
+        tables_by_n[n, parallel] = pd.read_csv(out / "spectrum.csv")
+    one = tables_by_n[1, "ddp"]
     top = one["eigenvalue"].abs().max()
-    assert (one["eigenvalue"] - two["eigenvalue"]).abs().max() <= 1e-6 * top
+    for two in (tables_by_n[2, "ddp"], tables_by_n[2, "fsdp"]):
+        assert one.shape == two.shape and (one["k"] == two["k"]).all()
+        assert (one["eigenvalue"] - two["eigenvalue"]).abs().max() <= 1e-6 * top
 
 
 def test_compare_under_torchrun_asks_for_nproc(monkeypatch, capsys, tmp_path):
