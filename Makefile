@@ -18,10 +18,11 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 # The main job: a default measurement run (MLP on MNIST-1D with PNM), then its figures.
-# --resume: a second `make run` continues an interrupted run, or leaves a complete one as it is.
+# A second `make run` continues an interrupted run (--resume), or leaves a complete one as it is.
 RUN_DIR ?= runs/quickstart
 run: setup
-	$(BIN)/sgn-lab measure --out $(RUN_DIR) --resume
+	if [ -f $(RUN_DIR)/config.json ]; then $(BIN)/sgn-lab measure --out $(RUN_DIR) --resume; \
+	else $(BIN)/sgn-lab measure --out $(RUN_DIR); fi
 	$(BIN)/sgn-lab plot $(RUN_DIR)
 
 test: setup

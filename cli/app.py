@@ -20,13 +20,14 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from sgn_lab.data.catalog import DataWarning, task_help
-from sgn_lab.figures import MEASURED
+from sgn_lab.figures import FIGURES, MEASURED
 from sgn_lab.run.config import FIELDS, SECTIONS, help_text
 from sgn_lab.run.tables import (
     TextTable,
@@ -145,14 +146,37 @@ def _notify(progress: Progress) -> Callable[[str], None]:
     return notify
 
 
-def _render(table: TextTable) -> Table:
-    """A library table (sgn_lab.run.tables) as rich draws it on the terminal."""
-    shown = Table(title=table.title, box=box.SIMPLE_HEAD, padding=(0, 1))
-    for column in table.columns:
-        shown.add_column(column.header, justify=column.align, no_wrap=not column.wrap)
+def _render(table: TextTable) -> Group:
+    """A library table (sgn_lab.run.tables) as rich draws it, in blocks of columns that fit
+    the console's width (each block repeats the first column, which names the row), so that
+    no number is cut short and no column dropped, on a narrow terminal or in a log file."""
+    blocks: list[list[int]] = [[]]
+    for index in range(1, len(table.columns)):
+        if blocks[-1] and _width(table, [0, *blocks[-1], index]) > console.width:
+            blocks.append([])
+        blocks[-1].append(index)
+    return Group(*(_rich_table(table, [0, *block], first=i == 0)
+                   for i, block in enumerate(blocks)))
+
+
+def _rich_table(table: TextTable, columns: list[int], *, first: bool = True) -> Table:
+    shown = Table(title=table.title if first else f"{table.title} (continued)",
+                  box=box.SIMPLE_HEAD, padding=(0, 1))
+    for index in columns:
+        column = table.columns[index]
+        # A block that cannot fit even two columns wraps them rather than cut them short.
+        wrap = column.wrap or len(columns) <= 2
+        shown.add_column(column.header, justify=column.align, no_wrap=not wrap,
+                         overflow="fold")  # a long run name folds onto a second line
     for row in table.rows:
-        shown.add_row(*row)
+        shown.add_row(*(row[index] for index in columns))
     return shown
+
+
+def _width(table: TextTable, columns: list[int]) -> int:
+    """The width rich needs for these columns with nothing wrapped."""
+    wide = console.options.update(width=10**4)
+    return Measurement.get(console, wide, _rich_table(table, columns)).maximum
 
 
 ConfigOpt = Annotated[Path | None, Opt(help="TOML config file (flat keys, or [task], [model], "
@@ -207,8 +231,9 @@ def measure(
     ranks = init_from_env() if world > 1 else None
 
     def prepare():  # on rank 0 alone under torchrun
+        planned = plan(asked, out, resume=resume)  # before any folder is made
         writable_dir(out)
-        return plan(asked, out, resume=resume)
+        return planned
 
     run_config = ranks.decided(prepare) if ranks else prepare()
     nproc = run_config.training.nproc
@@ -454,7 +479,8 @@ def figures(
         Path("runs/figures")
     ),
     quick: Annotated[bool, Opt(help="Smaller models and fewer steps, same code.")] = False,
-    only: Annotated[str | None, Opt(help="Comma-separated figure names (default: all).")] = None,
+    only: Annotated[str | None, Opt(help="Comma-separated figure names, of "
+                                    f"{', '.join(FIGURES)} (default: all).")] = None,
     experiments: Annotated[Path | None, Opt(help="Folder of figure configs of one's own "
                                             "(default: the configs shipped with "
                                             "sgn-lab).")] = None,
@@ -465,7 +491,7 @@ def figures(
 ) -> None:
     """Regenerate the paper figures from their configs (from any working directory)."""
     from sgn_lab.distributed.launch import world_size_from_env
-    from sgn_lab.figures import CONFIGS, FIGURES, make_figure, read_figure_config
+    from sgn_lab.figures import CONFIGS, make_figure, read_figure_config
     from sgn_lab.run.rundir import writable_dir
 
     if world_size_from_env() > 1:
@@ -538,12 +564,24 @@ def main() -> None:
             raise
         # --nproc: a process failed (its own message) or died
         err_console.print(f"[red]error:[/red] {escape(str(exc))}" + (
-            "" if exc.input_error else "; every finished measurement is saved: rerun with "
-            "--resume"))
+            "" if exc.input_error else f"; {_resume_hint(sys.argv[1:])}"))
         sys.exit(2 if exc.input_error else 1)
     if result == _INTERRUPTED:  # click turns Ctrl-C into this exit code without a word
-        err_console.print("interrupted: finished measurements are saved; rerun with --resume")
+        err_console.print(f"interrupted: {_resume_hint(sys.argv[1:])}")
     sys.exit(result if isinstance(result, int) else 0)
 
 
 _INTERRUPTED = 130  # 128 + SIGINT
+_RESUME_HINTS = {
+    "measure": "finished measurements are saved; rerun with --resume",
+    "compare": "finished runs are saved; rerun the same command with --resume",
+    "figures": "finished runs are saved; rerun the same command: it continues them",
+    "scaling": "rerun the same command: critical-batch keeps its finished batch sizes, the "
+               "other sweeps start again",
+}
+
+
+def _resume_hint(argv: list[str]) -> str:
+    """What to do after an interrupt, for the command that was running."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+    return _RESUME_HINTS.get(command, "nothing half-written is left; rerun the command")

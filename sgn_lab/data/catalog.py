@@ -33,7 +33,8 @@ that the two agree)."""
 
 
 class DataWarning(UserWarning):
-    """The data were changed on loading: examples longer than ``context`` were truncated."""
+    """The data were changed on loading (examples longer than ``context`` truncated), or are
+    fewer than asked for (a probe set larger than the training set): said once, on one line."""
 
 
 def task_help() -> str:

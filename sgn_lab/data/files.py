@@ -205,6 +205,12 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     # Garbage bytes, a truncated archive or an object (pickled) array raise zipfile, pickle or
     # OS errors whose tracebacks do not say which file is bad: report the file instead.
     unreadable = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile)
+    if not zipfile.is_zipfile(path):  # np.load would blame "pickled data" on any other file
+        with open(path, "rb") as f:
+            single = f.read(6) == b"\x93NUMPY"
+        raise ValueError(f"cannot read {str(path)!r} as an .npz archive: " + (
+            "it holds a single .npy array" if single else
+            "it is not one (an .npz file is a zip of .npy arrays, as numpy.savez writes)"))
     try:
         archive = np.load(path, allow_pickle=False)
     except unreadable as exc:

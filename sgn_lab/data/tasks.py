@@ -195,8 +195,8 @@ def load_task(
         return user_task(name, seed=seed, options=options, test_fraction=test_fraction,
                          n_train=n_train, n_test=n_test)
     if kind not in TASKS:
-        # Kept short: the CLI prints it on one line of an 80-column terminal.
-        raise ValueError(f"unknown task {name!r}; see sgn_lab.data.TASKS, FILE_TASKS")
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}, or "
+                         f"{'|'.join(FILE_TASKS)}:PATH for your data, or pkg.module:function")
     from_spec = parse_options(arg, where=f"task {name!r}") if has_arg else {}
     both = sorted(set(from_spec) & set(options))
     if both:

@@ -284,15 +284,15 @@ def _spectra_table(spectra: pd.DataFrame, hue: str) -> pd.DataFrame:
 def _selected_steps(sgn: pd.DataFrame, steps: Sequence[int] | None) -> list[Any]:
     """The steps to draw: those asked for (each with an SGN spectrum), else the first, middle
     and last step that has one."""
-    available = sorted(pd.unique(sgn["step"].dropna()))
+    available = sorted(int(s) for s in pd.unique(sgn["step"].dropna()))
     if steps is None:
         return list(dict.fromkeys([available[0], available[len(available) // 2], available[-1]]))
     selected = list(dict.fromkeys(steps))
     missing = [s for s in selected if s not in set(available)]
     if not selected or missing:
         raise ValueError(
-            f"plot_spectra: step(s) {missing or '(none given)'} have no SGN spectrum; "
-            f"available steps: {available}"
+            f"plot_spectra: step(s) {', '.join(map(str, missing)) or '(none given)'} have no "
+            f"SGN spectrum; available steps: {', '.join(map(str, available))}"
         )
     return selected
 

@@ -269,8 +269,11 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> list[Path]:
             ("pdf", {"dpi": _PNG_DPI, "metadata": {"CreationDate": None}}),
         ):
             out = target.with_name(f"{target.name}.{fmt}")
-            atomic_write(out, lambda f, fmt=fmt, extra=extra: fig.savefig(
-                f, format=fmt, bbox_inches="tight", pad_inches=0.05, **extra))
+            try:
+                atomic_write(out, lambda f, fmt=fmt, extra=extra: fig.savefig(
+                    f, format=fmt, bbox_inches="tight", pad_inches=0.05, **extra))
+            except OSError as exc:  # a full disk names no file: name the one not written
+                raise OSError(f"cannot write {out}: {exc.strerror or exc}") from None
             written.append(out)
     finally:
         _close(fig)

@@ -20,7 +20,7 @@ PARALLEL = ("ddp", "fsdp")
 """How a run over several processes shares the model: DDP (whole on every process) or FSDP2
 (sharded; :mod:`sgn_lab.distributed.fsdp`)."""
 
-STATUS_KEYS = ("complete", "run", "sgn_lab_version", "diverged")
+STATUS_KEYS = ("complete", "run", "sgn_lab_version", "diverged", "probe_samples_used")
 """Keys of a run directory's ``config.json`` that describe the run's status rather than its
 configuration (:mod:`sgn_lab.run.rundir`)."""
 
@@ -31,7 +31,7 @@ INSTRUMENT_NAMES = ("eval", "sgn", "tails", "minibatch-tails", "curvature", "upd
 DEFAULT_INSTRUMENTS = ("sgn", "tails", "updates", "eval")
 """The instruments of a run whose config names none."""
 
-LOGS = ("tensorboard",)
+LOGS = ("tensorboard", "wandb")
 """Live views a run can write besides its tables (:class:`~sgn_lab.run.recorder.RunRecorder`)."""
 
 HF_PREFIX = "hf:"

@@ -176,7 +176,8 @@ class OutputSection(_Section):
                              "hyperparameters that differ from its defaults, and the seed).")
     log: tuple[Literal[LOGS], ...] = Field((), description="Live views besides the tables, "
                                            f"comma-separated: {', '.join(LOGS)} (event files "
-                                           "in RUN/tensorboard).")
+                                           "in RUN/tensorboard; a Weights & Biases run kept in "
+                                           "RUN/wandb, WANDB_MODE=offline without network).")
 
 
 HYPERPARAMETERS = tuple(name for name in OptimizerSection.model_fields
@@ -397,7 +398,11 @@ def read_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"cannot read config file {path}: it is not UTF-8 text (byte "
+                         f"{exc.start})") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:

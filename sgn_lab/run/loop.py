@@ -44,6 +44,7 @@ from sgn_lab.run.recorder import RunRecorder
 from sgn_lab.run.rundir import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
+    check_measured,
     load_checkpoint,
     locked,
     read_config,
@@ -83,12 +84,16 @@ def saved_config(out: str | Path) -> RunConfig | None:
 def plan(config: RunConfig | None, out: str | Path, *, resume: bool) -> RunConfig:
     """The config a run in ``out`` will use, checked against what is there before any work.
 
-    A new directory runs ``config`` (the defaults when None). With a run there already:
+    A new directory runs ``config`` (the defaults when None; with ``resume`` and no config,
+    "continue the run there", it is an error). With a run there already:
     without ``resume`` that is an error; with it, the saved config is used, and a ``config``
     that differs from it is an error listing the differing keys.
     """
     saved = saved_config(out)
     if saved is None:
+        if resume and config is None:  # "continue the run in out": there is none
+            raise ValueError(f"no run in {out} to resume: check the folder, or start a run "
+                             "there without --resume")
         return (config or RunConfig()).resolved()
     if not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose "
@@ -336,14 +341,23 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
     checkpoint = out / CHECKPOINT_FILE
     resumed_at = None
     if resume:
-        saved = ranks.decided(lambda: load_checkpoint(checkpoint) if checkpoint.is_file()
-                              else None)
+        def restored() -> dict[str, Any] | None:
+            if not checkpoint.is_file():
+                return None
+            saved = load_checkpoint(checkpoint)
+            check_measured(out, [s for s in range(saved["step"] + 1)
+                                 if run.probe.due(s) or s == run.total])
+            return saved
+
+        saved = ranks.decided(restored)
         if saved is not None:
             state.load_state_dict(saved)
             resumed_at = state.step
     recorder = None
     if ranks.is_root:
         status = {**config.to_dict(), "run": config.run_name, "sgn_lab_version": __version__}
+        if run.probe.samples != config.probe.probe_samples:  # clamped to the data, and said
+            status["probe_samples_used"] = run.probe.samples
         recorder = RunRecorder(out, config=status, identity=identity_columns(config),
                                resume_from=resumed_at, log=config.output.log, notify=notify)
     diverged: str | None = None

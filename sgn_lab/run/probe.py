@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from sgn_lab import checks
+from sgn_lab.data.catalog import DataWarning
 from sgn_lab.distributed.ranks import Ranks
 from sgn_lab.grads import GramCoverage
 from sgn_lab.models.losses import IGNORE_INDEX
@@ -201,6 +203,9 @@ class NoiseProbe:
         self.x_train, self.y_train = x_train, y_train
         self.x_test, self.y_test = x_test, y_test
         self.x_val, self.y_val = x_val, y_val
+        if samples > n_train:
+            warnings.warn(f"samples={samples} exceeds the {n_train} training samples: each "
+                          f"measurement uses n={n_train}", DataWarning, stacklevel=2)
         self.every, self.samples, self.fresh = every, min(samples, n_train), fresh
         self.batch_size = batch_size
         self.optimizer, self.method = optimizer, method

@@ -56,7 +56,8 @@ class RunRecorder:
         None: a new run (existing tables are replaced).
     log
         Live views (:data:`LOGS`): ``"tensorboard"`` writes event files to
-        ``out/tensorboard``.
+        ``out/tensorboard`` (:mod:`sgn_lab.run.tensorboard`), ``"wandb"`` a Weights & Biases
+        run kept in ``out/wandb`` (:mod:`sgn_lab.run.wandb_log`).
     notify
         Called once with the Gram path's coverage report when it is first written.
     """
@@ -93,10 +94,7 @@ class RunRecorder:
             if not run.layers.empty:
                 kept = run.layers["step"] <= resume_from
                 self.layers = run.layers[kept].reset_index(drop=True)
-        self._tensorboard = None
-        if "tensorboard" in log:
-            self._tensorboard = TensorBoardLog(self.out / TENSORBOARD_DIR,
-                                               resume_from=resume_from)
+        self._views = [self._view(name, resume_from) for name in log]
         write_json(self.out / CONFIG_FILE, {**self.status, "complete": False})
 
     def record(self, result: ProbeResult, *, coverage: pd.DataFrame | None = None,
@@ -126,8 +124,8 @@ class RunRecorder:
         write_table(self.out / SPECTRA_FILE, self.spectra)
         if not self.layers.empty:
             write_table(self.out / LAYERS_FILE, self.layers)
-        if self._tensorboard is not None:
-            self._tensorboard.write(result)
+        for view in self._views:
+            view.write(result)
 
     def finish(self, *, complete: bool = True, diverged: str | None = None) -> None:
         """Mark the run complete (or not) in ``config.json`` and close the live views.
@@ -142,7 +140,15 @@ class RunRecorder:
         self.close()
 
     def close(self) -> None:
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-            self._tensorboard = None
+        while self._views:
+            self._views.pop().close()
+
+    def _view(self, name: str, resume_from: int | None) -> Any:
+        """The live view ``name`` of :data:`LOGS`."""
+        if name == "tensorboard":
+            return TensorBoardLog(self.out / TENSORBOARD_DIR, resume_from=resume_from)
+        from sgn_lab.run.wandb_log import WandbLog
+
+        return WandbLog(self.out, name=str(self.status.get("run", self.out.name)),
+                        config=self.status)
 

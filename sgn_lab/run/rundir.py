@@ -3,8 +3,10 @@
 A run directory holds
 
 - ``config.json``   the resolved configuration (every hyperparameter, defaults included), and
-                    the run's status (``complete``, ``run``, ``sgn_lab_version``, and
-                    ``diverged``, the message, for a run that diverged and was recorded so);
+                    the run's status (``complete``, ``run``, ``sgn_lab_version``,
+                    ``diverged``, the message, for a run that diverged and was recorded so,
+                    and ``probe_samples_used`` where ``probe_samples`` exceeded the training
+                    samples and each measurement used them all);
                     the same file re-runs it (``sgn-lab measure --config``);
 - ``metrics.csv``   one row per measurement: the run's identity (run, label, task, model,
                     method, seed), every optimizer hyperparameter, step and epoch, and each
@@ -34,7 +36,7 @@ import json
 import pickle
 import secrets
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -180,6 +182,37 @@ class Run:
     def diverged(self) -> str | None:
         """The one-line message of the divergence that ended the run, or None."""
         return self.config.get("diverged")
+
+
+def check_measured(path: str | Path, steps: Sequence[int]) -> None:
+    """That a run resumed from its checkpoint has the rows of ``metrics.csv`` it implies: one
+    per measured step in ``steps`` (those up to the checkpoint's, in order), and no line cut
+    short. Rows after the checkpoint's step are allowed (a kill between the row and the
+    checkpoint), and dropped on resuming. Else a :class:`RunDirError` naming the file."""
+    file = Path(path) / METRICS_FILE
+    last = steps[-1] if steps else None
+    if file.is_file() and file.stat().st_size and not file.read_bytes().endswith(b"\n"):
+        raise RunDirError(f"{file} ends in a line cut short: the run's tables do not match "
+                          f"its checkpoint (step {last}); restore the file, or start again in "
+                          "another --out")
+    table = _read_table(file)
+    if not table.empty and "step" not in table.columns:
+        raise RunDirError(f"{file} has no step column: it is not this run's metrics table")
+    found = [] if table.empty else [s for s in pd.to_numeric(table["step"], errors="coerce")
+                                    if not (s > last)]
+    if [float(s) for s in found] != [float(s) for s in steps]:
+        raise RunDirError(f"{file} does not match the run's checkpoint: it holds the "
+                          f"measurements of steps {_listed(found)}, the checkpoint (step "
+                          f"{last}) those of steps {_listed(steps)}; restore the file, or "
+                          "start again in another --out")
+
+
+def _listed(steps: Sequence[Any]) -> str:
+    shown = [f"{s:g}" if isinstance(s, float) else str(s) for s in steps]
+    if not shown:
+        return "none"
+    return ", ".join(shown) if len(shown) <= 6 else ", ".join(
+        [*shown[:3], "...", *shown[-2:]]) + f" ({len(shown)})"
 
 
 def _read_table(file: Path) -> pd.DataFrame:

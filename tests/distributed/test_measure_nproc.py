@@ -103,8 +103,8 @@ def test_same_processes_same_numbers_bit_for_bit(runs, other):
 def test_a_dead_rank_ends_the_run_with_one_line(runs):
     assert runs["dead:exit"] == 1
     lines = [line for line in runs["dead:stderr"].splitlines() if line.strip()]
-    assert lines[-1] == ("error: the process of rank 1 of 2 died (SIGKILL); every finished "
-                         "measurement is saved: rerun with --resume")
+    assert lines[-1] == ("error: the process of rank 1 of 2 died (SIGKILL); finished "
+                         "measurements are saved; rerun with --resume")
     assert "Traceback" not in runs["dead:stderr"]
     assert not runs["dead:complete"]
 

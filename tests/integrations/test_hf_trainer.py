@@ -279,7 +279,7 @@ def test_default_loss_follows_the_targets():
     ({"every": 0}, "every must be an integer >= 1, got 0"),
     ({"instruments": ["updates"]}, "instrument 'updates' steps copies of an sgn_lab optimizer"),
     ({"input_name": ""}, "input_name must be a non-empty string, got ''"),
-    ({"log": ("wandb",)}, "log must be one of tensorboard, got 'wandb'"),
+    ({"log": ("mlflow",)}, "log must be one of tensorboard, wandb, got 'mlflow'"),
     ({"probe_y": torch.zeros(3, T - 1, dtype=torch.long)}, "probe_x has 16 samples but "
                                                             "probe_y has 3"),
 ])

@@ -248,6 +248,24 @@ def test_tensorboard_event_files(tmp_path):
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_a_wandb_run_with_the_metrics_columns(tmp_path, monkeypatch):
+    """log=("wandb",): the callback's measurements in an offline W&B run, read back."""
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    from wandb_helpers import history
+
+    for key, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"),
+                       ("WANDB_CONFIG_DIR", str(tmp_path / "cfg")),
+                       ("WANDB_CACHE_DIR", str(tmp_path / "cache"))):
+        monkeypatch.setenv(key, value)
+    pl.seed_everything(0, verbose=False)
+    fit(MLP(), [callback(tmp_path / "run", log=("wandb",), instruments=["sgn"])], max_steps=2)
+    metrics = sgn_lab.load_run(tmp_path / "run").metrics
+    logged = history(tmp_path / "run")
+    assert sorted(logged) == list(metrics["step"])
+    for _, row in metrics.iterrows():
+        assert logged[int(row["step"])]["trace"] == pytest.approx(row["trace"], rel=1e-15)
+
+
 def test_a_resumed_fit_continues_the_run_and_a_new_one_is_refused(tmp_path):
     pl.seed_everything(0, verbose=False)
     module = MLP()
@@ -314,7 +332,7 @@ def test_the_loss_comes_from_the_option_or_the_module(tmp_path):
     ({"instruments": ["noise"]}, "instruments must be one of .*, got 'noise'"),
     ({"instruments": ["sgn", "sgn"]}, "instrument 'sgn' given twice"),
     ({"instruments": ["curvature"], "grads": "gram"}, "grads='gram' cannot serve the curv"),
-    ({"log": ("wandb",)}, "log must be one of tensorboard, got 'wandb'"),
+    ({"log": ("mlflow",)}, "log must be one of tensorboard, wandb, got 'mlflow'"),
     ({"probe_y": torch.zeros(31, dtype=torch.long)}, "probe_x has 32 samples but probe_y "
                                                      "has 31"),
     ({"probe_x": [1.0, 2.0]}, "probe_x must be a tensor with a sample axis, got list"),

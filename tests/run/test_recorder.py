@@ -47,5 +47,5 @@ def test_resume_drops_the_rows_after_the_checkpoint(tmp_path):
 def test_bad_identity_and_log(tmp_path):
     with pytest.raises(ValueError, match="identity lacks the column"):
         RunRecorder(tmp_path, config={}, identity={"run": "r"})
-    with pytest.raises(ValueError, match="unknown log 'wandb'"):
-        RunRecorder(tmp_path, config={}, identity=IDENTITY, log=("wandb",))
+    with pytest.raises(ValueError, match="unknown log 'mlflow'; choose from tensorboard, wandb"):
+        RunRecorder(tmp_path, config={}, identity=IDENTITY, log=("mlflow",))

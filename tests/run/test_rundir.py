@@ -103,6 +103,50 @@ def test_a_corrupt_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
                     "corrupt checkpoint", str(out / "checkpoint.pt"))
 
 
+def test_resuming_a_folder_without_a_run_stops(tmp_path, monkeypatch, capsys):
+    """A mistyped --out with --resume alone: no run there, so no default run either."""
+    missing = tmp_path / "typo"
+    one_line_exit_2(*run_main(monkeypatch, capsys, "measure", "--out", str(missing),
+                              "--resume"), f"no run in {missing} to resume")
+    assert not missing.exists()
+
+
+def interrupted_after_two_measurements(out):
+    """A run of SMALL stopped at step 4: rows 0 and 3, its checkpoint at step 3."""
+    with pytest.raises(KeyboardInterrupt):
+        run_measurement(parse({**SMALL, "steps": 9}), out, progress=interrupt_at(5))
+    assert list(load_run(out).metrics["step"]) == [0, 3]
+
+
+@pytest.mark.parametrize(("damage", "says"), [
+    (lambda text: "", "holds the measurements of steps none, the checkpoint (step 3) those of "
+                      "steps 0, 3"),
+    (lambda text: text[: text.index("\n") + 1], "holds the measurements of steps none"),
+    (lambda text: "\n".join(text.splitlines()[:2]) + "\n", "of steps 0, the checkpoint"),
+    (lambda text: text[:-7], "ends in a line cut short"),
+])
+def test_a_metrics_table_that_disagrees_with_the_checkpoint_stops_the_resume(
+        tmp_path, monkeypatch, capsys, damage, says):
+    out = tmp_path / "run"
+    interrupted_after_two_measurements(out)
+    metrics = out / "metrics.csv"
+    metrics.write_text(damage(metrics.read_text()))
+    one_line_exit_2(*run_main(monkeypatch, capsys, "measure", "--out", str(out), "--resume"),
+                    str(metrics), says)
+
+
+def test_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path, monkeypatch, capsys):
+    """A kill between a row and its checkpoint leaves one row more: resuming drops it."""
+    out = tmp_path / "run"
+    interrupted_after_two_measurements(out)
+    metrics = out / "metrics.csv"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([*lines, lines[-1].replace(",3,", ",6,", 1)]) + "\n")
+    code, _, err = run_main(monkeypatch, capsys, "measure", "--out", str(out), "--resume")
+    assert code == 0, err
+    assert list(load_run(out).metrics["step"]) == [0, 3, 6, 9]
+
+
 def test_resume_with_other_settings_lists_them_and_plain_resume_shows_the_saved_run(
         tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"

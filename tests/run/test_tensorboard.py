@@ -76,5 +76,5 @@ def test_cli_log_flag_and_a_bad_name(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     assert any((out / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
     code, _, err = run_main(monkeypatch, capsys, "measure", "--out", str(tmp_path / "bad"),
-                            "--log", "wandb")
-    assert code == 2 and "'wandb'" in err and "tensorboard" in err and "\n" not in err.strip()
+                            "--log", "mlflow")
+    assert code == 2 and "'mlflow'" in err and "tensorboard" in err and "\n" not in err.strip()
