@@ -5,10 +5,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 # The constraints file pins torch to the CPU build (and everything else), so a fresh machine
-# never pulls several GB of CUDA wheels. GPU users: see README, "Using a GPU".
+# never pulls several GB of CUDA wheels. GPU users: see docs/index.md, "Using a GPU".
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: setup run test test-all lint clean
+.PHONY: setup run test test-all lint docs clean
 
 setup: $(VENV)/.installed
 
@@ -35,5 +35,9 @@ test-all: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# The documentation site in site/, warnings as errors (the reference pages are generated).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

@@ -209,7 +209,7 @@ def measure(
 
     With --nproc N, or under torchrun, the training is data-parallel (DDP, or FSDP2 with
     --parallel fsdp) and the probe set is split over the processes; every number is the
-    one-process number (README: "Several processes and GPUs").
+    one-process number (docs/guides/distributed.md).
     """
     from sgn_lab.distributed.launch import init_from_env, launch, world_size_from_env
     from sgn_lab.run.loop import plan, resolve_device

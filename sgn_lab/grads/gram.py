@@ -205,6 +205,8 @@ def per_sample_gram(
         gradient of a batch of one rather than sample i's share of the batch's gradient.
         ``"batch-of-one"``: those are the gradients wanted; mixing is a warning.
 
+    Notes
+    -----
     Random layers such as dropout draw from torch's global generator, once per call.
     The centred Gram of the SGN is ``C K C`` with ``C = I − 11ᵀ/n``;
     ``sgn_lab.noise_stats(gram=K, dim=d)`` takes K directly.

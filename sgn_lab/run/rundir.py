@@ -10,7 +10,7 @@ A run directory holds
                     the same file re-runs it (``sgn-lab measure --config``);
 - ``metrics.csv``   one row per measurement: the run's identity (run, label, task, model,
                     method, seed), every optimizer hyperparameter, step and epoch, and each
-                    instrument's columns (see README, "A run directory");
+                    instrument's columns (docs/guides/measuring.md, "A run directory");
 - ``spectra.csv``   tidy spectra: run, label, method, seed, step, kind (``sgn``, ``isotropic``,
                     ``update``), k, eigenvalue;
 - ``layers.csv``    with the layers instrument: run, label, method, seed, step and the table of
