@@ -123,9 +123,10 @@ class ShardedNoiseScale(GradientNoiseScale):
                     lambda q, index=index: local(index, q)))
 
     def step(self, batch_size: int | None = None) -> dict[str, Any] | None:
-        for index, p in enumerate(self._shards):
-            if p.grad is not None and self._local:
-                self.record_global(index, p.grad.to_local().detach())
+        if self._local:  # a synchronised backward pass ran on this rank since the last step
+            for index, p in enumerate(self._shards):
+                if p.grad is not None:
+                    self.record_global(index, p.grad.to_local().detach())
         return super().step(batch_size)
 
     def remove(self) -> None:

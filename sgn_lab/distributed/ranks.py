@@ -80,10 +80,7 @@ class Ranks:
         """The sum of ``tensor`` over ranks (a new tensor on the input's device)."""
         if not self.distributed:
             return tensor.clone()
-        out = tensor.to(self.device(tensor), copy=True)
-        dist.all_reduce(out, group=self.group)
-        self.traffic["sum"] += _bytes(out)
-        return out.to(tensor.device)
+        return self._all_reduce(tensor.to(self.device(tensor), copy=True)).to(tensor.device)
 
     def sum_(self, tensor: Tensor) -> Tensor:
         """In place: ``tensor`` becomes its sum over ranks, and is returned (no second copy
@@ -92,6 +89,9 @@ class Ranks:
             return tensor
         if self.device(tensor) != tensor.device:
             return tensor.copy_(self.sum(tensor))
+        return self._all_reduce(tensor)
+
+    def _all_reduce(self, tensor: Tensor) -> Tensor:
         dist.all_reduce(tensor, group=self.group)
         self.traffic["sum"] += _bytes(tensor)
         return tensor

@@ -66,10 +66,15 @@ def autograd_on() -> Iterator[None]:
 
 def one_sample_loss(loss: object) -> Tensor:
     """``loss_fn``'s value for one sample, checked to be a scalar (a mean-reduced loss)."""
+    return scalar_loss(loss, of="one sample")
+
+
+def scalar_loss(loss: object, *, of: str = "") -> Tensor:
+    """``loss_fn``'s value (``of``: for what, said in the message), checked to be a scalar."""
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"loss_fn must return a scalar (a mean-reduced loss); for one sample "
-                         f"it returned shape {shape}")
+        raise ValueError(f"loss_fn must return a scalar (a mean-reduced loss); "
+                         f"{f'for {of} ' if of else ''}it returned shape {shape}")
     return loss
 
 

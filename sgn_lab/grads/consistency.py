@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sgn_lab.grads.common import LossFn
+from sgn_lab.grads.common import LossFn, one_sample_loss, scalar_loss
 from sgn_lab.grads.rng import rng_changed, rng_state
 from sgn_lab.models.modes import restored_modes
 
@@ -137,7 +137,7 @@ def _compare(model, loss_fn, xs, targets, params) -> str | None:
     k = targets.shape[0]
     losses, grads = [], []
     for i in range(k):
-        loss = _scalar(loss_fn(model(*(x[i:i + 1] for x in xs)), targets[i:i + 1]))
+        loss = one_sample_loss(loss_fn(model(*(x[i:i + 1] for x in xs)), targets[i:i + 1]))
         losses.append(loss.detach())
         grads.append(_flat_grad(loss, params))
     with _Precision() as precision:
@@ -158,7 +158,7 @@ def _compare(model, loss_fn, xs, targets, params) -> str | None:
                     f"{float(alone[i]):.6g} alone")
         batch_loss = within.mean()
     else:
-        batch_loss = _scalar(loss_fn(batched, targets))
+        batch_loss = scalar_loss(loss_fn(batched, targets))
         value = float(batch_loss.detach())
         if not abs(value - float(alone.mean())) / loss_scale <= rtol:
             return (f"the loss of a batch of {k} is {value:.6g}, the mean of their "
@@ -187,16 +187,8 @@ def _losses_within(outputs: object, loss_fn: LossFn, targets: Tensor) -> Tensor 
             loss = loss_fn(_pytree.tree_unflatten(piece, spec), targets[i:i + 1])
         except (RuntimeError, ValueError, IndexError, TypeError):
             return None  # the outputs' first axis is not the samples after all
-        losses.append(_scalar(loss))
+        losses.append(one_sample_loss(loss))
     return torch.stack(losses)
-
-
-def _scalar(loss: object) -> Tensor:
-    if not isinstance(loss, Tensor) or loss.dim() != 0:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"loss_fn must return a scalar (a mean-reduced loss); it returned "
-                         f"shape {shape}")
-    return loss
 
 
 def _flat_grad(loss: Tensor, params: dict[str, Tensor]) -> Tensor:

@@ -329,6 +329,10 @@ class _Training:
     share: slice  # this rank's part of every minibatch
     ranks: Ranks
 
+    def measures(self, step: int) -> bool:
+        """Whether the run measures at ``step``: every k steps, and at its last."""
+        return self.probe.due(step) or step == self.total
+
     def failed(self, what: str) -> str:
         opt = self.config.optimizer
         return (f"training diverged: {what} (method {opt.method}, lr {opt.lr}); lower the "
@@ -345,8 +349,7 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
             if not checkpoint.is_file():
                 return None
             saved = load_checkpoint(checkpoint)
-            check_measured(out, [s for s in range(saved["step"] + 1)
-                                 if run.probe.due(s) or s == run.total])
+            check_measured(out, [s for s in range(saved["step"] + 1) if run.measures(s)])
             return saved
 
         saved = ranks.decided(restored)
@@ -364,7 +367,7 @@ def _train(config: RunConfig, out: Path, *, resume: bool, progress: Progress | N
     try:
         for step in range(state.step, run.total + 1):
             state.step = step
-            if (run.probe.due(step) or step == run.total) and step != resumed_at:
+            if run.measures(step) and step != resumed_at:
                 _measure(run, state, recorder, out)
             if step == run.total:
                 break

@@ -26,6 +26,26 @@ if TYPE_CHECKING:
 NOT_SCALARS = ("step", "epoch", "grads")
 
 
+def scalars(result: ProbeResult) -> dict[str, float]:
+    """The measured numbers of a result's row, under the metrics columns' names: what a live
+    view (TensorBoard, W&B) logs as scalars."""
+    return {key: float(value) for key, value in result.row.items()
+            if key not in NOT_SCALARS and isinstance(value, Real) and not isinstance(value, bool)}
+
+
+def positive_spectra(result: ProbeResult) -> dict[str, np.ndarray]:
+    """Each spectrum kind of a result -> its positive eigenvalues (what a log-scale view can
+    show), kinds without one left out."""
+    out: dict[str, np.ndarray] = {}
+    if result.spectra.empty:
+        return out
+    for kind, rows in result.spectra.groupby("kind", sort=False):
+        eigenvalues = rows["eigenvalue"].to_numpy(dtype=float)
+        if (eigenvalues > 0).any():
+            out[str(kind)] = eigenvalues[eigenvalues > 0]
+    return out
+
+
 class TensorBoardLog:
     """Write :class:`~sgn_lab.run.probe.ProbeResult` s to event files in ``folder``."""
 
@@ -40,19 +60,13 @@ class TensorBoardLog:
 
     def write(self, result: ProbeResult) -> None:
         step = int(result.step)
-        for key, value in result.row.items():
-            if key in NOT_SCALARS or isinstance(value, bool) or not isinstance(value, Real):
-                continue
-            self.writer.add_scalar(key, float(value), step)
-        if not result.spectra.empty:
-            for kind, rows in result.spectra.groupby("kind", sort=False):
-                self._spectrum(str(kind), rows["eigenvalue"].to_numpy(dtype=float), step)
+        for key, value in scalars(result).items():
+            self.writer.add_scalar(key, value, step)
+        for kind, positive in positive_spectra(result).items():
+            self._spectrum(kind, positive, step)
         self.writer.flush()
 
-    def _spectrum(self, kind: str, eigenvalues: np.ndarray, step: int) -> None:
-        positive = eigenvalues[eigenvalues > 0]
-        if positive.size == 0:
-            return
+    def _spectrum(self, kind: str, positive: np.ndarray, step: int) -> None:
         self.writer.add_histogram(f"spectrum/{kind}", np.log10(positive), step)
         self.writer.add_figure(f"spectrum/{kind}/figure", _spectrum_figure(kind, positive),
                                step)

@@ -18,13 +18,12 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Mapping
-from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sgn_lab.run.tensorboard import NOT_SCALARS
+from sgn_lab.run.tensorboard import positive_spectra, scalars
 
 if TYPE_CHECKING:
     from sgn_lab.run.probe import ProbeResult
@@ -54,16 +53,9 @@ class WandbLog:
                               settings=wandb.Settings(silent=True, console="off"))
 
     def write(self, result: ProbeResult) -> None:
-        data: dict[str, Any] = {
-            key: float(value) for key, value in result.row.items()
-            if key not in NOT_SCALARS and isinstance(value, Real)
-            and not isinstance(value, bool)}
-        if not result.spectra.empty:
-            for kind, rows in result.spectra.groupby("kind", sort=False):
-                eigenvalues = rows["eigenvalue"].to_numpy(dtype=float)
-                positive = eigenvalues[eigenvalues > 0]
-                if positive.size:
-                    data[f"spectrum/{kind}"] = self._wandb.Histogram(np.log10(positive))
+        data: dict[str, Any] = scalars(result)
+        for kind, positive in positive_spectra(result).items():
+            data[f"spectrum/{kind}"] = self._wandb.Histogram(np.log10(positive))
         self.run.log(data, step=int(result.step))
 
     def close(self) -> None:
