@@ -160,7 +160,7 @@ def _render(table: TextTable) -> Group:
 
 
 def _rich_table(table: TextTable, columns: list[int], *, first: bool = True) -> Table:
-    shown = Table(title=table.title if first else f"{table.title} (continued)",
+    shown = Table(title=table.title if first else "(continued)",
                   box=box.SIMPLE_HEAD, padding=(0, 1))
     for index in columns:
         column = table.columns[index]
