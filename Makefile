@@ -35,8 +35,10 @@ test-all: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# The documentation site in site/, warnings as errors (the reference pages are generated).
+# The documentation: every code block of the README and the site run as written (about five
+# minutes on 2 cores), then the site in site/, warnings as errors (reference pages generated).
 docs: setup
+	$(BIN)/python -m pytest -q -m docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 clean:

@@ -30,3 +30,18 @@ def test_an_unknown_name_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="'sgn_lab.optim' has no attribute 'nope'"):
         sgn_lab.optim.nope  # noqa: B018
+
+
+def test_fsdp_names_are_loaded_on_first_use_only():
+    """The command line's start-up does not pay for torch's DTensor machinery (0.7 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sgn_lab.distributed, sgn_lab.run.loop; "
+            "assert 'torch.distributed.tensor' not in sys.modules, 'loaded at import'; "
+            "from sgn_lab.distributed import ShardedNoiseScale, shard_blocks; "
+            "from sgn_lab.distributed.fsdp import ShardedNoiseScale as home; "
+            "assert ShardedNoiseScale is home and 'shard_blocks' in dir(sgn_lab.distributed)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -17,12 +17,24 @@
   :mod:`~sgn_lab.distributed.gns`).
 """
 
-from sgn_lab.distributed.fsdp import ShardedNoiseScale, shard_blocks
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from sgn_lab.distributed.gns import GradientNoiseScale, NoiseScaleTracker, gns_hook
 from sgn_lab.distributed.gram_over_ranks import SplitGram, split_gram
 from sgn_lab.distributed.launch import WorkerError, destroy_group, init_from_env, launch
 from sgn_lab.distributed.ranks import Ranks
+from sgn_lab.lazy import homes, lazy_exports
 from sgn_lab.models.wrapped import unwrapped
+
+# FSDP's names are imported on first use (sgn_lab.lazy): their module loads torch's DTensor
+# machinery, which every command would otherwise pay for at start-up (0.7 s).
+__getattr__, __dir__, _ = lazy_exports(
+    __name__, homes("sgn_lab.distributed.fsdp", ("ShardedNoiseScale", "shard_blocks")))
+
+if TYPE_CHECKING:  # the same names, for type checkers and editors
+    from sgn_lab.distributed.fsdp import ShardedNoiseScale, shard_blocks
 
 __all__ = ["GradientNoiseScale", "NoiseScaleTracker", "Ranks", "ShardedNoiseScale", "SplitGram",
            "WorkerError", "destroy_group", "gns_hook", "init_from_env", "launch",

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from sgn_lab.distributed.gns import GradientNoiseScale
 from sgn_lab.models.wrapped import gathered, gathering
@@ -105,6 +104,8 @@ class ShardedNoiseScale(GradientNoiseScale):
     _global_scaled = False  # read from the shards after the scaler has unscaled them
 
     def __init__(self, model: nn.Module, batch_size: int, **options: Any) -> None:
+        from torch.distributed.tensor import DTensor  # heavy: loaded by FSDP runs only
+
         super().__init__(batch_size, **options)
         self._shards = [p for p in model.parameters() if p.requires_grad]
         if not all(isinstance(p, DTensor) for p in self._shards):

@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from sgn_lab import checks
 from sgn_lab.checks import NonFiniteError
 from sgn_lab.data import Task
-from sgn_lab.distributed.fsdp import ShardedNoiseScale, shard_blocks
 from sgn_lab.distributed.gns import GradientNoiseScale, gns_hook
 from sgn_lab.distributed.ranks import Ranks
 from sgn_lab.models.wrapped import is_sharded
@@ -489,6 +488,8 @@ def _data_parallel(model: torch.nn.Module, config: RunConfig, ranks: Ranks
         return model, None
     gradient_step = METHODS[config.optimizer.method].step_input == "gradient"
     if config.training.parallel == "fsdp":
+        from sgn_lab.distributed.fsdp import ShardedNoiseScale, shard_blocks
+
         shard_blocks(model, blocks=config.training.fsdp_blocks, group=ranks.group)
         return model, (ShardedNoiseScale(model, config.training.batch_size // ranks.size,
                                          process_group=ranks.group) if gradient_step else None)
