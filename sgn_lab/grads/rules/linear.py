@@ -23,7 +23,9 @@ def batched_linear(args: tuple, kwargs: dict, level: int) -> Tensor | None:
     """``F.linear`` of a batched input with plain weight and bias as one fused call, or None.
 
     vmap's rule for linear runs a matmul and then adds the bias; the physical input with its
-    sample axis first is just more leading axes to ``F.linear``, which fuses the two.
+    sample axis first is just more leading axes. Those are flattened into rows here: on an
+    input of more than three axes ``F.linear`` itself falls back to a matmul and a separate
+    add of the bias, a pass over the whole output (BERT's FFN: 2 ms of a 100 ms step).
     """
     bound = dict(zip(("input", "weight", "bias"), args, strict=False)) | kwargs
     x, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
@@ -31,7 +33,9 @@ def batched_linear(args: tuple, kwargs: dict, level: int) -> Tensor | None:
             is_batched_at_any_level(bias)):
         return None
     tensor, axis = physical(x)
-    return with_sample_axis(F.linear(tensor.movedim(axis, 0), weight, bias), level)
+    tensor = tensor.movedim(axis, 0)
+    rows = F.linear(tensor.reshape(-1, tensor.shape[-1]), weight, bias)  # addmm with a bias
+    return with_sample_axis(rows.view(*tensor.shape[:-1], *weight.shape[:-1]), level)
 
 
 @register(F.linear, slots=("input", "weight", "bias"), batched=batched_linear, bias=None)
