@@ -541,6 +541,11 @@ def _show_warning(shown: Callable[..., None]) -> Callable[..., None]:
     return show
 
 
+# The exceptions that end a command in one `error:` line with exit code 2: bad input, a file,
+# a diverged run (the troubleshooting page's index of messages is built from this too).
+INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError, OSError)
+
+
 def main() -> None:
     """Entry point: bad input ends with a one-line message and exit code 2, no traceback."""
     signal.signal(signal.SIGTERM, _interrupt)
@@ -552,7 +557,7 @@ def main() -> None:
     except typer.TyperException as exc:  # usage errors: unknown option, bad type, ...
         exc.show()
         sys.exit(exc.exit_code)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, OSError) as exc:
+    except INPUT_ERRORS as exc:
         err_console.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):  # before RuntimeError, which click's Abort is

@@ -80,10 +80,6 @@ def _type(annotation) -> str:
     return (text or str(annotation).replace("typing.", "")).replace("|", "\\|")
 
 
-# The exceptions `sgn-lab` prints as one `error:` line with exit code 2 (cli/app.py, main).
-USER_ERRORS = {"ValueError", "TypeError", "FileNotFoundError", "OSError", "RunDirError",
-               "NonFiniteError", "GramMismatchError", "SampleMixingError",
-               "DivergedMeasurement"}
 AREAS = {  # the first folder under sgn_lab/ (or a module's name) -> its heading
     "cli": "The command line", "run": "Runs, run directories and the probe",
     "data": "Data and tasks", "models": "Models", "user.py": "Models and tasks of your own",
@@ -96,14 +92,16 @@ AREAS = {  # the first folder under sgn_lab/ (or a module's name) -> its heading
 
 def error_index() -> str:
     """Every user-facing message, as written in the source ({...}: a value filled in)."""
+    paths = sorted([*ROOT.glob("sgn_lab/**/*.py"), *ROOT.glob("cli/*.py")])
+    trees = {path: ast.parse(path.read_text()) for path in paths}
+    errors = _user_errors(trees.values())
     found: dict[str, set[str]] = {}
-    for path in sorted([*ROOT.glob("sgn_lab/**/*.py"), *ROOT.glob("cli/*.py")]):
+    for path, tree in trees.items():
         parts = path.relative_to(ROOT).parts
         area = AREAS.get(parts[0] if parts[0] == "cli" else parts[1], "Other")
-        tree = ast.parse(path.read_text())
         constants = {target.id: node.value for node in tree.body if isinstance(node, ast.Assign)
                      for target in node.targets if isinstance(target, ast.Name)}
-        for message in _messages(tree, constants):
+        for message in _messages(tree, constants, errors):
             found.setdefault(area, set()).add(message)
     order = [*dict.fromkeys(AREAS.values()), "Other"]
     sections = []
@@ -113,11 +111,24 @@ def error_index() -> str:
     return "\n\n".join(sections)
 
 
-def _messages(tree: ast.AST, constants: dict[str, ast.expr]):
+def _user_errors(trees) -> set[str]:
+    """The names of the exceptions `sgn-lab` prints as one `error:` line: its INPUT_ERRORS
+    and every class of ours derived from one of them (RunDirError, SampleMixingError, ...)."""
+    from sgn_lab.cli.app import INPUT_ERRORS
+
+    bases = {node.name: {ast.unparse(base).rsplit(".", 1)[-1] for base in node.bases}
+             for tree in trees for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
+    names = {error.__name__ for error in INPUT_ERRORS}
+    while more := {name for name, of in bases.items() if of & names} - names:
+        names |= more
+    return names
+
+
+def _messages(tree: ast.AST, constants: dict[str, ast.expr], errors: set[str]):
     for node in ast.walk(tree):
         if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
             func = node.exc.func
-            if getattr(func, "id", getattr(func, "attr", None)) in USER_ERRORS:
+            if getattr(func, "id", getattr(func, "attr", None)) in errors:
                 text = _text(node.exc.args[0], constants)
                 if text:  # None: a message raised again (another rank's, pydantic's own)
                     yield text

@@ -11,6 +11,7 @@ index of messages holds what the command line prints."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -139,6 +140,7 @@ def test_every_block_runs_as_written(page, tmp_path, monkeypatch):
     run_page(page, tmp_path)
 
 
+@functools.cache  # one parse of the source for the four tests below
 def error_templates() -> list[re.Pattern]:
     """The troubleshooting page's index of messages, each as a pattern ({...}: any value)."""
     import importlib.util
